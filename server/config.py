@@ -1,0 +1,136 @@
+"""Configuration: one dataclass, built from the environment and overridable by flags.
+
+Every setting has an environment variable (the seed's ``REDIS_HOST``, ``REDIS_PORT``,
+``REDIS_DB``, ``REDIS_PASSWORD``, ``LOG_LEVEL`` are kept; ``REDIS_URL`` wins over them
+when set). The README's configuration table is this module's ``ENV`` table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final
+from urllib.parse import quote
+
+__all__ = ["ENV", "EngineLimits", "Settings", "redis_url_from_env"]
+
+
+def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """``REDIS_URL`` if set, else a URL built from ``REDIS_HOST/PORT/DB/PASSWORD``."""
+    env = os.environ if env is None else env
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    host = env.get("REDIS_HOST", "localhost")
+    port = env.get("REDIS_PORT", "6379")
+    db = env.get("REDIS_DB", "0")
+    password = env.get("REDIS_PASSWORD")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the queue engine enforces; shared by every hub on one namespace."""
+
+    namespace: str = "redisq"
+    lease_s: float = 30.0
+    result_ttl_s: int = 86_400
+    events_maxlen: int = 100_000
+    max_lost: int = 3
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    default_max_attempts: int = 3
+    max_params_bytes: int = 8 * 1024 * 1024
+    max_result_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a hub needs. Build with :meth:`from_env`, adjust with ``replace``."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    hub_host: str = "127.0.0.1"
+    hub_port: int = 8000
+    hub_id: str = ""  # empty: a random id per process
+    log_level: str = "INFO"
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    max_frame_bytes: int = 24 * 1024 * 1024
+    send_queue_frames: int = 1024
+    max_subscriptions: int = 10_000
+    max_connections: int = 50_000
+    client_token: str | None = None
+    worker_token: str | None = None
+    monitor_token: str | None = None
+    debug: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the environment (see :data:`ENV`), then apply ``overrides``."""
+        env = os.environ if env is None else env
+        limit_kw: dict[str, Any] = {}
+        hub_kw: dict[str, Any] = {"redis_url": redis_url_from_env(env)}
+        types = {f.name: f.type for f in fields(EngineLimits)} | {
+            f.name: f.type for f in fields(cls)
+        }
+        for var, (name, _default, _doc) in ENV.items():
+            if var in env and env[var] != "" and name != "redis_url":
+                target = limit_kw if name in EngineLimits.__dataclass_fields__ else hub_kw
+                target[name] = _coerce(types[name], env[var], var)
+        limits = replace(EngineLimits(), **limit_kw)
+        settings = cls(limits=limits, **hub_kw)
+        limit_over = {k: v for k, v in overrides.items() if k in EngineLimits.__dataclass_fields__}
+        hub_over = {k: v for k, v in overrides.items() if k not in limit_over}
+        if limit_over:
+            hub_over["limits"] = replace(settings.limits, **limit_over)
+        return replace(settings, **hub_over)
+
+
+def _coerce(type_name: Any, raw: str, var: str) -> Any:
+    t = str(type_name)
+    try:
+        if "bool" in t:
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r}: expected {t}") from None
+    return raw
+
+
+#: Environment variable -> (setting, default, description). The README table.
+ENV: Final[dict[str, tuple[str, str, str]]] = {
+    "REDIS_URL": (
+        "redis_url",
+        "",
+        "Redis URL (redis://, rediss://, unix://); wins over the four below",
+    ),
+    "REDIS_HOST": ("redis_url", "localhost", "Redis host"),
+    "REDIS_PORT": ("redis_url", "6379", "Redis port"),
+    "REDIS_DB": ("redis_url", "0", "Redis database number"),
+    "REDIS_PASSWORD": ("redis_url", "", "Redis password"),
+    "LOG_LEVEL": ("log_level", "INFO", "DEBUG, INFO, WARNING, ERROR"),
+    "HUB_HOST": ("hub_host", "127.0.0.1", "address the hub listens on"),
+    "HUB_PORT": ("hub_port", "8000", "port the hub listens on (0: pick a free one)"),
+    "HUB_ID": ("hub_id", "(random)", "this hub's id in worker records and events"),
+    "HUB_DEBUG": ("debug", "0", "1 serves the debug page at /debug"),
+    "REDISQ_NAMESPACE": ("namespace", "redisq", "key namespace; keys are {ns}:..."),
+    "REDISQ_LEASE_S": ("lease_s", "30", "seconds a job/worker lives without a heartbeat"),
+    "REDISQ_RESULT_TTL_S": ("result_ttl_s", "86400", "seconds finished jobs are kept"),
+    "REDISQ_EVENTS_MAXLEN": ("events_maxlen", "100000", "approximate cap of the event stream"),
+    "REDISQ_MAX_LOST": ("max_lost", "3", "lost workers a job survives before it fails"),
+    "REDISQ_BACKOFF_BASE_S": ("backoff_base_s", "1", "first retry delay; doubles per attempt"),
+    "REDISQ_BACKOFF_MAX_S": ("backoff_max_s", "300", "longest retry delay"),
+    "REDISQ_MAX_ATTEMPTS": ("default_max_attempts", "3", "attempts when a job names none"),
+    "REDISQ_MAX_PARAMS_BYTES": ("max_params_bytes", "8388608", "largest params JSON"),
+    "REDISQ_MAX_RESULT_BYTES": ("max_result_bytes", "16777216", "largest result JSON"),
+    "HUB_MAX_FRAME_BYTES": ("max_frame_bytes", "25165824", "largest inbound frame (close 1009)"),
+    "HUB_SEND_QUEUE": ("send_queue_frames", "1024", "frames queued per socket before it is closed"),
+    "HUB_MAX_SUBSCRIPTIONS": ("max_subscriptions", "10000", "job subscriptions per client socket"),
+    "HUB_MAX_CONNECTIONS": ("max_connections", "50000", "sockets per hub"),
+    "REDISQ_CLIENT_TOKEN": ("client_token", "(off)", "bearer token clients must send"),
+    "REDISQ_WORKER_TOKEN": ("worker_token", "(off)", "bearer token workers must send"),
+    "REDISQ_MONITOR_TOKEN": ("monitor_token", "(off)", "bearer token monitors must send"),
+}

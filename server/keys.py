@@ -1,0 +1,117 @@
+"""The Redis key schema: every key the queue uses, in one place.
+
+All keys of a namespace share the hash tag ``{ns}`` so that multi-key scripts are
+valid on Redis Cluster (one namespace lives in one hash slot; more namespaces spread
+over more shards). The Lua scripts get the same names from :func:`lua_prelude`,
+generated from the table below, so Python and Lua cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["KEY_TEMPLATES", "Keys", "lua_prelude", "validate_namespace"]
+
+#: name -> template relative to the namespace prefix; ``{}`` takes one argument.
+KEY_TEMPLATES: Final[dict[str, str]] = {
+    "job": "job:{}",  # HASH, one job (expires result_ttl after it finishes)
+    "queue": "queue:{}",  # ZSET per job type: queued ids by queue_score
+    "depth": "depth:{}",  # HASH per job type: priority -> queued count
+    "worker": "worker:{}",  # HASH, one worker (GPU socket)
+    "idle": "idle:{}",  # ZSET per job type: idle workers by idle-since time
+    "done": "done:{}",  # ZSET per terminal status: job ids by finish time (trimmed to TTL)
+    "workers": "workers",  # ZSET: live workers by liveness deadline
+    "leases": "leases",  # ZSET: assigned/running job ids by lease deadline
+    "delayed": "delayed",  # ZSET: retrying job ids by due time
+    "events": "events",  # STREAM: every lifecycle event, capped
+    "stats": "stats",  # HASH: O(1) counters, total and per job type
+    "seq": "seq",  # STRING: submission sequence (FIFO within a priority)
+    "types": "types",  # SET: every job type seen (submitted or accepted)
+}
+
+_NS_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if usable inside a hash tag, else raise ValueError."""
+    if not _NS_RE.match(namespace):
+        raise ValueError(f"namespace {namespace!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    return namespace
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one namespace, e.g. ``Keys("redisq").job("j1") == "{redisq}:job:j1"``."""
+
+    namespace: str = "redisq"
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "}:"
+
+    def job(self, job_id: str) -> str:
+        return self.prefix + KEY_TEMPLATES["job"].format(job_id)
+
+    def queue(self, job_type: str) -> str:
+        return self.prefix + KEY_TEMPLATES["queue"].format(job_type)
+
+    def depth(self, job_type: str) -> str:
+        return self.prefix + KEY_TEMPLATES["depth"].format(job_type)
+
+    def worker(self, worker_id: str) -> str:
+        return self.prefix + KEY_TEMPLATES["worker"].format(worker_id)
+
+    def idle(self, job_type: str) -> str:
+        return self.prefix + KEY_TEMPLATES["idle"].format(job_type)
+
+    def done(self, status: str) -> str:
+        return self.prefix + KEY_TEMPLATES["done"].format(status)
+
+    @property
+    def workers(self) -> str:
+        return self.prefix + KEY_TEMPLATES["workers"]
+
+    @property
+    def leases(self) -> str:
+        return self.prefix + KEY_TEMPLATES["leases"]
+
+    @property
+    def delayed(self) -> str:
+        return self.prefix + KEY_TEMPLATES["delayed"]
+
+    @property
+    def events(self) -> str:
+        return self.prefix + KEY_TEMPLATES["events"]
+
+    @property
+    def stats(self) -> str:
+        return self.prefix + KEY_TEMPLATES["stats"]
+
+    @property
+    def seq(self) -> str:
+        return self.prefix + KEY_TEMPLATES["seq"]
+
+    @property
+    def types(self) -> str:
+        return self.prefix + KEY_TEMPLATES["types"]
+
+
+def lua_prelude() -> str:
+    """Lua that defines ``K.<name>(arg)`` for every template, relative to ``P``.
+
+    Every script starts with ``local P = ARGV[1]`` (the namespace prefix).
+    """
+    lines = ["local K = {}"]
+    for name, template in KEY_TEMPLATES.items():
+        if "{}" in template:
+            head, tail = template.split("{}")
+            tail_expr = f" .. '{tail}'" if tail else ""
+            lines.append(f"K.{name} = function(x) return P .. '{head}' .. x{tail_expr} end")
+        else:
+            lines.append(f"K.{name} = function() return P .. '{template}' end")
+    return "\n".join(lines) + "\n"

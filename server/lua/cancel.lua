@@ -1,0 +1,29 @@
+-- Cancel a job. Queued or retrying: removed at once. Assigned or running: cancelled
+-- at once, and the event tells the worker's hub to push cancel_job; the worker stays
+-- busy until it acknowledges with complete_job or fail_job for that attempt.
+-- Finished jobs are left as they are.
+-- A(1) job id  A(2) client id that must own the job, or '' for any
+-- Returns {status after the call, worker or false, attempt}.
+local id, client = A(1), A(2)
+local jk = K.job(id)
+local j = redis.call('HMGET', jk, 'status', 'client', 'type', 'priority', 'worker', 'attempt')
+if not j[1] or (client ~= '' and j[2] ~= client) then
+  return redis.error_reply('NOT_FOUND no job ' .. id .. ' for this client')
+end
+local st = j[1]
+if st == 'completed' or st == 'failed' or st == 'cancelled' then return {st, false, j[6]} end
+local t = now()
+local hub = false
+if st == 'queued' then
+  redis.call('ZREM', K.queue(j[3]), id)
+  depth_add(j[3], j[4], -1)
+elseif st == 'retrying' then
+  redis.call('ZREM', K.delayed(), id)
+else
+  hub = redis.call('HGET', K.worker(j[5]), 'hub')
+end
+finish(id, 'cancelled', t)
+emit(t, 'cancelled', {'job', id, 'status', 'cancelled', 'client', j[2], 'worker',
+  (st == 'assigned' or st == 'running') and j[5] or '', 'hub', hub, 'attempt', j[6]})
+if st == 'assigned' or st == 'running' then return {'cancelled', j[5], j[6]} end
+return {'cancelled', false, j[6]}

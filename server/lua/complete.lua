@@ -1,0 +1,18 @@
+-- A worker completes its job and claims its next one, in one step.
+-- A(1) job id  A(2) attempt  A(3) worker id  A(4) result JSON
+-- Returns {'ok' | 'cancelled', next assignment or false}; 'cancelled' means the job
+-- had been cancelled: the result is dropped, the worker is still freed.
+local id, attempt, w = A(1), A(2), A(3)
+local err = fence(id, attempt, w)
+local t = now()
+if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
+if err then return redis.error_reply(err) end
+local jk = K.job(id)
+redis.call('HSET', jk, 'result', A(4), 'progress', '100')
+local started = redis.call('HGET', jk, 'started')
+if blank(started) then redis.call('HSET', jk, 'started', ts(t)) end
+finish(id, 'completed', t)
+local client = redis.call('HGET', jk, 'client')
+emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
+  'attempt', attempt})
+return {'ok', release(w, t, 'done')}

@@ -1,0 +1,30 @@
+-- A worker reports that its job failed, and claims its next one, in one step.
+-- A(1) job id  A(2) attempt  A(3) worker id  A(4) error text  A(5) retryable 1|0
+-- A retryable failure with attempts left waits in `delayed` for an exponential
+-- backoff; otherwise the job fails for good (kept, with its error, until its TTL).
+-- Returns {'retrying' | 'failed' | 'cancelled', next assignment or false}.
+local id, attempt, w = A(1), A(2), A(3)
+local err = fence(id, attempt, w)
+local t = now()
+if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
+if err then return redis.error_reply(err) end
+local jk = K.job(id)
+local j = redis.call('HMGET', jk, 'max_attempts', 'client')
+redis.call('HSET', jk, 'error', A(4))
+local outcome
+if A(5) == '1' and tonumber(attempt) < tonumber(j[1]) then
+  local delay = math.min(BACKOFF_MAX, BACKOFF_BASE * 2 ^ (tonumber(attempt) - 1))
+  redis.call('HSET', jk, 'status', 'retrying', 'worker', '')
+  redis.call('ZREM', K.leases(), id)
+  redis.call('ZADD', K.delayed(), ts(t + delay), id)
+  redis.call('HINCRBY', K.stats(), 'retried', 1)
+  emit(t, 'retrying', {'job', id, 'status', 'retrying', 'client', j[2], 'worker', w,
+    'attempt', attempt, 'message', A(4), 'due', ts(t + delay)})
+  outcome = 'retrying'
+else
+  finish(id, 'failed', t)
+  emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[2], 'worker', w,
+    'attempt', attempt, 'message', A(4)})
+  outcome = 'failed'
+end
+return {outcome, release(w, t, 'failed')}

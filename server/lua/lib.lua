@@ -1,0 +1,189 @@
+-- Shared helpers, prepended to every script together with the generated key
+-- functions (K.*, see keys.py). Each script is one atomic state change.
+--
+-- ARGV header, the same for every script (see redis_service.py, _header):
+--   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
+--   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
+-- Script arguments follow from ARGV[8] on: use A(i).
+
+local LEASE = tonumber(ARGV[2])
+local TTL = tonumber(ARGV[3])
+local MAXLEN = ARGV[4]
+local MAX_LOST = tonumber(ARGV[5])
+local BACKOFF_BASE = tonumber(ARGV[6])
+local BACKOFF_MAX = tonumber(ARGV[7])
+local function A(i) return ARGV[7 + i] end
+
+local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
+local MAX_PRIORITY = 32767
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function ts(t) return string.format('%.6f', t) end
+
+-- models.queue_score: exact below 2^53; formatted without an exponent.
+local function score(priority, seq)
+  return string.format('%.0f', (MAX_PRIORITY - tonumber(priority)) * SEQ_SPACE + tonumber(seq))
+end
+
+local function split(s)
+  local out = {}
+  if s then for x in string.gmatch(s, '[^,]+') do out[#out + 1] = x end end
+  return out
+end
+
+local function blank(v) return v == nil or v == false or v == '' end
+
+-- Append one event to the capped stream. fields: flat list of name, value.
+local function emit(t, name, fields)
+  local args = {'XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', 'e', name, 't', ts(t)}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if not blank(v) then
+      args[#args + 1] = fields[i]
+      args[#args + 1] = v
+    end
+  end
+  return redis.call(unpack(args))
+end
+
+local function unidle(w, types)
+  for _, jt in ipairs(types) do redis.call('ZREM', K.idle(jt), w) end
+end
+
+local function depth_add(jt, priority, n)
+  if redis.call('HINCRBY', K.depth(jt), priority, n) <= 0 then
+    redis.call('HDEL', K.depth(jt), priority)
+  end
+end
+
+-- Give job `id` to idle worker `w`. Returns the assignment the hub pushes:
+-- {job_id, attempt, job_type, priority, params, worker, hub, session}.
+local function assign(id, w, t)
+  local jk = K.job(id)
+  local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+    'started', '', 'progress', '', 'message', '')
+  local wk = K.worker(w)
+  local wf = redis.call('HMGET', wk, 'types', 'hub', 'session')
+  redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t))
+  unidle(w, split(wf[1]))
+  redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
+  local j = redis.call('HMGET', jk, 'type', 'priority', 'client', 'params')
+  emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
+    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt})
+  return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or ''}
+end
+
+-- Put job `id` where it belongs: onto the longest-idle worker that accepts its
+-- type, else into its queue at the position its priority and seq give it.
+-- Returns assignment, position (one of them is false).
+local function enqueue(id, t)
+  local jk = K.job(id)
+  local j = redis.call('HMGET', jk, 'type', 'priority', 'seq')
+  redis.call('HSET', jk, 'queued', ts(t), 'worker', '')
+  local w = redis.call('ZRANGE', K.idle(j[1]), 0, 0)[1]
+  if w then return assign(id, w, t), false end
+  redis.call('HSET', jk, 'status', 'queued')
+  redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
+  depth_add(j[1], j[2], 1)
+  return false, redis.call('ZRANK', K.queue(j[1]), id)
+end
+
+-- Worker `w` is free: hand it the best queued job over all its types (priority,
+-- then the global submission order), or mark it idle. Returns an assignment or false.
+local function claim_next(w, t)
+  local wk = K.worker(w)
+  local types = split(redis.call('HGET', wk, 'types'))
+  local best, best_score, best_type = nil, nil, nil
+  for _, jt in ipairs(types) do
+    local top = redis.call('ZRANGE', K.queue(jt), 0, 0, 'WITHSCORES')
+    if top[1] then
+      local s = tonumber(top[2])
+      if best_score == nil or s < best_score then best, best_score, best_type = top[1], s, jt end
+    end
+  end
+  if best then
+    redis.call('ZREM', K.queue(best_type), best)
+    depth_add(best_type, redis.call('HGET', K.job(best), 'priority'), -1)
+    return assign(best, w, t)
+  end
+  redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
+  for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
+  return false
+end
+
+-- Worker `w` is done with its job (any outcome): account for it and claim the next.
+local function release(w, t, outcome)
+  local wk = K.worker(w)
+  local since = tonumber(redis.call('HGET', wk, 'since'))
+  if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
+  if outcome then redis.call('HINCRBY', wk, outcome, 1) end
+  redis.call('HSET', wk, 'seen', ts(t))
+  return claim_next(w, t)
+end
+
+-- Move job `id` to terminal `status`: expire it after TTL, index it, count it.
+local function finish(id, status, t)
+  local jk = K.job(id)
+  redis.call('HSET', jk, 'status', status, 'finished', ts(t))
+  redis.call('EXPIRE', jk, TTL)
+  redis.call('ZREM', K.leases(), id)
+  local dk = K.done(status)
+  redis.call('ZADD', dk, ts(t), id)
+  redis.call('ZREMRANGEBYSCORE', dk, '-inf', '(' .. ts(t - TTL))
+  local jt = redis.call('HGET', jk, 'type')
+  redis.call('HINCRBY', K.stats(), status, 1)
+  redis.call('HINCRBY', K.stats(), status .. ':' .. jt, 1)
+end
+
+-- Fencing: may worker `w` report on attempt `attempt` of job `id`?
+-- Returns nil (yes), 'CANCELLED' (it may, to acknowledge a cancel) or an error text.
+local function fence(id, attempt, w)
+  local j = redis.call('HMGET', K.job(id), 'status', 'attempt', 'worker')
+  if not j[1] then return 'NOT_FOUND no job ' .. id end
+  if j[3] ~= w or j[2] ~= attempt then
+    return 'STALE_ATTEMPT job ' .. id .. ' attempt ' .. attempt .. ' is not current for ' .. w
+  end
+  if j[1] == 'cancelled' then return 'CANCELLED' end
+  if j[1] ~= 'assigned' and j[1] ~= 'running' then
+    return 'BAD_STATE job ' .. id .. ' is ' .. j[1]
+  end
+  return nil
+end
+
+-- The worker holding job `id` is gone: requeue the job at its old position, or
+-- fail it for good once it has lost more than MAX_LOST workers (a poison job).
+local function lose_job(id, w, t, count)
+  local jk = K.job(id)
+  local j = redis.call('HMGET', jk, 'status', 'worker', 'lost', 'client', 'attempt')
+  if j[2] ~= w or (j[1] ~= 'assigned' and j[1] ~= 'running') then return end
+  redis.call('ZREM', K.leases(), id)
+  local lost = redis.call('HINCRBY', jk, 'lost', count)
+  if lost > MAX_LOST then
+    redis.call('HSET', jk, 'error', 'worker lost ' .. lost .. ' times while running this job')
+    finish(id, 'failed', t)
+    emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[4], 'worker', w, 'attempt', j[5]})
+    return
+  end
+  redis.call('HINCRBY', K.stats(), 'requeued', 1)
+  emit(t, 'requeued', {'job', id, 'status', 'queued', 'client', j[4], 'worker', w, 'attempt', j[5]})
+  enqueue(id, t)
+end
+
+-- Take worker `w` out of service; requeue its job. Only if `session` is current.
+local function drop_worker(w, session, t, count)
+  local wk = K.worker(w)
+  local h = redis.call('HMGET', wk, 'session', 'job', 'types', 'status')
+  if h[1] ~= session or h[4] == 'offline' then return 0 end
+  unidle(w, split(h[3]))
+  redis.call('HSET', wk, 'status', 'offline', 'job', '', 'attempt', '', 'hub', '', 'seen', ts(t))
+  redis.call('ZREM', K.workers(), w)
+  redis.call('EXPIRE', wk, TTL)
+  emit(t, 'worker_down', {'worker', w})
+  if not blank(h[2]) then lose_job(h[2], w, t, count) end
+  return 1
+end

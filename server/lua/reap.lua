@@ -1,0 +1,24 @@
+-- Requeue what dead hubs left behind: workers past their liveness deadline and
+-- jobs past their lease. Safe to run from any number of hubs at once.
+-- A(1) how many of each to handle in this call
+-- Returns the number of workers dropped plus leases reclaimed.
+local t = now()
+local limit = tonumber(A(1))
+local n = 0
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMIT', 0, limit)) do
+  local session = redis.call('HGET', K.worker(w), 'session')
+  if session and drop_worker(w, session, t, 1) == 1 then n = n + 1
+  else redis.call('ZREM', K.workers(), w) end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases(), '-inf', ts(t), 'LIMIT', 0, limit)) do
+  local w = redis.call('HGET', K.job(id), 'worker')
+  local h = blank(w) and {} or redis.call('HMGET', K.worker(w), 'session', 'job')
+  if h[2] == id then
+    drop_worker(w, h[1], t, 1)
+  else
+    lose_job(id, w, t, 1)
+  end
+  redis.call('ZREM', K.leases(), id)
+  n = n + 1
+end
+return n

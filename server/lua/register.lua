@@ -1,0 +1,19 @@
+-- A worker (one GPU socket) registers, or re-registers after a reconnect, and
+-- becomes ready: it claims its best queued job or is marked idle.
+-- A(1) worker id  A(2) machine id  A(3) job types, comma-separated  A(4) capabilities
+-- JSON  A(5) hub id  A(6) session (unique per connection)
+-- A job still held by an earlier session of this worker is requeued first.
+-- Returns an assignment or false.
+local w = A(1)
+local t = now()
+local wk = K.worker(w)
+local old = redis.call('HMGET', wk, 'session', 'status')
+if old[1] and old[2] ~= 'offline' then drop_worker(w, old[1], t, 1) end
+redis.call('HSET', wk, 'id', w, 'machine', A(2), 'types', A(3), 'caps', A(4), 'hub', A(5),
+  'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'registered', ts(t),
+  'seen', ts(t), 'since', ts(t))
+redis.call('PERSIST', wk)
+redis.call('ZADD', K.workers(), ts(t + LEASE), w)
+for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
+emit(t, 'worker_up', {'worker', w, 'hub', A(5)})
+return claim_next(w, t)

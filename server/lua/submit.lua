@@ -1,0 +1,22 @@
+-- Submit a job: assign it to an idle worker that accepts its type, else queue it.
+-- A(1) job id  A(2) job type  A(3) priority  A(4) params JSON  A(5) client id
+-- A(6) max attempts
+-- Returns {status, position (-1 when assigned), assignment or false}.
+local id, jt, priority = A(1), A(2), A(3)
+local jk = K.job(id)
+if redis.call('EXISTS', jk) == 1 then
+  return redis.error_reply('DUPLICATE job ' .. id .. ' already exists')
+end
+local t = now()
+local seq = redis.call('INCR', K.seq())
+redis.call('HSET', jk, 'id', id, 'type', jt, 'priority', priority, 'params', A(4),
+  'client', A(5), 'status', 'queued', 'attempt', 0, 'max_attempts', A(6), 'lost', 0,
+  'seq', seq, 'created', ts(t))
+redis.call('SADD', K.types(), jt)
+redis.call('HINCRBY', K.stats(), 'submitted', 1)
+redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
+emit(t, 'submitted', {'job', id, 'status', 'queued', 'jtype', jt, 'priority', priority,
+  'client', A(5)})
+local a, pos = enqueue(id, t)
+if a then return {'assigned', -1, a} end
+return {'queued', pos, false}

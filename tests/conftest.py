@@ -1,0 +1,50 @@
+"""Shared fixtures: one private redis-server per test session, a fresh namespace per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from redisq_lab.redis_process import RedisProcess
+from redisq_server import AsyncRedisService, EngineLimits, RedisService
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_proc() -> Iterator[RedisProcess]:
+    """A redis-server started for this test session on a free loopback port."""
+    with RedisProcess() as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_proc: RedisProcess) -> str:
+    return redis_proc.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses: tests never share keys."""
+    return f"t{os.getpid()}x{next(_counter)}"
+
+
+@pytest.fixture
+def limits(namespace: str) -> EngineLimits:
+    return EngineLimits(namespace=namespace, backoff_base_s=0.05, backoff_max_s=0.2)
+
+
+@pytest.fixture
+async def svc(redis_url: str, limits: EngineLimits) -> AsyncIterator[AsyncRedisService]:
+    service = AsyncRedisService(redis_url, limits=limits)
+    yield service
+    await service.aclose()
+
+
+@pytest.fixture
+def sync_svc(redis_url: str, limits: EngineLimits) -> Iterator[RedisService]:
+    with RedisService(url=redis_url, limits=limits) as service:
+        yield service

@@ -1,0 +1,90 @@
+"""Test helpers: waiting on conditions (never a bare sleep) and engine invariants."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+
+from redisq_server import Keys
+
+
+async def wait_for(
+    cond: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
+) -> Any:
+    """Await ``cond()`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
+def wait_sync(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(0.005)
+
+
+# An atomic snapshot check of the engine's invariants (read-only).
+INVARIANTS_LUA = """
+local P = ARGV[1]
+local bad = {}
+local held = {}
+for _, jt in ipairs(redis.call('SMEMBERS', P .. 'types')) do
+  local q = redis.call('ZCARD', P .. 'queue:' .. jt)
+  local i = redis.call('ZCARD', P .. 'idle:' .. jt)
+  if q > 0 and i > 0 then
+    bad[#bad + 1] = jt .. ': ' .. q .. ' queued while ' .. i .. ' workers idle'
+  end
+end
+for _, w in ipairs(redis.call('ZRANGE', P .. 'workers', 0, -1)) do
+  local h = redis.call('HMGET', P .. 'worker:' .. w, 'status', 'job')
+  if h[1] == 'busy' then
+    if not h[2] or h[2] == '' then bad[#bad + 1] = w .. ' busy without a job' end
+    if held[h[2]] then bad[#bad + 1] = h[2] .. ' held by ' .. held[h[2]] .. ' and ' .. w end
+    held[h[2]] = w
+    local j = redis.call('HMGET', P .. 'job:' .. h[2], 'worker', 'status')
+    if j[2] ~= 'cancelled' and j[1] ~= w then
+      bad[#bad + 1] = w .. ' holds ' .. h[2] .. ' whose worker is ' .. tostring(j[1])
+    end
+  elseif h[1] == 'idle' then
+    if h[2] and h[2] ~= '' then bad[#bad + 1] = w .. ' idle with job ' .. h[2] end
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
+  local st = redis.call('HGET', P .. 'job:' .. id, 'status')
+  if st ~= 'assigned' and st ~= 'running' then bad[#bad + 1] = 'lease on ' .. id .. ' in ' .. tostring(st) end
+end
+return bad
+"""
+
+
+async def invariant_violations(client: Any, keys: Keys) -> list[str]:
+    """Violations of the engine's invariants in one atomic snapshot (empty: all hold)."""
+    return list(await client.eval(INVARIANTS_LUA, 1, keys.events, keys.prefix))
+
+
+def invariant_violations_sync(client: redis.Redis, keys: Keys) -> list[str]:
+    return list(client.eval(INVARIANTS_LUA, 1, keys.events, keys.prefix))  # type: ignore[arg-type]
+
+
+def namespace_keys(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Every key of a namespace with a dump of its value (tests only: uses SCAN)."""
+    out: dict[str, Any] = {}
+    for k in sorted(
+        client.scan_iter(match=keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*")
+    ):
+        out[k] = client.dump(k)
+    return out

@@ -1,0 +1,485 @@
+"""The queue engine against a real redis-server: ordering, fencing, requeue, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+
+import pytest
+import redis
+
+from redisq_server import (
+    AsyncRedisService,
+    EngineLimits,
+    ErrorCode,
+    JobStatus,
+    ProtocolError,
+    RedisService,
+)
+from redisq_server.models import queue_score
+
+from .helpers import invariant_violations, namespace_keys, wait_for
+
+
+async def test_seed_example_runs_as_written(sync_svc: RedisService) -> None:
+    sync_svc.add_job(
+        job_id="test-job-123",
+        job_type="image_generation",
+        priority=5,
+        params={"prompt": "a beautiful sunset"},
+        client_id="test-client",
+    )
+    status = sync_svc.get_job_status("test-job-123")
+    assert status is not None
+    assert status["status"] == "queued"
+    assert status["position"] == 0
+    assert status["priority"] == 5
+    assert status["params"] == {"prompt": "a beautiful sunset"}
+    assert status["client_id"] == "test-client"
+    assert status["created"] is not None
+    assert status["queued"] is not None
+    assert sync_svc.get_job_status("no-such-job") is None
+
+
+async def test_lua_score_matches_python(svc: AsyncRedisService) -> None:
+    for prio in (5, -3, 32767, -32768):
+        r = await svc.submit_job("scores", prio)
+        score = await svc.redis.zscore(svc.keys.queue("scores"), r.job_id)
+        job = await svc.get_job(r.job_id)
+        assert job is not None
+        seq = int(await svc.redis.hget(svc.keys.job(r.job_id), "seq"))
+        assert score == queue_score(prio, seq)
+
+
+async def test_priority_then_fifo_over_1000_jobs(svc: AsyncRedisService) -> None:
+    rng = random.Random(7)
+    submitted = []
+    for i in range(1000):
+        prio = rng.randint(-5, 5)
+        r = await svc.submit_job("render", prio, {"i": i})
+        submitted.append((-prio, i, r.job_id))
+    expected = [jid for _, _, jid in sorted(submitted)]
+    # the reported positions agree with that order
+    for pos in (0, 1, 500, 999):
+        job = await svc.get_job(expected[pos])
+        assert job is not None
+        assert job.position == pos
+
+    order = []
+    a = await svc.register_worker("m1:gpu0", ["render"], session="s")
+    while a is not None:
+        order.append(a.job_id)
+        a = (await svc.complete_job(a.job_id, a.attempt, "m1:gpu0", None)).next
+    assert order == expected
+    stats = await svc.get_stats()
+    assert stats["totals"]["completed"] == 1000
+    assert stats["queued"] == 0
+    assert stats["workers_idle"] == 1
+
+
+async def test_matching_by_job_type(svc: AsyncRedisService) -> None:
+    a_job = await svc.submit_job("type_a", 0)
+    b_job = await svc.submit_job("type_b", 9)
+    c_job = await svc.submit_job("type_c", 0)
+    got = await svc.register_worker("m1:gpu0", ["type_a"], session="s0")
+    assert got is not None
+    assert got.job_id == a_job.job_id
+    # a worker for b and c takes the higher-priority one first, across its types
+    got2 = await svc.register_worker("m1:gpu1", ["type_c", "type_b"], session="s1")
+    assert got2 is not None
+    assert got2.job_id == b_job.job_id
+    nxt = await svc.complete_job(got2.job_id, got2.attempt, "m1:gpu1", {"ok": 1})
+    assert nxt.next is not None
+    assert nxt.next.job_id == c_job.job_id
+    # a type nobody accepts stays queued while workers of other types are idle
+    d = await svc.submit_job("type_d")
+    await svc.complete_job(got.job_id, got.attempt, "m1:gpu0")
+    job = await svc.get_job(d.job_id)
+    assert job is not None
+    assert job.status == JobStatus.QUEUED
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+
+async def test_submit_goes_straight_to_an_idle_worker(svc: AsyncRedisService) -> None:
+    assert await svc.register_worker("m1:gpu0", ["t"], {"gpu": "A100"}, session="s") is None
+    r = await svc.submit_job("t", 1, {"x": 1}, client_id="c1")
+    assert r.status == JobStatus.ASSIGNED
+    assert r.position is None
+    assert r.assignment is not None
+    assert r.assignment.worker_id == "m1:gpu0"
+    assert r.assignment.attempt == 1
+    assert r.assignment.params == {"x": 1}
+    assert r.assignment.to_message()["type"] == "job_assigned"
+
+
+async def test_full_lifecycle_timestamps_and_progress(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t", client_id="c1")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None
+    assert (await svc.get_job(r.job_id)).status == JobStatus.ASSIGNED  # type: ignore[union-attr]
+    assert await svc.update_progress(a.job_id, a.attempt, "m1:gpu0", 40, "denoising") == "running"
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert job.status == JobStatus.RUNNING
+    assert job.progress == 40
+    assert job.message == "denoising"
+    await svc.complete_job(a.job_id, a.attempt, "m1:gpu0", {"image": "abc"})
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert job.status == JobStatus.COMPLETED
+    assert job.result == {"image": "abc"}
+    assert job.created
+    assert job.queued
+    assert job.assigned
+    assert job.started
+    assert job.finished
+    assert job.created <= job.queued <= job.assigned <= job.started <= job.finished
+    names = [e.name for e in await svc.events_since("0")]
+    assert names == ["submitted", "worker_up", "assigned", "progress", "completed"]
+
+
+async def test_fencing_rejects_stale_attempts_and_changes_nothing(
+    svc: AsyncRedisService, sync_svc: RedisService
+) -> None:
+    r = await svc.submit_job("t")
+    a1 = await svc.register_worker("m1:gpu0", ["t"], session="old")
+    assert a1 is not None
+    assert a1.attempt == 1
+    # the worker drops; the job is requeued and reassigned to another worker
+    assert await svc.worker_lost("m1:gpu0", "old")
+    a2 = await svc.register_worker("m1:gpu1", ["t"], session="new")
+    assert a2 is not None
+    assert a2.job_id == r.job_id
+    assert a2.attempt == 2
+    before = namespace_keys(sync_svc.redis, sync_svc.keys)
+    for call in (
+        svc.complete_job(r.job_id, 1, "m1:gpu0", "late"),
+        svc.complete_job(r.job_id, 1, "m1:gpu1", "wrong attempt"),
+        svc.complete_job(r.job_id, 2, "m1:gpu0", "wrong worker"),
+        svc.fail_job(r.job_id, 1, "m1:gpu0", "late failure"),
+        svc.update_progress(r.job_id, 1, "m1:gpu0", 50),
+    ):
+        with pytest.raises(ProtocolError) as err:
+            await call
+        assert err.value.code == ErrorCode.STALE_ATTEMPT
+    assert namespace_keys(sync_svc.redis, sync_svc.keys) == before
+    # the current attempt still completes, exactly once
+    done = await svc.complete_job(r.job_id, 2, "m1:gpu1", "ok")
+    assert done.outcome == "completed"
+    with pytest.raises(ProtocolError) as err:
+        await svc.complete_job(r.job_id, 2, "m1:gpu1", "again")
+    assert err.value.code == ErrorCode.BAD_STATE
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert job.result == "ok"
+    assert job.attempt == 2
+
+
+async def test_requeue_keeps_original_position(svc: AsyncRedisService) -> None:
+    ids = [(await svc.submit_job("t", 1)).job_id for _ in range(5)]
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None
+    assert a.job_id == ids[0]
+    job = await svc.get_job(ids[1])
+    assert job is not None
+    assert job.position == 0
+    assert await svc.worker_lost("m1:gpu0", "s")
+    back = await svc.get_job(ids[0])
+    assert back is not None
+    assert back.status == JobStatus.QUEUED
+    assert back.position == 0
+    assert back.lost == 1
+    assert (await svc.get_job(ids[1])).position == 1  # type: ignore[union-attr]
+    assert (await svc.get_stats())["totals"]["requeued"] == 1
+    # a stale session's close changes nothing
+    a2 = await svc.register_worker("m1:gpu0", ["t"], session="s2")
+    assert a2 is not None
+    assert a2.job_id == ids[0]
+    assert a2.attempt == 2
+    assert not await svc.worker_lost("m1:gpu0", "s")
+    assert (await svc.get_job(ids[0])).status == JobStatus.ASSIGNED  # type: ignore[union-attr]
+
+
+async def test_reregistering_requeues_the_old_sessions_job(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="one")
+    assert a is not None
+    # the same GPU reconnects (e.g. to another hub) before its old socket was noticed
+    a2 = await svc.register_worker("m1:gpu0", ["t"], session="two")
+    assert a2 is not None
+    assert a2.job_id == r.job_id
+    assert a2.attempt == 2
+    with pytest.raises(ProtocolError):
+        await svc.complete_job(r.job_id, 1, "m1:gpu0")
+
+
+async def test_poison_job_fails_after_max_lost(redis_url: str, limits: EngineLimits) -> None:
+    svc = AsyncRedisService(redis_url, limits=replace(limits, max_lost=2))
+    try:
+        r = await svc.submit_job("t")
+        for i in range(3):
+            a = await svc.register_worker("m1:gpu0", ["t"], session=f"s{i}")
+            assert a is not None
+            assert a.attempt == i + 1
+            await svc.worker_lost("m1:gpu0", f"s{i}")
+        job = await svc.get_job(r.job_id)
+        assert job is not None
+        assert job.status == JobStatus.FAILED
+        assert job.error is not None
+        assert "worker lost 3 times" in job.error
+        # a deliberate shutdown does not count against the job
+        r2 = await svc.submit_job("t")
+        for i in range(4):
+            await svc.register_worker("m1:gpu0", ["t"], session=f"q{i}")
+            await svc.worker_lost("m1:gpu0", f"q{i}", count=False)
+        job2 = await svc.get_job(r2.job_id)
+        assert job2 is not None
+        assert job2.status == JobStatus.QUEUED
+        assert job2.lost == 0
+    finally:
+        await svc.aclose()
+
+
+async def _redis_time(svc: AsyncRedisService) -> float:
+    s, us = await svc.redis.time()
+    return float(s) + us / 1e6
+
+
+async def test_concurrent_reapers_requeue_once(redis_url: str, limits: EngineLimits) -> None:
+    lim = replace(limits, lease_s=0.2)
+    services = [AsyncRedisService(redis_url, limits=lim) for _ in range(8)]
+    svc = services[0]
+    try:
+        r = await svc.submit_job("t")
+        a = await svc.register_worker("m1:gpu0", ["t"], session="s")  # its hub then dies
+        assert a is not None
+        deadline = float((await svc.redis.zscore(svc.keys.leases, r.job_id)) or 0)
+        await wait_for(lambda: _after(svc, deadline), what="lease deadline")
+        counts = await asyncio.gather(*(s.reap() for s in services))
+        assert sum(counts) == 1
+        job = await svc.get_job(r.job_id)
+        assert job is not None
+        assert job.status == JobStatus.QUEUED
+        assert job.lost == 1
+        assert job.position == 0
+        stats = await svc.get_stats()
+        assert stats["totals"]["requeued"] == 1
+        assert stats["workers"] == 0
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        for s in services:
+            await s.aclose()
+
+
+async def _after(svc: AsyncRedisService, t: float) -> bool:
+    return await _redis_time(svc) > t
+
+
+async def test_touch_keeps_a_live_worker(redis_url: str, limits: EngineLimits) -> None:
+    svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.3))
+    try:
+        await svc.submit_job("t")
+        await svc.register_worker("m1:gpu0", ["t"], session="s")
+        for _ in range(3):
+            assert await svc.touch([("m1:gpu0", "s")]) == []
+            assert await svc.reap() == 0
+        assert await svc.touch([("m1:gpu0", "other"), ("m9:gpu0", "x")]) == ["m1:gpu0", "m9:gpu0"]
+    finally:
+        await svc.aclose()
+
+
+async def test_retries_with_backoff_then_final_failure(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t", max_attempts=3, client_id="c")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None
+    dues = []
+    for attempt in (1, 2):
+        res = await svc.fail_job(r.job_id, attempt, "m1:gpu0", f"boom {attempt}")
+        assert res.outcome == "retrying"
+        assert res.next is None
+        job = await svc.get_job(r.job_id)
+        assert job is not None
+        assert job.status == JobStatus.RETRYING
+        moved, wait_s, _ = await svc.promote()
+        assert moved == 0
+        assert wait_s is not None
+        dues.append(wait_s)
+        promoted = await wait_for(lambda: _promote_one(svc), what="backoff")
+        assert promoted[0].job_id == r.job_id
+        assert promoted[0].attempt == attempt + 1
+    assert dues[1] > dues[0]  # exponential: 0.05 s, then 0.1 s
+    res = await svc.fail_job(r.job_id, 3, "m1:gpu0", "boom 3")
+    assert res.outcome == "failed"
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert job.status == JobStatus.FAILED
+    assert job.error == "boom 3"
+    assert job.attempt == 3
+    stats = await svc.get_stats()
+    assert stats["totals"]["retried"] == 2
+    assert stats["totals"]["failed"] == 1
+    # a non-retryable failure fails at once
+    r2 = await svc.submit_job("t", max_attempts=5)
+    assert r2.assignment is not None
+    res2 = await svc.fail_job(r2.job_id, 1, "m1:gpu0", "bad input", retryable=False)
+    assert res2.outcome == "failed"
+
+
+async def _promote_one(svc: AsyncRedisService) -> list[object]:
+    _, _, assigned = await svc.promote()
+    return assigned  # type: ignore[return-value]
+
+
+async def test_cancel_queued_running_and_finished(svc: AsyncRedisService) -> None:
+    q = await svc.submit_job("t", client_id="alice")
+    c = await svc.cancel_job(q.job_id, client_id="alice")
+    assert c.status == JobStatus.CANCELLED
+    assert c.worker_id is None
+    assert (await svc.get_stats())["queued"] == 0
+    # another client cannot see or cancel it
+    r = await svc.submit_job("t", client_id="alice")
+    with pytest.raises(ProtocolError) as err:
+        await svc.cancel_job(r.job_id, client_id="mallory")
+    assert err.value.code == ErrorCode.NOT_FOUND
+    # running: cancelled at once, the worker is named for a cancel_job push
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None
+    assert a.job_id == r.job_id
+    nxt = await svc.submit_job("t")
+    c2 = await svc.cancel_job(r.job_id)
+    assert c2.status == JobStatus.CANCELLED
+    assert c2.worker_id == "m1:gpu0"
+    assert c2.attempt == 1
+    events = [e for e in await svc.events_since("0") if e.name == "cancelled"]
+    assert events[-1].fields["worker"] == "m1:gpu0"
+    # progress on a cancelled job is refused; the acknowledgement frees the worker
+    with pytest.raises(ProtocolError) as err:
+        await svc.update_progress(r.job_id, 1, "m1:gpu0", 10)
+    assert err.value.code == ErrorCode.JOB_CANCELLED
+    ack = await svc.fail_job(r.job_id, 1, "m1:gpu0", "cancelled", retryable=False)
+    assert ack.outcome == "cancelled"
+    assert ack.next is not None
+    assert ack.next.job_id == nxt.job_id
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert job.status == JobStatus.CANCELLED
+    # cancelling a finished job changes nothing
+    assert (await svc.cancel_job(r.job_id)).status == JobStatus.CANCELLED
+    with pytest.raises(ProtocolError):
+        await svc.cancel_job("never-existed")
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+
+async def test_finished_jobs_expire_after_ttl(redis_url: str, limits: EngineLimits) -> None:
+    svc = AsyncRedisService(redis_url, limits=replace(limits, result_ttl_s=1))
+    try:
+        r = await svc.submit_job("t")
+        await svc.register_worker("m1:gpu0", ["t"], session="s")
+        await svc.complete_job(r.job_id, 1, "m1:gpu0", 42)
+        ttl = await svc.redis.ttl(svc.keys.job(r.job_id))
+        assert 0 < ttl <= 1
+        await wait_for(lambda: _gone(svc, r.job_id), timeout=5, what="expiry")
+        assert await svc.get_job(r.job_id) is None
+        # the done index is trimmed by the next finish after the TTL
+        r2 = await svc.submit_job("t")
+        assert r2.assignment is not None
+        await svc.complete_job(r2.job_id, 1, "m1:gpu0", 43)
+        assert await svc.redis.zrange(svc.keys.done("completed"), 0, -1) == [r2.job_id]
+    finally:
+        await svc.aclose()
+
+
+async def _gone(svc: AsyncRedisService, job_id: str) -> bool:
+    return not await svc.redis.exists(svc.keys.job(job_id))
+
+
+async def test_events_stream_is_capped(redis_url: str, limits: EngineLimits) -> None:
+    svc = AsyncRedisService(redis_url, limits=replace(limits, events_maxlen=100))
+    try:
+        for _ in range(600):
+            await svc.submit_job("t")
+        assert await svc.redis.xlen(svc.keys.events) < 300
+    finally:
+        await svc.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"job_type": "bad type"}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "priority": 1.5}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "priority": 10**6}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "params": {"x": object()}}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "params": {"x": "y" * 9_000_000}}, ErrorCode.TOO_LARGE),
+        ({"job_type": "t", "job_id": "bad/id"}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "client_id": ""}, ErrorCode.INVALID_FIELD),
+        ({"job_type": "t", "max_attempts": 0}, ErrorCode.INVALID_FIELD),
+    ],
+)
+async def test_bad_submit_raises_typed_error_and_writes_nothing(
+    svc: AsyncRedisService, sync_svc: RedisService, kwargs: dict[str, object], code: ErrorCode
+) -> None:
+    before = namespace_keys(sync_svc.redis, sync_svc.keys)
+    with pytest.raises(ProtocolError) as err:
+        await svc.submit_job(**kwargs)  # type: ignore[arg-type]
+    assert err.value.code == code
+    assert namespace_keys(sync_svc.redis, sync_svc.keys) == before
+
+
+async def test_bad_worker_calls_raise_and_write_nothing(
+    svc: AsyncRedisService, sync_svc: RedisService
+) -> None:
+    r = await svc.submit_job("t", job_id="dup")
+    before = namespace_keys(sync_svc.redis, sync_svc.keys)
+    bad_calls = [
+        (svc.submit_job("t", job_id="dup"), ErrorCode.DUPLICATE),
+        (svc.register_worker("no-gpu-part", ["t"]), ErrorCode.INVALID_FIELD),
+        (svc.register_worker("m:g", []), ErrorCode.INVALID_FIELD),
+        (svc.register_worker("m:g", ["bad type"]), ErrorCode.INVALID_FIELD),
+        (svc.complete_job(r.job_id, 0, "m:g"), ErrorCode.INVALID_FIELD),
+        (svc.complete_job(r.job_id, 1, "m:g", {1, 2}), ErrorCode.INVALID_FIELD),
+        (svc.complete_job("missing", 1, "m:g"), ErrorCode.NOT_FOUND),
+        (svc.complete_job(r.job_id, 1, "m:g"), ErrorCode.STALE_ATTEMPT),
+        (svc.update_progress(r.job_id, 1, "m:g", 150), ErrorCode.INVALID_FIELD),
+        (svc.fail_job(r.job_id, True, "m:g", "x"), ErrorCode.INVALID_FIELD),  # type: ignore[arg-type]
+        (svc.get_job("bad id"), ErrorCode.INVALID_FIELD),
+        (svc.cancel_job("missing"), ErrorCode.NOT_FOUND),
+    ]
+    for call, code in bad_calls:
+        with pytest.raises(ProtocolError) as err:
+            await call
+        assert err.value.code == code, err.value
+    assert namespace_keys(sync_svc.redis, sync_svc.keys) == before
+
+
+def test_sync_facade_reads(sync_svc: RedisService) -> None:
+    for i in range(5):
+        sync_svc.add_job(job_id=f"j{i}", job_type="t", priority=i % 2)
+    assert sync_svc.job_ids("queued") == ["j1", "j3", "j0", "j2", "j4"]
+    jobs = sync_svc.get_jobs(["j0", "nope", "j1"])
+    assert [j.job_id for j in jobs] == ["j0", "j1"]
+    assert sync_svc.job_ids("completed") == []
+    with pytest.raises(ProtocolError):
+        sync_svc.job_ids("weird")
+    c = sync_svc.cancel_job("j0")
+    assert c.status == JobStatus.CANCELLED
+    assert sync_svc.job_ids("cancelled") == ["j0"]
+    assert sync_svc.get_stats()["queued"] == 4
+    assert [e.name for e in sync_svc.events_since("0")][-1] == "cancelled"
+
+
+def test_connection_from_seed_environment(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, namespace: str
+) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_HOST", "127.0.0.1")
+    monkeypatch.setenv("REDIS_PORT", str(port))
+    monkeypatch.setenv("REDIS_DB", "3")
+    with RedisService(namespace=namespace) as svc:
+        svc.add_job(job_id="envjob", job_type="t")
+        assert svc.redis.connection_pool.connection_kwargs["db"] == 3
+    with redis.Redis(port=port, db=3, decode_responses=True) as r:
+        assert r.exists(f"{{{namespace}}}:job:envjob")
+        r.flushdb()

@@ -1,0 +1,185 @@
+"""The pure parts: score encoding, the state machine, validation. No Redis, no sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from redisq_server.keys import Keys, lua_prelude
+from redisq_server.models import (
+    MAX_PRIORITY,
+    MAX_SEQ,
+    MIN_PRIORITY,
+    TERMINAL_STATUSES,
+    TRANSITIONS,
+    ErrorCode,
+    JobStatus,
+    MessageType,
+    ProtocolError,
+    Role,
+    can_transition,
+    decode_message,
+    decode_score,
+    parse_worker_id,
+    queue_score,
+    validate_job_id,
+    validate_params,
+    validate_priority,
+)
+
+
+@given(
+    st.integers(MIN_PRIORITY, MAX_PRIORITY),
+    st.integers(0, MAX_SEQ),
+    st.integers(MIN_PRIORITY, MAX_PRIORITY),
+    st.integers(0, MAX_SEQ),
+)
+def test_score_orders_by_priority_then_fifo(p1: int, s1: int, p2: int, s2: int) -> None:
+    a, b = queue_score(p1, s1), queue_score(p2, s2)
+    assert (a < b) == ((-p1, s1) < (-p2, s2))
+    assert float(a) == a  # exact as a double
+    assert decode_score(a) == (p1, s1)
+
+
+def test_score_rejects_out_of_range() -> None:
+    with pytest.raises(ProtocolError):
+        queue_score(MAX_PRIORITY + 1, 0)
+    with pytest.raises(ValueError, match="seq"):
+        queue_score(0, MAX_SEQ + 1)
+
+
+def test_state_machine_shape() -> None:
+    for status in TERMINAL_STATUSES:
+        assert TRANSITIONS[status] == frozenset()
+    assert can_transition(None, JobStatus.QUEUED)
+    assert can_transition(JobStatus.QUEUED, JobStatus.ASSIGNED)
+    assert can_transition(JobStatus.RUNNING, JobStatus.QUEUED)  # requeue after a lost worker
+    assert not can_transition(JobStatus.QUEUED, JobStatus.COMPLETED)
+    assert not can_transition(JobStatus.COMPLETED, JobStatus.QUEUED)
+    assert set(TRANSITIONS) == {None, *JobStatus}
+
+
+@pytest.mark.parametrize("bad", ["", " x", "a/b", "x" * 129, "é", 5, None, "-lead"])
+def test_job_id_validation(bad: object) -> None:
+    with pytest.raises(ProtocolError) as err:
+        validate_job_id(bad)
+    assert err.value.code == ErrorCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "3", MAX_PRIORITY + 1, MIN_PRIORITY - 1])
+def test_priority_validation(bad: object) -> None:
+    with pytest.raises(ProtocolError):
+        validate_priority(bad)
+
+
+def test_params_validation() -> None:
+    assert validate_params({"a": 1}, 100) == '{"a":1}'
+    with pytest.raises(ProtocolError) as err:
+        validate_params({"a": "x" * 200}, 100)
+    assert err.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(ProtocolError):
+        validate_params([1, 2], 100)
+    with pytest.raises(ProtocolError):
+        validate_params({"a": float("nan")}, 100)
+
+
+def test_worker_id() -> None:
+    assert parse_worker_id("machine1:gpu0") == ("machine1", "gpu0")
+    for bad in ["machine1", "m:", ":gpu0", "m:g:x", "m m:gpu0"]:
+        with pytest.raises(ProtocolError):
+            parse_worker_id(bad)
+
+
+def test_decode_message_ok_and_defaults() -> None:
+    msg = decode_message(json.dumps({"type": "submit_job", "id": 7, "job_type": "t"}), Role.CLIENT)
+    assert msg.type is MessageType.SUBMIT_JOB
+    assert msg.id == 7
+    assert msg.fields == {
+        "job_type": "t",
+        "priority": 0,
+        "params": {},
+        "job_id": None,
+        "max_attempts": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("frame", "role", "code"),
+    [
+        ("not json", Role.CLIENT, ErrorCode.BAD_JSON),
+        ("[1,2]", Role.CLIENT, ErrorCode.BAD_MESSAGE),
+        ('{"id": 1}', Role.CLIENT, ErrorCode.BAD_MESSAGE),
+        ('{"type": "nope", "id": 1}', Role.CLIENT, ErrorCode.UNKNOWN_TYPE),
+        ('{"type": "complete_job", "id": 1}', Role.CLIENT, ErrorCode.NOT_ALLOWED),
+        ('{"type": "submit_job", "id": 1}', Role.CLIENT, ErrorCode.INVALID_FIELD),
+        ('{"type": "submit_job", "job_type": 3}', Role.CLIENT, ErrorCode.INVALID_FIELD),
+        (
+            '{"type": "submit_job", "job_type": "t", "priority": "hi"}',
+            Role.CLIENT,
+            ErrorCode.INVALID_FIELD,
+        ),
+        (
+            '{"type": "submit_job", "job_type": "t", "params": []}',
+            Role.CLIENT,
+            ErrorCode.INVALID_FIELD,
+        ),
+        ('{"type": "register_worker", "job_types": []}', Role.WORKER, ErrorCode.INVALID_FIELD),
+        (
+            '{"type": "update_job_progress", "job_id": "j", "attempt": 1, "progress": 101}',
+            Role.WORKER,
+            ErrorCode.INVALID_FIELD,
+        ),
+        (
+            '{"type": "complete_job", "job_id": "j", "attempt": 0}',
+            Role.WORKER,
+            ErrorCode.INVALID_FIELD,
+        ),
+        (
+            '{"type": "submit_job", "job_type": "t", "id": {"x": 1}}',
+            Role.CLIENT,
+            ErrorCode.INVALID_FIELD,
+        ),
+        ('{"type": "submit_job", "job_type": "t"}', Role.MONITOR, ErrorCode.NOT_ALLOWED),
+    ],
+)
+def test_decode_message_errors(frame: str, role: Role, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_message(frame, role)
+    assert err.value.code == code
+    assert err.value.message
+    reply = err.value.to_message()
+    assert reply["type"] == "error"
+    assert reply["code"] == code.value
+
+
+def test_error_keeps_request_id() -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_message('{"type": "get_job_status", "id": "r1", "job_id": "bad id"}', Role.CLIENT)
+    assert err.value.ref == "r1"
+
+
+def test_keys_are_hash_tagged_and_prelude_matches() -> None:
+    k = Keys("ns1")
+    assert k.job("a") == "{ns1}:job:a"
+    assert k.queue("t") == "{ns1}:queue:t"
+    assert k.events == "{ns1}:events"
+    prelude = lua_prelude()
+    assert "K.job = function(x) return P .. 'job:' .. x end" in prelude
+    assert "K.events = function() return P .. 'events' end" in prelude
+    with pytest.raises(ValueError, match="namespace"):
+        Keys("bad{ns}")
+
+
+def test_random_messages_never_crash_the_decoder() -> None:
+    rng = random.Random(1)
+    alphabet = '{}[]":,0123456789abcdefghijklmnopqrstuvwxyz_ \\'
+    for _ in range(2000):
+        frame = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        for role in Role:
+            with contextlib.suppress(ProtocolError):
+                decode_message(frame, role)
