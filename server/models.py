@@ -434,7 +434,7 @@ class _Field:
     default: Any = _NO_DEFAULT
 
 
-def _any_json(value: Any) -> Any:
+def _any_json(value: Any, name: str) -> Any:
     return value
 
 

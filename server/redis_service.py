@@ -104,6 +104,7 @@ class Assignment:
     worker_id: str
     hub_id: str
     session: str
+    n: int = 0  # this worker's assignment number: later assignments have larger n
 
     @classmethod
     def from_reply(cls, r: Sequence[Any]) -> Assignment:
@@ -116,6 +117,7 @@ class Assignment:
             worker_id=r[5],
             hub_id=r[6],
             session=r[7],
+            n=int(r[8]),
         )
 
     def to_message(self) -> dict[str, Any]:

@@ -109,6 +109,7 @@ async def test_invariants_hold_under_concurrency(redis_url: str, limits: EngineL
                             f["worker"],
                             "",
                             f["session"],
+                            int(f["n"]),
                         )
                         workers[a.worker_id].offer(a)
         finally:

@@ -61,7 +61,7 @@ local function depth_add(jt, priority, n)
 end
 
 -- Give job `id` to idle worker `w`. Returns the assignment the hub pushes:
--- {job_id, attempt, job_type, priority, params, worker, hub, session}.
+-- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
 local function assign(id, w, t)
   local jk = K.job(id)
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
@@ -70,12 +70,15 @@ local function assign(id, w, t)
   local wk = K.worker(w)
   local wf = redis.call('HMGET', wk, 'types', 'hub', 'session')
   redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t))
+  -- n orders this worker's assignments, so a hub never re-pushes an older one that
+  -- reaches it late (through the event stream) after a newer one
+  local n = redis.call('HINCRBY', wk, 'n', 1)
   unidle(w, split(wf[1]))
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
   local j = redis.call('HMGET', jk, 'type', 'priority', 'client', 'params')
   emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
-    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt})
-  return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or ''}
+    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt, 'n', n})
+  return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its

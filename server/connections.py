@@ -1,0 +1,230 @@
+"""The hub's live sockets: one :class:`Connection` per socket, indexed by a
+:class:`Registry`.
+
+Every outbound frame goes through the connection's bounded send queue, drained by
+one writer task per socket. When a reader stops reading and its queue fills, the
+socket is closed (code 1008, "send queue full"): a slow peer can neither grow the
+hub's memory nor stall the senders that fan events out to everyone else. A worker
+closed this way has its job requeued like any other dropped worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from .models import Role, encode
+
+__all__ = ["CLOSE_REPLACED", "CLOSE_SLOW", "Connection", "Registry"]
+
+log = logging.getLogger("redisq.hub")
+
+CLOSE_SLOW = 1008  # policy violation: the reader fell too far behind
+CLOSE_REPLACED = 4000  # a newer socket registered the same worker id
+CLOSE_TIMEOUT_S = 5.0
+
+_STOP = object()
+
+
+class Connection:
+    """One socket: its role and id, its send queue, and what it is subscribed to.
+
+    Call :meth:`start` once the socket is open and :meth:`finish` when its handler
+    ends; in between, :meth:`send` never blocks.
+    """
+
+    def __init__(self, ws: ServerConnection, role: Role, ident: str, queue_size: int) -> None:
+        self.ws = ws
+        self.role = role
+        self.id = ident
+        self.session = secrets.token_hex(8)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self.closing = False
+        # clients: jobs whose updates this socket gets; events that arrive while a
+        # submit is still being answered wait in `pending` so the reply comes first
+        self.jobs: set[str] = set()
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        # workers
+        self.registered = False
+        self.job_types: list[str] = []
+        self.delivered: tuple[str, int] | None = None  # (job, attempt) it holds
+        self.delivered_n = 0  # the highest assignment number pushed
+        # monitors
+        self.events = False
+        self.stats_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{self.role} {self.id}>"
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write(), name=f"writer {self.role} {self.id}")
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue ``message`` for this socket. Returns False if it was dropped because
+        the socket is closing or its queue is full (which closes it)."""
+        if self.closing:
+            return False
+        try:
+            self._queue.put_nowait(encode(message))
+        except asyncio.QueueFull:
+            log.warning("%r: send queue full (%d frames); closing", self, self._queue.maxsize)
+            self.close(CLOSE_SLOW, "send queue full: reader too slow")
+            return False
+        return True
+
+    def send_raw(self, frame: str) -> bool:
+        """Like :meth:`send` for an already encoded frame."""
+        if self.closing:
+            return False
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.close(CLOSE_SLOW, "send queue full: reader too slow")
+            return False
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket soon, without waiting (safe to call from any task).
+
+        The writer is stopped first: it may be stuck waiting for a peer that does not
+        read, and the close frame must not wait behind it. A peer that does not answer
+        the close within a few seconds has its transport aborted.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        if self._writer is not None:
+            self._writer.cancel()
+        self._closer = asyncio.create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_TIMEOUT_S)
+        except (TimeoutError, ConnectionClosed):
+            self.ws.transport.abort()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                frame = await self._queue.get()
+                if frame is _STOP:
+                    return
+                await self.ws.send(frame)
+        except ConnectionClosed:
+            pass
+
+    async def finish(self) -> None:
+        """Flush what is queued (bounded by the close timeout) and stop the writer."""
+        self.closing = True
+        if self.stats_task is not None:
+            self.stats_task.cancel()
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(_STOP)
+            if self._queue.full():
+                self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._writer, timeout=5)
+
+    # -- client subscriptions
+    def subscribe(self, job_id: str, pending: bool = False) -> None:
+        self.jobs.add(job_id)
+        if pending:
+            self.pending[job_id] = []
+
+    def release_pending(self, job_id: str, keep: bool) -> None:
+        """A submit was answered: deliver what waited (``keep``) or forget the job."""
+        waiting = self.pending.pop(job_id, [])
+        if keep:
+            for m in waiting:
+                self.send(m)
+        else:
+            self.jobs.discard(job_id)
+
+    def deliver(self, job_id: str, message: dict[str, Any]) -> None:
+        if job_id in self.pending:
+            self.pending[job_id].append(message)
+        else:
+            self.send(message)
+
+
+class Registry:
+    """Every live socket of this hub, indexed for routing events."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, set[Connection]] = {}
+        self.workers: dict[str, Connection] = {}
+        self.monitors: set[Connection] = set()
+        self.job_subs: dict[str, set[Connection]] = {}
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Connection]:
+        for conns in self.clients.values():
+            yield from conns
+        yield from self.workers.values()
+        yield from self.monitors
+
+    def add(self, conn: Connection) -> None:
+        """Index a new socket (workers are indexed when they register)."""
+        self.count += 1
+        if conn.role is Role.CLIENT:
+            self.clients.setdefault(conn.id, set()).add(conn)
+        elif conn.role is Role.MONITOR:
+            self.monitors.add(conn)
+
+    def add_worker(self, conn: Connection) -> Connection | None:
+        """Index a registered worker; returns a replaced older socket, if any."""
+        old = self.workers.get(conn.id)
+        self.workers[conn.id] = conn
+        return old if old is not conn else None
+
+    def remove_worker(self, conn: Connection) -> None:
+        if self.workers.get(conn.id) is conn:
+            del self.workers[conn.id]
+
+    def remove(self, conn: Connection) -> None:
+        self.count -= 1
+        if conn.role is Role.CLIENT:
+            peers = self.clients.get(conn.id)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.clients[conn.id]
+            for job_id in conn.jobs:
+                subs = self.job_subs.get(job_id)
+                if subs is not None:
+                    subs.discard(conn)
+                    if not subs:
+                        del self.job_subs[job_id]
+            conn.jobs.clear()
+        elif conn.role is Role.WORKER:
+            self.remove_worker(conn)
+        else:
+            self.monitors.discard(conn)
+
+    def subscribe(self, conn: Connection, job_id: str, pending: bool = False) -> None:
+        conn.subscribe(job_id, pending)
+        self.job_subs.setdefault(job_id, set()).add(conn)
+
+    def unsubscribe(self, conn: Connection, job_id: str) -> None:
+        conn.jobs.discard(job_id)
+        conn.pending.pop(job_id, None)
+        subs = self.job_subs.get(job_id)
+        if subs is not None:
+            subs.discard(conn)
+            if not subs:
+                del self.job_subs[job_id]
+
+    def drop_job(self, job_id: str) -> None:
+        """A job finished: forget every subscription to it."""
+        for conn in self.job_subs.pop(job_id, ()):
+            conn.jobs.discard(job_id)

@@ -1,0 +1,418 @@
+"""The hub: configuration, startup, background tasks, logging, graceful shutdown.
+
+``redisq-server --host 127.0.0.1 --port 8000`` (or ``python -m redisq_server``) runs
+one hub; any number may share one Redis. In code::
+
+    async with Hub(Settings.from_env(hub_port=0)) as hub:
+        print(hub.url)          # ws://127.0.0.1:<port>
+        await hub.wait_stopped()  # or leave the block to stop it
+
+Background tasks: the event fan-in (XREAD on the events stream, routed to this
+hub's sockets), the liveness sweep (extends this hub's workers and their leases),
+the reaper (requeues what dead hubs left behind), the retry promoter, and the
+monitors' stats loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import http
+import json
+import logging
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.exceptions import RedisError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import __version__
+from .config import ENV, Settings
+from .connections import Connection, Registry
+from .models import (
+    PROTOCOL_VERSION,
+    ProtocolError,
+    Role,
+    validate_client_id,
+    validate_worker_id,
+)
+from .redis_service import AsyncRedisService
+from .routes import CLOSE_SESSION_EXPIRED, Router
+
+__all__ = ["Hub", "main", "run"]
+
+log = logging.getLogger("redisq.hub")
+
+
+def _http(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json_response(status: http.HTTPStatus, data: Any) -> Response:
+    return _http(status, json.dumps(data).encode(), "application/json")
+
+
+def parse_path(path: str) -> tuple[Role, str]:
+    """``/ws/<role>/<id>`` -> (role, id), validating the id; raises ProtocolError."""
+    parts = urlsplit(path).path.split("/")
+    if len(parts) != 4 or parts[0] != "" or parts[1] != "ws":
+        raise ValueError("not a websocket path")
+    try:
+        role = Role(parts[2])
+    except ValueError:
+        raise ValueError("unknown role") from None
+    ident = unquote(parts[3])
+    if role is Role.WORKER:
+        validate_worker_id(ident)
+    else:
+        validate_client_id(ident, f"{role.value}_id")
+    return role, ident
+
+
+class Hub:
+    """One hub process's server. Use ``async with Hub(settings) as hub`` or call
+    :meth:`start` and then :meth:`stop` (idempotent)."""
+
+    def __init__(self, settings: Settings, service: AsyncRedisService | None = None) -> None:
+        self.settings = settings
+        self.hub_id = settings.hub_id or f"hub-{secrets.token_hex(4)}"
+        self.svc = service or AsyncRedisService(settings.redis_url, limits=settings.limits)
+        self._own_svc = service is None
+        self.registry = Registry()
+        self.router = Router(self.svc, self.registry, settings, self.hub_id)
+        self.server: Server | None = None
+        self.port = settings.hub_port
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._page: bytes | None = None
+        self.tokens = {
+            Role.CLIENT: settings.client_token,
+            Role.WORKER: settings.worker_token,
+            Role.MONITOR: settings.monitor_token,
+        }
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` of this hub (valid after :meth:`start`)."""
+        return f"ws://{self.settings.hub_host}:{self.port}"
+
+    async def start(self) -> Hub:
+        """Check Redis, bind the port (0 picks a free one) and start the tasks."""
+        await self.svc.ping()
+        start_id = await self.svc.last_event_id()
+        self.server = await serve(
+            self._handler,
+            self.settings.hub_host,
+            self.settings.hub_port,
+            process_request=self._process_request,
+            max_size=self.settings.max_frame_bytes,
+            max_queue=64,
+            compression=None,
+            server_header=f"redisq/{__version__}",
+        )
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        interval = max(0.05, self.settings.limits.lease_s / 3)
+        self._tasks = [
+            asyncio.create_task(self._fan_in(start_id), name="fan-in"),
+            asyncio.create_task(self._sweep(interval), name="sweep"),
+            asyncio.create_task(self._reap(min(1.0, interval)), name="reaper"),
+            asyncio.create_task(self._promote(), name="promoter"),
+        ]
+        log.info(
+            "hub %s listening on %s (redis %s)",
+            self.hub_id,
+            self.url,
+            _safe_url(self.settings.redis_url),
+        )
+        return self
+
+    async def stop(self) -> None:
+        """Close every socket with 1001, requeue the jobs of this hub's workers at
+        once (not counted as lost), stop the tasks and close Redis. Idempotent."""
+        if self.stopping:
+            await self._stopped.wait()
+            return
+        self.stopping = True
+        log.info("hub %s stopping", self.hub_id)
+        if self.server is not None:
+            self.server.close()  # closes every connection with 1001 (going away)
+            await self.server.wait_closed()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_svc:
+            await self.svc.aclose()
+        self._stopped.set()
+        log.info("hub %s stopped", self.hub_id)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Hub:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------- HTTP
+
+    def _authorized(self, role: Role, request: Request, query: dict[str, list[str]]) -> bool:
+        expected = self.tokens[role]
+        if not expected:
+            return True
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else (query.get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        split = urlsplit(request.path)
+        if split.path == "/health":
+            return await self._health()
+        if split.path == "/debug" and self.settings.debug:
+            return _http(http.HTTPStatus.OK, self._debug_page(), "text/html; charset=utf-8")
+        try:
+            role, _ = parse_path(request.path)
+        except ProtocolError as err:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": err.message})
+        except ValueError:
+            return _json_response(
+                http.HTTPStatus.NOT_FOUND,
+                {"error": "use /ws/client/<id>, /ws/worker/<machine>:<gpu>, /ws/monitor/<id>"},
+            )
+        if not self._authorized(role, request, parse_qs(split.query)):
+            return _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": f"{role} token required"})
+        if self.stopping or self.registry.count >= self.settings.max_connections:
+            return _json_response(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "hub is full or stopping"}
+            )
+        return None
+
+    async def _health(self) -> Response:
+        try:
+            redis_ok = await asyncio.wait_for(self.svc.ping(), 2)
+        except (RedisError, OSError, TimeoutError):
+            redis_ok = False
+        r = self.registry
+        body = {
+            "status": "ok" if redis_ok else "degraded",
+            "redis": redis_ok,
+            "hub": self.hub_id,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "connections": {
+                "clients": sum(len(c) for c in r.clients.values()),
+                "workers": len(r.workers),
+                "monitors": len(r.monitors),
+            },
+        }
+        status = http.HTTPStatus.OK if redis_ok else http.HTTPStatus.SERVICE_UNAVAILABLE
+        return _json_response(status, body)
+
+    def _debug_page(self) -> bytes:
+        if self._page is None:
+            try:
+                self._page = (
+                    resources.files(__package__).joinpath("static/ws_debug.html").read_bytes()
+                )
+            except FileNotFoundError:
+                self._page = b"<!doctype html><title>redisq</title><p>debug page not installed</p>"
+        return self._page
+
+    # -------------------------------------------------------- WebSockets
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None and ws.request is not None
+        self._handlers.add(task)
+        role, ident = parse_path(ws.request.path)
+        conn = Connection(ws, role, ident, self.settings.send_queue_frames)
+        self.registry.add(conn)
+        conn.start()
+        conn.send(self.router.welcome(conn))
+        try:
+            async for raw in ws:
+                await self.router.handle(conn, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.registry.remove(conn)
+            if conn.registered:
+                try:
+                    await self.svc.worker_lost(conn.id, conn.session, count=not self.stopping)
+                except RedisError as exc:  # the reaper requeues it once its lease expires
+                    log.warning("could not requeue %s's job now: %s", conn.id, exc)
+            await conn.finish()
+            self._handlers.discard(task)
+
+    # ------------------------------------------------------------- tasks
+
+    async def _forever(self, name: str, step: Any, pause: float) -> None:
+        """Run ``await step()`` then sleep ``pause`` until the hub stops; log and back
+        off on errors. (redis-py may turn a cancellation into a connection error, so
+        the loop also checks ``stopping`` and the task's own cancel request.)"""
+        task = asyncio.current_task()
+        while not self.stopping:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.stopping or (task is not None and task.cancelling()):
+                    return
+                if isinstance(exc, RedisError | OSError):
+                    log.warning("%s: %s", name, exc)
+                else:
+                    log.exception("%s failed", name)
+                await asyncio.sleep(1.0)
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def _fan_in(self, last_id: str) -> None:
+        state = {"last": last_id}
+
+        async def step() -> None:
+            events = await self.svc.read_events(state["last"], count=1000, block_ms=1000)
+            if events:
+                state["last"] = events[-1].id
+                await self.router.route_events(events)
+
+        await self._forever("fan-in", step, 0)
+
+    async def _sweep(self, interval: float) -> None:
+        async def step() -> None:
+            pairs = [(c.id, c.session) for c in self.registry.workers.values() if c.registered]
+            for worker_id in await self.svc.touch(pairs):
+                conn = self.registry.workers.get(worker_id)
+                if conn is not None:
+                    conn.close(CLOSE_SESSION_EXPIRED, "worker record expired; reconnect")
+
+        await self._forever("sweep", step, interval)
+
+    async def _reap(self, interval: float) -> None:
+        async def step() -> None:
+            n = await self.svc.reap()
+            if n:
+                log.info("reaped %d expired workers/leases", n)
+
+        await self._forever("reaper", step, interval)
+
+    async def _promote(self) -> None:
+        async def step() -> None:
+            _, wait_s, assignments = await self.svc.promote()
+            for a in assignments:
+                self.router.push(a)
+            self.router.retry_due.clear()
+            timeout = 1.0 if wait_s is None else min(1.0, wait_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.router.retry_due.wait(), timeout)
+
+        await self._forever("promoter", step, 0)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with any password masked, for logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _parser() -> argparse.ArgumentParser:
+    table = "\n".join(
+        f"  {var:<24} {doc} (default {default or '-'})" for var, (_, default, doc) in ENV.items()
+    )
+    p = argparse.ArgumentParser(
+        prog="redisq-server",
+        description="Run one redisq hub (WebSocket server for clients, GPU workers and monitors).",
+        epilog="environment:\n" + table,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", help="listen address (HUB_HOST)")
+    p.add_argument("--port", type=int, help="listen port, 0 for a free one (HUB_PORT)")
+    p.add_argument("--redis-url", help="Redis URL (REDIS_URL)")
+    p.add_argument("--namespace", help="key namespace (REDISQ_NAMESPACE)")
+    p.add_argument("--hub-id", help="this hub's id (HUB_ID)")
+    p.add_argument("--log-level", help="log level (LOG_LEVEL)")
+    p.add_argument("--debug", action="store_true", default=None, help="serve /debug (HUB_DEBUG)")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "hub_host": args.host,
+            "hub_port": args.port,
+            "redis_url": args.redis_url,
+            "namespace": args.namespace,
+            "hub_id": args.hub_id,
+            "log_level": args.log_level,
+            "debug": args.debug,
+        }.items()
+        if v is not None
+    }
+    return Settings.from_env(**overrides)
+
+
+async def main(settings: Settings) -> None:
+    """Run a hub until SIGTERM or SIGINT, then stop it gracefully."""
+    hub = Hub(settings)
+    await hub.start()
+    print(f"redisq hub listening on {hub.url}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await hub.stop()
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console entry point of ``redisq-server``."""
+    try:
+        settings = settings_from_args(argv)
+    except ValueError as exc:
+        print(f"redisq-server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(main(settings))
+    except (RedisError, OSError) as exc:
+        print(f"redisq-server: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,469 @@
+"""Message dispatch: one handler per inbound message type, and event routing.
+
+Each handler is a thin call into :class:`AsyncRedisService` that replies with a
+result or a typed ``error``. :meth:`Router.route_events` fans the engine's event
+stream out to this hub's own sockets: the job's subscribed clients, the worker an
+assignment or cancel concerns, and monitors that asked for events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .config import Settings
+from .connections import Connection, Registry
+from .models import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    JobModel,
+    JobStatus,
+    Message,
+    MessageType,
+    ProtocolError,
+    Role,
+    decode_message,
+    encode,
+    error_message,
+)
+from .redis_service import Assignment, AsyncRedisService, Event, FinishResult, new_job_id
+
+__all__ = ["CLOSE_SESSION_EXPIRED", "Router"]
+
+log = logging.getLogger("redisq.hub")
+
+CLOSE_SESSION_EXPIRED = 4001  # the worker's record was reaped; it must reconnect
+
+Handler = Callable[[Connection, Message], Awaitable[None]]
+
+
+def _status_message(job: JobModel, ref: Any) -> dict[str, Any]:
+    d = job.to_dict()
+    d.pop("params", None)
+    return {"type": MessageType.JOB_STATUS.value, "ref": ref, **d}
+
+
+def _final_message(job: JobModel) -> dict[str, Any] | None:
+    """The message a subscriber gets for a finished job, or None if not finished."""
+    if job.status is JobStatus.COMPLETED:
+        return {"type": MessageType.JOB_COMPLETED.value, "job_id": job.job_id, "result": job.result}
+    if job.status is JobStatus.FAILED:
+        return {"type": MessageType.JOB_FAILED.value, "job_id": job.job_id, "error": job.error}
+    if job.status is JobStatus.CANCELLED:
+        return {
+            "type": MessageType.JOB_UPDATE.value,
+            "job_id": job.job_id,
+            "status": JobStatus.CANCELLED.value,
+        }
+    return None
+
+
+class Router:
+    """Dispatches one socket's frames and this hub's share of the event stream."""
+
+    def __init__(
+        self, service: AsyncRedisService, registry: Registry, settings: Settings, hub_id: str
+    ) -> None:
+        self.svc = service
+        self.registry = registry
+        self.settings = settings
+        self.hub_id = hub_id
+        self.retry_due = asyncio.Event()  # set when a retry is scheduled
+        self.handlers: dict[MessageType, Handler] = {
+            MessageType.SUBMIT_JOB: self.submit_job,
+            MessageType.GET_JOB_STATUS: self.get_job_status,
+            MessageType.SUBSCRIBE_JOB: self.subscribe_job,
+            MessageType.CANCEL_JOB: self.cancel_job,
+            MessageType.GET_STATS: self.get_stats,
+            MessageType.GET_EVENTS: self.get_events,
+            MessageType.REGISTER_WORKER: self.register_worker,
+            MessageType.WORKER_HEARTBEAT: self.worker_heartbeat,
+            MessageType.UPDATE_JOB_PROGRESS: self.update_progress,
+            MessageType.COMPLETE_JOB: self.complete_job,
+            MessageType.FAIL_JOB: self.fail_job,
+            MessageType.SUBSCRIBE_STATS: self.subscribe_stats,
+            MessageType.SUBSCRIBE_EVENTS: self.subscribe_events,
+        }
+
+    def welcome(self, conn: Connection) -> dict[str, Any]:
+        return {
+            "type": MessageType.WELCOME.value,
+            "protocol": PROTOCOL_VERSION,
+            "role": conn.role.value,
+            "id": conn.id,
+            "hub": self.hub_id,
+            "max_frame_bytes": self.settings.max_frame_bytes,
+        }
+
+    async def handle(self, conn: Connection, raw: str | bytes) -> None:
+        """Validate and dispatch one inbound frame; every failure becomes an ``error``
+        reply on this socket and nothing else."""
+        ref = None
+        try:
+            msg = decode_message(raw, conn.role)
+            ref = msg.id
+            await self.handlers[msg.type](conn, msg)
+        except ProtocolError as err:
+            err.ref = ref if err.ref is None else err.ref
+            conn.send(err.to_message())
+        except RedisError as exc:
+            log.warning("%r: Redis error: %s", conn, exc)
+            conn.send(error_message(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
+        except Exception:
+            log.exception("%r: handler failed", conn)
+            conn.send(error_message(ErrorCode.INTERNAL, "internal error", ref))
+
+    # ------------------------------------------------------------- clients
+
+    async def _own_job(self, conn: Connection, job_id: str) -> JobModel:
+        job = await self.svc.get_job(job_id)
+        if job is None or (conn.role is Role.CLIENT and job.client_id != conn.id):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no job {job_id} for this client")
+        return job
+
+    def _check_room(self, conn: Connection) -> None:
+        if len(conn.jobs) >= self.settings.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"this socket follows {len(conn.jobs)} unfinished jobs, the limit; "
+                "wait for some to finish or open another socket",
+            )
+
+    async def submit_job(self, conn: Connection, msg: Message) -> None:
+        f = msg.fields
+        self._check_room(conn)
+        job_id = f["job_id"] or new_job_id()
+        self.registry.subscribe(conn, job_id, pending=True)
+        try:
+            result = await self.svc.submit_job(
+                f["job_type"],
+                f["priority"],
+                f["params"],
+                job_id=job_id,
+                client_id=conn.id,
+                max_attempts=f["max_attempts"],
+            )
+        except BaseException:
+            self.registry.unsubscribe(conn, job_id)
+            raise
+        conn.send(
+            {
+                "type": MessageType.JOB_ACCEPTED.value,
+                "ref": msg.id,
+                "job_id": job_id,
+                "status": result.status.value,
+                "position": result.position,
+            }
+        )
+        conn.release_pending(job_id, keep=True)
+        if result.assignment is not None:
+            self.push(result.assignment)
+
+    async def get_job_status(self, conn: Connection, msg: Message) -> None:
+        job = await self._own_job(conn, msg.fields["job_id"])
+        conn.send(_status_message(job, msg.id))
+
+    async def subscribe_job(self, conn: Connection, msg: Message) -> None:
+        job_id = msg.fields["job_id"]
+        self._check_room(conn)
+        self.registry.subscribe(conn, job_id, pending=True)
+        try:
+            job = await self._own_job(conn, job_id)
+        except BaseException:
+            self.registry.unsubscribe(conn, job_id)
+            raise
+        conn.send(
+            {
+                "type": MessageType.SUBSCRIBED.value,
+                "ref": msg.id,
+                "job_id": job_id,
+                "status": job.status.value,
+            }
+        )
+        final = _final_message(job)
+        if final is not None:
+            self.registry.unsubscribe(conn, job_id)
+            conn.send(final)
+        else:
+            conn.release_pending(job_id, keep=True)
+
+    async def cancel_job(self, conn: Connection, msg: Message) -> None:
+        job_id = msg.fields["job_id"]
+        await self.svc.cancel_job(job_id, client_id=conn.id)
+        job = await self._own_job(conn, job_id)
+        conn.send(_status_message(job, msg.id))
+
+    async def get_stats(self, conn: Connection, msg: Message) -> None:
+        conn.send(await self._stats(msg.id))
+
+    async def _stats(self, ref: Any = None) -> dict[str, Any]:
+        stats = await self.svc.get_stats()
+        r = self.registry
+        stats["hub"] = {
+            "id": self.hub_id,
+            "clients": sum(len(c) for c in r.clients.values()),
+            "workers": len(r.workers),
+            "monitors": len(r.monitors),
+        }
+        return {"type": MessageType.STATS.value, "ref": ref, **stats}
+
+    async def get_events(self, conn: Connection, msg: Message) -> None:
+        since, limit = msg.fields["since"], msg.fields["limit"]
+        events = await self.svc.events_since(since, limit)
+        last = events[-1].id if events else since
+        if conn.role is Role.CLIENT:
+            events = [e for e in events if e.fields.get("client") == conn.id]
+        conn.send(
+            {
+                "type": MessageType.EVENTS.value,
+                "ref": msg.id,
+                "events": [e.to_message() for e in events],
+                "last_id": last,
+                "more": len(events) == limit,
+            }
+        )
+
+    # ------------------------------------------------------------- workers
+
+    def _require_registered(self, conn: Connection) -> None:
+        if not conn.registered:
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, "send register_worker first")
+
+    async def register_worker(self, conn: Connection, msg: Message) -> None:
+        if conn.registered:
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, "this socket is already registered")
+        old = self.registry.add_worker(conn)
+        if old is not None:
+            old.close(4000, "replaced by a newer connection for this worker id")
+        conn.job_types = msg.fields["job_types"]
+        try:
+            assignment = await self.svc.register_worker(
+                conn.id,
+                conn.job_types,
+                msg.fields["capabilities"],
+                hub_id=self.hub_id,
+                session=conn.session,
+            )
+        except BaseException:
+            self.registry.remove_worker(conn)
+            raise
+        conn.registered = True
+        conn.send(
+            {
+                "type": MessageType.WORKER_REGISTERED.value,
+                "ref": msg.id,
+                "worker_id": conn.id,
+                "job_types": conn.job_types,
+                "lease_s": self.svc.limits.lease_s,
+            }
+        )
+        if assignment is not None:
+            self.push(assignment)
+
+    def _ack(self, conn: Connection, msg: Message, **extra: Any) -> None:
+        if msg.id is not None:
+            conn.send({"type": MessageType.ACK.value, "ref": msg.id, **extra})
+
+    async def worker_heartbeat(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        if await self.svc.touch([(conn.id, conn.session)]):
+            conn.close(CLOSE_SESSION_EXPIRED, "worker record expired; reconnect")
+            return
+        self._ack(conn, msg)
+
+    async def update_progress(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        await self.svc.update_progress(
+            f["job_id"], f["attempt"], conn.id, f["progress"], f["message"]
+        )
+        self._ack(conn, msg, job_id=f["job_id"])
+
+    def _finished(self, conn: Connection, msg: Message, res: FinishResult) -> None:
+        conn.delivered = None
+        self._ack(conn, msg, job_id=msg.fields["job_id"], outcome=res.outcome)
+        if res.next is not None:
+            self.push(res.next)
+
+    async def complete_job(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
+        self._finished(conn, msg, res)
+
+    async def fail_job(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        res = await self.svc.fail_job(
+            f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
+        )
+        self._finished(conn, msg, res)
+
+    def push(self, a: Assignment) -> bool:
+        """Deliver ``job_assigned`` if the worker's current socket is on this hub.
+        Each assignment is pushed once, however many paths report it, and never
+        after a newer one (assignment numbers only grow)."""
+        conn = self.registry.workers.get(a.worker_id)
+        if conn is None or conn.session != a.session or a.n <= conn.delivered_n:
+            return False
+        conn.delivered = (a.job_id, a.attempt)
+        conn.delivered_n = a.n
+        return conn.send(a.to_message())
+
+    # ------------------------------------------------------------ monitors
+
+    async def subscribe_stats(self, conn: Connection, msg: Message) -> None:
+        if conn.stats_task is not None:
+            conn.stats_task.cancel()
+        interval = msg.fields["interval_ms"] / 1000
+        conn.send(await self._stats(msg.id))
+        conn.stats_task = asyncio.create_task(self._stats_loop(conn, interval))
+
+    async def _stats_loop(self, conn: Connection, interval: float) -> None:
+        while not conn.closing:
+            await asyncio.sleep(interval)
+            try:
+                conn.send(await self._stats())
+            except RedisError as exc:
+                log.warning("stats for %r: %s", conn, exc)
+
+    async def subscribe_events(self, conn: Connection, msg: Message) -> None:
+        conn.events = True
+        conn.send(
+            {
+                "type": MessageType.SUBSCRIBED.value,
+                "ref": msg.id,
+                "events": True,
+                "last_id": await self.svc.last_event_id(),
+            }
+        )
+
+    # -------------------------------------------------------------- events
+
+    async def route_events(self, events: Sequence[Event]) -> None:
+        """Deliver a batch of engine events to this hub's sockets, in order.
+
+        Job fields that events do not carry (params for a push, a result) are read
+        in one pipeline for the whole batch, and only for jobs someone here follows.
+        """
+        reg = self.registry
+        need: dict[str, tuple[str, ...]] = {}
+        for ev in events:
+            f = ev.fields
+            job = f.get("job", "")
+            if ev.name == "assigned" and self._wants_push(f):
+                need[job] = ("params", "result", "error")
+            elif ev.name in ("completed", "failed") and job in reg.job_subs:
+                need.setdefault(job, ("params", "result", "error"))
+            elif ev.name == "retrying":
+                self.retry_due.set()
+        fetched: dict[str, list[Any]] = {}
+        if need:
+            async with self.svc.redis.pipeline(transaction=False) as p:
+                for job in need:
+                    p.hmget(self.svc.keys.job(job), ["params", "result", "error"])
+                for job, row in zip(need, await p.execute(), strict=True):
+                    fetched[job] = row
+        monitors = [m for m in reg.monitors if m.events]
+        for ev in events:
+            if monitors:
+                frame = encode(ev.to_message())
+                for m in monitors:
+                    m.send_raw(frame)
+            self._route_one(ev, fetched)
+
+    def _wants_push(self, f: dict[str, str]) -> bool:
+        conn = self.registry.workers.get(f.get("worker", ""))
+        return (
+            conn is not None
+            and conn.session == f.get("session")
+            and int(f.get("n", 0)) > conn.delivered_n
+        )
+
+    def _route_one(self, ev: Event, fetched: dict[str, list[Any]]) -> None:
+        f = ev.fields
+        job = f.get("job")
+        if job is None:
+            return
+        name = ev.name
+        if name == "assigned" and job in fetched and self._wants_push(f):
+            params = fetched[job][0]
+            self.push(
+                Assignment(
+                    job,
+                    int(f["attempt"]),
+                    f.get("jtype", ""),
+                    int(f.get("priority", 0)),
+                    _loads(params) or {},
+                    f["worker"],
+                    f.get("hub", ""),
+                    f["session"],
+                    int(f["n"]),
+                )
+            )
+        elif name == "cancelled" and f.get("worker"):
+            conn = self.registry.workers.get(f["worker"])
+            if conn is not None and conn.delivered == (job, int(f.get("attempt", 0))):
+                conn.send(
+                    {
+                        "type": MessageType.CANCEL_JOB.value,
+                        "job_id": job,
+                        "attempt": int(f["attempt"]),
+                    }
+                )
+        subs = self.registry.job_subs.get(job)
+        if not subs:
+            return
+        message = self._client_message(name, job, f, fetched.get(job))
+        if message is None:
+            return
+        for conn in list(subs):
+            conn.deliver(job, message)
+        if name in ("completed", "failed", "cancelled"):
+            self.registry.drop_job(job)
+
+    @staticmethod
+    def _client_message(
+        name: str, job: str, f: dict[str, str], row: list[Any] | None
+    ) -> dict[str, Any] | None:
+        if name == "completed":
+            return {
+                "type": MessageType.JOB_COMPLETED.value,
+                "job_id": job,
+                "result": _loads(row[1]) if row else None,
+                "attempt": int(f.get("attempt", 0)),
+                "worker_id": f.get("worker"),
+            }
+        if name == "failed":
+            error = f.get("message") or (row[2] if row else None)
+            return {
+                "type": MessageType.JOB_FAILED.value,
+                "job_id": job,
+                "error": error,
+                "attempt": int(f.get("attempt", 0)),
+            }
+        if name in ("assigned", "progress", "retrying", "requeued", "cancelled"):
+            m: dict[str, Any] = {
+                "type": MessageType.JOB_UPDATE.value,
+                "job_id": job,
+                "status": f.get("status"),
+                "event": name,
+            }
+            for src, dst in (("worker", "worker_id"), ("message", "message")):
+                if f.get(src):
+                    m[dst] = f[src]
+            if "progress" in f:
+                m["progress"] = float(f["progress"])
+            if "attempt" in f:
+                m["attempt"] = int(f["attempt"])
+            return m
+        return None
+
+
+def _loads(raw: str | None) -> Any:
+    return json.loads(raw) if raw else None
