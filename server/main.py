@@ -117,6 +117,11 @@ class Hub:
         """``ws://host:port`` of this hub (valid after :meth:`start`)."""
         return f"ws://{self.settings.hub_host}:{self.port}"
 
+    @property
+    def hub_url(self) -> str:
+        """The same as :attr:`url`; lab tools accept anything with a ``hub_url``."""
+        return self.url
+
     async def start(self) -> Hub:
         """Check Redis, bind the port (0 picks a free one) and start the tasks."""
         await self.svc.ping()

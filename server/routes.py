@@ -260,6 +260,7 @@ class Router:
                 "worker_id": conn.id,
                 "job_types": conn.job_types,
                 "lease_s": self.svc.limits.lease_s,
+                "has_next": assignment is not None,
             }
         )
         if assignment is not None:
@@ -286,7 +287,15 @@ class Router:
 
     def _finished(self, conn: Connection, msg: Message, res: FinishResult) -> None:
         conn.delivered = None
-        self._ack(conn, msg, job_id=msg.fields["job_id"], outcome=res.outcome)
+        # has_next tells the worker whether a job_assigned follows right away (so a
+        # burst-mode worker knows, without waiting, that its queue is empty)
+        self._ack(
+            conn,
+            msg,
+            job_id=msg.fields["job_id"],
+            outcome=res.outcome,
+            has_next=res.next is not None,
+        )
         if res.next is not None:
             self.push(res.next)
 

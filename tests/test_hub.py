@@ -104,7 +104,13 @@ async def test_full_lifecycle_with_progress(hub: Hub) -> None:
     ack = await w.request(
         {"type": "complete_job", "job_id": job_id, "attempt": 1, "result": {"url": "x.png"}}
     )
-    assert ack == {"type": "ack", "ref": ack["ref"], "job_id": job_id, "outcome": "completed"}
+    assert ack == {
+        "type": "ack",
+        "ref": ack["ref"],
+        "job_id": job_id,
+        "outcome": "completed",
+        "has_next": False,
+    }
     done = await c.expect("job_completed")
     assert done["job_id"] == job_id and done["result"] == {"url": "x.png"}
     st = await c.request({"type": "get_job_status", "job_id": job_id})
