@@ -124,7 +124,10 @@ class RedisProcess:
     def _spawn(self, timeout: float) -> bool:
         """Spawn on ``self.port``; wait until it answers PING or exits."""
         self.proc = subprocess.Popen(
-            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self._argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a notebook "Interrupt" (SIGINT) must not reach it
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
