@@ -427,14 +427,35 @@ def _kwargs(
     return url, extra
 
 
-def connect_async(url: str, **kwargs: Any) -> aredis.Redis:
-    """An asyncio Redis client for ``url`` (strings decoded)."""
-    return aredis.Redis.from_url(url, decode_responses=True, **kwargs)
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
-def connect_sync(url: str, **kwargs: Any) -> redis.Redis:
-    """A blocking Redis client for ``url`` (strings decoded)."""
-    return redis.Redis.from_url(url, decode_responses=True, **kwargs)
+def _cluster_url(url: str) -> str | None:
+    """``redis+cluster://host:port`` -> ``redis://host:port`` (None: not a cluster URL)."""
+    for scheme in CLUSTER_SCHEMES:
+        if url.startswith(scheme):
+            return scheme.replace("+cluster", "") + url[len(scheme) :]
+    return None
+
+
+def connect_async(url: str, **kwargs: Any) -> Any:
+    """An asyncio client for ``url`` with strings decoded: a Redis Cluster client for
+    ``redis+cluster://`` / ``rediss+cluster://`` (any node as the seed), else a
+    plain one (``redis://``, ``rediss://`` for TLS, ``unix://``)."""
+    kwargs.setdefault("decode_responses", True)
+    plain = _cluster_url(url)
+    if plain is not None:
+        return aredis.RedisCluster.from_url(plain, **kwargs)
+    return aredis.Redis.from_url(url, **kwargs)
+
+
+def connect_sync(url: str, **kwargs: Any) -> Any:
+    """A blocking client for ``url``; see :func:`connect_async`."""
+    kwargs.setdefault("decode_responses", True)
+    plain = _cluster_url(url)
+    if plain is not None:
+        return redis.RedisCluster.from_url(plain, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
 
 
 def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
@@ -466,7 +487,7 @@ class AsyncRedisService:
         self.limits = self.ops.limits
         if client is None:
             url, extra = _kwargs(url, host, port, db, password)
-            client = aredis.Redis.from_url(url, **extra)
+            client = connect_async(url, **extra)
         self.redis = client
         self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
 
@@ -643,7 +664,7 @@ class RedisService:
         self.limits = self.ops.limits
         if client is None:
             url, extra = _kwargs(url, host, port, db, password)
-            client = redis.Redis.from_url(url, **extra)
+            client = connect_sync(url, **extra)
         self.redis = client
         self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
 
