@@ -58,6 +58,7 @@ class Connection:
         self.job_types: list[str] = []
         self.delivered: tuple[str, int] | None = None  # (job, attempt) it holds
         self.delivered_n = 0  # the highest assignment number pushed
+        self.early: list[dict[str, Any]] = []  # pushes held until worker_registered is sent
         # monitors
         self.events = False
         self.stats_task: asyncio.Task[None] | None = None

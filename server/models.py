@@ -31,8 +31,10 @@ __all__ = [
     "WorkerModel",
     "WorkerStatus",
     "can_transition",
+    "check_size",
     "decode_message",
     "decode_score",
+    "dumps",
     "encode",
     "error_message",
     "parse_worker_id",
@@ -167,14 +169,12 @@ class ErrorCode(StrEnum):
     INVALID_FIELD = "invalid_field"
     NOT_ALLOWED = "not_allowed"  # message type not allowed for this role / state
     NOT_FOUND = "not_found"
-    FORBIDDEN = "forbidden"
     DUPLICATE = "duplicate"
     STALE_ATTEMPT = "stale_attempt"
     JOB_CANCELLED = "job_cancelled"
     BAD_STATE = "bad_state"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
-    UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -266,11 +266,22 @@ def validate_params(value: Any, max_bytes: int, name: str = "params") -> str:
     if not isinstance(value, dict):
         raise _invalid(name, f"expected an object, got {type(value).__name__}")
     encoded = _dumps(value, name)
-    if len(encoded) > max_bytes:
-        raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"{name}: {len(encoded)} bytes is over the limit of {max_bytes}"
-        )
+    check_size(encoded, max_bytes, name)
     return encoded
+
+
+def check_size(encoded: str, max_bytes: int, name: str) -> None:
+    """Raise ``too_large`` when ``encoded`` is over ``max_bytes`` bytes of UTF-8."""
+    size = len(encoded.encode())
+    if size > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"{name}: {size} bytes is over the limit of {max_bytes}"
+        )
+
+
+def dumps(value: Any, name: str) -> str:
+    """Compact UTF-8 JSON of ``value``; ``invalid_field`` (naming ``name``) if it is not JSON."""
+    return _dumps(value, name)
 
 
 def _dumps(value: Any, name: str) -> str:
@@ -329,6 +340,7 @@ class JobModel:
     attempt: int = 0
     max_attempts: int = 3
     lost: int = 0
+    failures: int = 0
     progress: float | None = None
     message: str | None = None
     result: Any = None
@@ -354,6 +366,7 @@ class JobModel:
             attempt=int(h.get("attempt") or 0),
             max_attempts=int(h.get("max_attempts") or 1),
             lost=int(h.get("lost") or 0),
+            failures=int(h.get("failures") or 0),
             progress=_opt_float(h.get("progress")),
             message=_opt_str(h.get("message")),
             result=_json_or_none(h.get("result")),
@@ -489,7 +502,7 @@ def _interval_ms(value: Any, name: str) -> int:
 
 
 def _event_id(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not re.match(r"^(0|\$|\d{1,20}(-\d{1,20})?)$", value):
+    if not isinstance(value, str) or not re.match(r"^(0|\d{1,20}(-\d{1,20})?)$", value):
         raise _invalid(name, "expected a stream id such as '1732752000000-0' or '0'")
     return value
 

@@ -35,6 +35,8 @@ from .models import (
     MessageType,
     ProtocolError,
     WorkerModel,
+    check_size,
+    dumps,
     validate_client_id,
     validate_job_id,
     validate_job_type,
@@ -288,15 +290,8 @@ class _Ops:
         self, job_id: str, attempt: int, worker_id: str, result: Any = None
     ) -> _Op[FinishResult]:
         head = self._report(job_id, attempt, worker_id)
-        try:
-            encoded = json.dumps(result, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"result: not JSON ({exc})") from None
-        if len(encoded) > self.limits.max_result_bytes:
-            raise ProtocolError(
-                ErrorCode.TOO_LARGE,
-                f"result: {len(encoded)} bytes is over the limit of {self.limits.max_result_bytes}",
-            )
+        encoded = dumps(result, "result")
+        check_size(encoded, self.limits.max_result_bytes, "result")
 
         def parse(r: Any) -> FinishResult:
             outcome = "completed" if r[0] == "ok" else r[0]
@@ -446,7 +441,12 @@ def connect_async(url: str, **kwargs: Any) -> Any:
     plain = _cluster_url(url)
     if plain is not None:
         return aredis.RedisCluster.from_url(plain, **kwargs)
-    return aredis.Redis.from_url(url, **kwargs)
+    # a blocking pool: many concurrent calls wait for a connection instead of failing
+    kwargs.setdefault("max_connections", 256)
+    pool = aredis.BlockingConnectionPool.from_url(url, **kwargs)
+    client = aredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool too
+    return client
 
 
 def connect_sync(url: str, **kwargs: Any) -> Any:
@@ -731,6 +731,8 @@ class RedisService:
     def job_ids(self, status: str, limit: int = 1000) -> list[str]:
         """Ids of jobs in ``status``: ``queued`` (queue order), ``active`` (assigned,
         running, retrying), or a finished status (newest first)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "limit: expected a positive integer")
         k = self.keys
         r: Any = self.redis
         if status == "queued":

@@ -39,6 +39,9 @@ log = logging.getLogger("redisq.hub")
 
 CLOSE_SESSION_EXPIRED = 4001  # the worker's record was reaped; it must reconnect
 
+#: event fields that describe hub internals, not the client's job
+_PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
+
 Handler = Callable[[Connection, Message], Awaitable[None]]
 
 
@@ -49,17 +52,21 @@ def _status_message(job: JobModel, ref: Any) -> dict[str, Any]:
 
 
 def _final_message(job: JobModel) -> dict[str, Any] | None:
-    """The message a subscriber gets for a finished job, or None if not finished."""
+    """The message a subscriber gets for a finished job (the same fields as the live
+    one, see :meth:`Router._client_message`), or None if it has not finished."""
+    fields = {"job": job.job_id, "attempt": str(job.attempt), "worker": job.worker_id or ""}
     if job.status is JobStatus.COMPLETED:
-        return {"type": MessageType.JOB_COMPLETED.value, "job_id": job.job_id, "result": job.result}
+        return Router._client_message(
+            "completed", job.job_id, fields, [None, None, None], job.result
+        )
     if job.status is JobStatus.FAILED:
-        return {"type": MessageType.JOB_FAILED.value, "job_id": job.job_id, "error": job.error}
+        return Router._client_message(
+            "failed", job.job_id, {**fields, "message": job.error or ""}, None
+        )
     if job.status is JobStatus.CANCELLED:
-        return {
-            "type": MessageType.JOB_UPDATE.value,
-            "job_id": job.job_id,
-            "status": JobStatus.CANCELLED.value,
-        }
+        return Router._client_message(
+            "cancelled", job.job_id, {**fields, "status": "cancelled"}, None
+        )
     return None
 
 
@@ -138,6 +145,8 @@ class Router:
         f = msg.fields
         self._check_room(conn)
         job_id = f["job_id"] or new_job_id()
+        if job_id in conn.jobs:
+            raise ProtocolError(ErrorCode.DUPLICATE, f"job {job_id} already exists")
         self.registry.subscribe(conn, job_id, pending=True)
         try:
             result = await self.svc.submit_job(
@@ -216,15 +225,21 @@ class Router:
         since, limit = msg.fields["since"], msg.fields["limit"]
         events = await self.svc.events_since(since, limit)
         last = events[-1].id if events else since
+        more = len(events) == limit
+        frames = [e.to_message() for e in events]
         if conn.role is Role.CLIENT:
-            events = [e for e in events if e.fields.get("client") == conn.id]
+            frames = [
+                {k: v for k, v in m.items() if k not in _PRIVATE_EVENT_FIELDS}
+                for m in frames
+                if m.get("client") == conn.id
+            ]
         conn.send(
             {
                 "type": MessageType.EVENTS.value,
                 "ref": msg.id,
-                "events": [e.to_message() for e in events],
+                "events": frames,
                 "last_id": last,
-                "more": len(events) == limit,
+                "more": more,
             }
         )
 
@@ -252,7 +267,8 @@ class Router:
         except BaseException:
             self.registry.remove_worker(conn)
             raise
-        conn.registered = True
+        if assignment is not None:
+            self.push(assignment)  # held in conn.early until the reply below is sent
         conn.send(
             {
                 "type": MessageType.WORKER_REGISTERED.value,
@@ -260,11 +276,13 @@ class Router:
                 "worker_id": conn.id,
                 "job_types": conn.job_types,
                 "lease_s": self.svc.limits.lease_s,
-                "has_next": assignment is not None,
+                "has_next": bool(conn.early),
             }
         )
-        if assignment is not None:
-            self.push(assignment)
+        conn.registered = True
+        for frame in conn.early:
+            conn.send(frame)
+        conn.early.clear()
 
     def _ack(self, conn: Connection, msg: Message, **extra: Any) -> None:
         if msg.id is not None:
@@ -322,6 +340,9 @@ class Router:
             return False
         conn.delivered = (a.job_id, a.attempt)
         conn.delivered_n = a.n
+        if not conn.registered:  # its worker_registered reply has not been sent yet
+            conn.early.append(a.to_message())
+            return True
         return conn.send(a.to_message())
 
     # ------------------------------------------------------------ monitors
@@ -438,15 +459,17 @@ class Router:
 
     @staticmethod
     def _client_message(
-        name: str, job: str, f: dict[str, str], row: list[Any] | None
+        name: str, job: str, f: dict[str, str], row: list[Any] | None, result: Any = None
     ) -> dict[str, Any] | None:
+        """The client frame for engine event ``name`` (None: clients do not see it).
+        ``row`` holds the job's params, result and error when they were read."""
         if name == "completed":
             return {
                 "type": MessageType.JOB_COMPLETED.value,
                 "job_id": job,
-                "result": _loads(row[1]) if row else None,
+                "result": _loads(row[1]) if row and row[1] else result,
                 "attempt": int(f.get("attempt", 0)),
-                "worker_id": f.get("worker"),
+                "worker_id": f.get("worker") or None,
             }
         if name == "failed":
             error = f.get("message") or (row[2] if row else None)
@@ -456,7 +479,7 @@ class Router:
                 "error": error,
                 "attempt": int(f.get("attempt", 0)),
             }
-        if name in ("assigned", "progress", "retrying", "requeued", "cancelled"):
+        if name in ("assigned", "progress", "retrying", "requeued", "promoted", "cancelled"):
             m: dict[str, Any] = {
                 "type": MessageType.JOB_UPDATE.value,
                 "job_id": job,

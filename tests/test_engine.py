@@ -483,3 +483,57 @@ def test_connection_from_seed_environment(
     with redis.Redis(port=port, db=3, decode_responses=True) as r:
         assert r.exists(f"{{{namespace}}}:job:envjob")
         r.flushdb()
+
+
+async def test_cancel_is_acknowledged_once(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None
+    queued = [(await svc.submit_job("t")).job_id for _ in range(2)]
+    await svc.cancel_job(r.job_id)
+    first = await svc.fail_job(r.job_id, 1, "m1:gpu0", "cancelled", retryable=False)
+    assert first.outcome == "cancelled" and first.next is not None
+    assert first.next.job_id == queued[0]
+    # a repeated acknowledgement must not free the worker a second time
+    with pytest.raises(ProtocolError) as err:
+        await svc.complete_job(r.job_id, 1, "m1:gpu0")
+    assert err.value.code == ErrorCode.STALE_ATTEMPT
+    second = await svc.get_job(queued[1])
+    assert second is not None and second.status == JobStatus.QUEUED
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+
+async def test_requeues_do_not_use_up_retries(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t", max_attempts=2)
+    for i in range(2):  # lost twice (within max_lost)
+        await svc.register_worker("m1:gpu0", ["t"], session=f"s{i}")
+        await svc.worker_lost("m1:gpu0", f"s{i}")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s9")
+    assert a is not None and a.attempt == 3
+    res = await svc.fail_job(r.job_id, 3, "m1:gpu0", "first real failure")
+    assert res.outcome == "retrying"
+    job = await svc.get_job(r.job_id)
+    assert job is not None and job.failures == 1 and job.started is not None
+
+
+async def test_a_promoted_retry_that_waits_is_announced(svc: AsyncRedisService) -> None:
+    r = await svc.submit_job("t", client_id="c")
+    await svc.register_worker("m1:gpu0", ["t"], session="s")
+    await svc.submit_job("t")  # keeps the only worker busy after the failure
+    res = await svc.fail_job(r.job_id, 1, "m1:gpu0", "boom")
+    assert res.outcome == "retrying" and res.next is not None
+    await wait_for(lambda: _promoted(svc), what="promotion")
+    job = await svc.get_job(r.job_id)
+    assert job is not None and job.status == JobStatus.QUEUED
+    ev = [e for e in await svc.events_since("0") if e.name == "promoted"]
+    assert ev[-1].fields["job"] == r.job_id and ev[-1].fields["status"] == "queued"
+
+
+async def _promoted(svc: AsyncRedisService) -> bool:
+    moved, _, _ = await svc.promote()
+    return moved > 0
+
+
+def test_job_ids_limit_must_be_positive(sync_svc: RedisService) -> None:
+    with pytest.raises(ProtocolError):
+        sync_svc.job_ids("queued", 0)

@@ -473,3 +473,41 @@ async def test_late_assignment_event_is_not_pushed_again(hub: Hub) -> None:
     assert [m["type"] for m in w.seen].count("job_assigned") == 2
     await w.close()
     await c.close()
+
+
+async def test_duplicate_submit_keeps_following_the_job(hub: Hub) -> None:
+    c = await client(hub)
+    acc = await c.request({"type": "submit_job", "job_type": "t", "job_id": "dup-1"})
+    err = await c.request({"type": "submit_job", "job_type": "t", "job_id": "dup-1"})
+    assert err["type"] == "error" and err["code"] == "duplicate"
+    w = await open_worker(hub.url, "m1:gpu0", ["t"])
+    a = await w.expect("job_assigned")
+    await w.send({"type": "complete_job", "job_id": a["job_id"], "attempt": 1, "result": 5})
+    done = await c.expect("job_completed")
+    assert done["job_id"] == acc["job_id"] and done["result"] == 5
+    # subscribing after the end gives the same final frame as the live one
+    late = await client(hub, "c1")
+    sub = await late.request({"type": "subscribe_job", "job_id": "dup-1"})
+    assert sub["status"] == "completed"
+    again = await late.expect("job_completed")
+    assert again == done
+    await c.close()
+    await late.close()
+    await w.close()
+
+
+async def test_client_event_pages(hub: Hub) -> None:
+    c = await client(hub)
+    other = await client(hub, "c2")
+    for _ in range(3):
+        await other.request({"type": "submit_job", "job_type": "t"})
+    await c.request({"type": "submit_job", "job_type": "t"})
+    page = await c.request({"type": "get_events", "since": "0", "limit": 3})
+    assert page["more"] is True and page["events"] == []  # three of c2's events
+    page2 = await c.request({"type": "get_events", "since": page["last_id"], "limit": 3})
+    assert [e["e"] for e in page2["events"]] == ["submitted"]
+    assert not {"hub", "session", "n"} & set(page2["events"][0])
+    err = await c.request({"type": "get_events", "since": "$"})
+    assert err["code"] == "invalid_field"
+    await c.close()
+    await other.close()

@@ -1,7 +1,8 @@
 -- A worker reports that its job failed, and claims its next one, in one step.
 -- A(1) job id  A(2) attempt  A(3) worker id  A(4) error text  A(5) retryable 1|0
--- A retryable failure with attempts left waits in `delayed` for an exponential
--- backoff; otherwise the job fails for good (kept, with its error, until its TTL).
+-- A retryable failure waits in `delayed` for an exponential backoff while the job
+-- has failed fewer than max_attempts times (requeues after a lost worker do not
+-- count: max_lost bounds those); otherwise it fails for good (kept until its TTL).
 -- Returns {'retrying' | 'failed' | 'cancelled', next assignment or false}.
 local id, attempt, w = A(1), A(2), A(3)
 local err = fence(id, attempt, w)
@@ -9,11 +10,13 @@ local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
-local j = redis.call('HMGET', jk, 'max_attempts', 'client')
+local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started')
 redis.call('HSET', jk, 'error', A(4))
+if blank(j[3]) then redis.call('HSET', jk, 'started', ts(t)) end
+local failures = redis.call('HINCRBY', jk, 'failures', 1)
 local outcome
-if A(5) == '1' and tonumber(attempt) < tonumber(j[1]) then
-  local delay = math.min(BACKOFF_MAX, BACKOFF_BASE * 2 ^ (tonumber(attempt) - 1))
+if A(5) == '1' and failures < tonumber(j[1]) then
+  local delay = math.min(BACKOFF_MAX, BACKOFF_BASE * 2 ^ (failures - 1))
   redis.call('HSET', jk, 'status', 'retrying', 'worker', '')
   redis.call('ZREM', K.leases(), id)
   redis.call('ZADD', K.delayed(), ts(t + delay), id)

@@ -151,7 +151,13 @@ local function fence(id, attempt, w)
   if j[3] ~= w or j[2] ~= attempt then
     return 'STALE_ATTEMPT job ' .. id .. ' attempt ' .. attempt .. ' is not current for ' .. w
   end
-  if j[1] == 'cancelled' then return 'CANCELLED' end
+  if j[1] == 'cancelled' then
+    -- the acknowledgement of a cancel frees the worker once, while it still holds the job
+    if redis.call('HGET', K.worker(w), 'job') ~= id then
+      return 'STALE_ATTEMPT job ' .. id .. ' was cancelled and already acknowledged'
+    end
+    return 'CANCELLED'
+  end
   if j[1] ~= 'assigned' and j[1] ~= 'running' then
     return 'BAD_STATE job ' .. id .. ' is ' .. j[1]
   end

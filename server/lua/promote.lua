@@ -7,7 +7,12 @@ local out = {#due, -1}
 for _, id in ipairs(due) do
   redis.call('ZREM', K.delayed(), id)
   local a = enqueue(id, t)
-  if a then out[#out + 1] = a end
+  if a then
+    out[#out + 1] = a
+  else
+    local j = redis.call('HMGET', K.job(id), 'client', 'attempt')
+    emit(t, 'promoted', {'job', id, 'status', 'queued', 'client', j[1], 'attempt', j[2]})
+  end
 end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
 if nxt[2] then out[2] = string.format('%.6f', math.max(0, tonumber(nxt[2]) - t)) end

@@ -9,9 +9,11 @@ local t = now()
 local wk = K.worker(w)
 local old = redis.call('HMGET', wk, 'session', 'status')
 if old[1] and old[2] ~= 'offline' then drop_worker(w, old[1], t, 1) end
+-- counters (done, failed, busy_s) are kept across reconnects; `registered` is the
+-- first registration, so busy_s / (now - registered) stays a share of wall time
+redis.call('HSETNX', wk, 'registered', ts(t))
 redis.call('HSET', wk, 'id', w, 'machine', A(2), 'types', A(3), 'caps', A(4), 'hub', A(5),
-  'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'registered', ts(t),
-  'seen', ts(t), 'since', ts(t))
+  'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'seen', ts(t), 'since', ts(t))
 redis.call('PERSIST', wk)
 redis.call('ZADD', K.workers(), ts(t + LEASE), w)
 for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
