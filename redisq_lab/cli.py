@@ -1,0 +1,391 @@
+"""The ``redisq`` command: look at a running queue from a terminal.
+
+Every subcommand reads through :mod:`redisq_lab.monitors` and prints a table for
+people or, with ``--format json``, plain JSON for ``jq`` (times as ISO 8601 strings,
+missing values as ``null``)::
+
+    redisq --redis-url redis://127.0.0.1:6390/0 summary
+    redisq jobs --status failed --limit 5 --format json | jq '.[].error'
+
+Exit codes: 0 success, 1 unknown job or worker (or another user error), 2 Redis
+unreachable or bad arguments. Errors are one line on stderr, without a traceback.
+
+Adding a subcommand takes a function and a decorator::
+
+    @command("ping", "check that Redis answers", formats=False)
+    def _ping(args: argparse.Namespace) -> int:
+        with open_monitors(args) as m:
+            m.redis.service.ping()
+        return 0
+
+``configure`` (optional) adds the subcommand's own arguments to its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import redis
+
+from redisq_server.config import redis_url_from_env
+
+from .monitors import JOB_STATUSES, JobMonitor, NotFoundError, RedisMonitor, WorkerMonitor
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "Monitors",
+    "UsageError",
+    "build_parser",
+    "command",
+    "emit",
+    "frame_records",
+    "frame_table",
+    "jsonable",
+    "main",
+    "mapping_table",
+    "open_monitors",
+]
+
+PROG: Final = "redisq"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``run(args)`` returns the exit code; ``configure(parser)``
+    adds its arguments; ``formats`` adds ``--format table|json``."""
+
+    name: str
+    help: str
+    run: Handler
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+    formats: bool = True
+
+
+#: Every subcommand by name, in the order ``--help`` lists them.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str,
+    help: str,
+    *,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    formats: bool = True,
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function as subcommand ``name`` (see the module docs)."""
+
+    def register(run: Handler) -> Handler:
+        COMMANDS[name] = Command(name, help, run, configure, formats)
+        return run
+
+    return register
+
+
+class UsageError(Exception):
+    """A mistake by the user (bad namespace, ...): printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------- monitors
+
+
+@dataclass(frozen=True)
+class Monitors:
+    """The three monitors, sharing one connection."""
+
+    jobs: JobMonitor
+    workers: WorkerMonitor
+    redis: RedisMonitor
+
+
+@contextmanager
+def open_monitors(args: argparse.Namespace) -> Iterator[Monitors]:
+    """Monitors for ``--redis-url`` and ``--namespace`` (the environment when not
+    given); the connection closes when the block ends."""
+    try:
+        jobs = JobMonitor(args.redis_url, namespace=args.namespace)
+    except ValueError as exc:  # e.g. a namespace that cannot be a key prefix
+        raise UsageError(str(exc)) from None
+    try:
+        yield Monitors(
+            jobs, WorkerMonitor(service=jobs.service), RedisMonitor(service=jobs.service)
+        )
+    finally:
+        jobs.close()
+
+
+# ------------------------------------------------------------------- output
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with Timestamps as ISO strings, NaN/NA/NaT as None, numpy scalars
+    as Python numbers, and mapping keys as strings: ready for :func:`json.dumps`."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A frame as JSON-ready records, its index as the first field."""
+    return [jsonable(r) for r in frame.reset_index().to_dict(orient="records")]
+
+
+def _cell(value: Any, width: int = 60) -> str:
+    """One value for a table: times to the second (``Z``: UTC), 3-decimal floats,
+    ``-`` when missing, texts on one line and cut at ``width``."""
+    if isinstance(value, datetime) and value is not pd.NaT:
+        return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    value = jsonable(value)
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict | list):
+        value = json.dumps(value, ensure_ascii=False)
+    text = " ".join(str(value).splitlines())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def frame_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """``frame`` (optionally only ``columns``) as an aligned text table."""
+    if frame.empty:
+        return "(none)"
+    shown = frame if columns is None else frame[[c for c in columns if c in frame.columns]]
+    cells = shown.reset_index().astype(object).map(_cell)
+    return str(cells.to_string(index=False))
+
+
+def mapping_table(data: Mapping[str, Any]) -> str:
+    """A dict as ``key  value`` lines."""
+    width = max((len(k) for k in data), default=0)
+    return "\n".join(f"{k:<{width}}  {_cell(v, 200)}" for k, v in data.items())
+
+
+def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> int:
+    """Print ``data`` as JSON or ``table()`` as text, per ``--format``; return 0."""
+    if getattr(args, "format", "table") == "json":
+        if isinstance(data, pd.DataFrame):
+            data = frame_records(data)
+        print(json.dumps(jsonable(data), indent=2, ensure_ascii=False))
+    else:
+        print(table())
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+
+_JOB_TABLE: Final = (
+    "job_type",
+    "priority",
+    "status",
+    "worker_id",
+    "attempt",
+    "progress",
+    "created",
+    "wait_s",
+    "run_s",
+    "error",
+)
+_WORKER_TABLE: Final = (
+    "machine_id",
+    "status",
+    "job_types",
+    "current_job",
+    "jobs_done",
+    "jobs_failed",
+    "busy_s",
+    "busy_share",
+    "last_heartbeat",
+)
+
+
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window", type=float, default=60.0, help="throughput window in seconds (default 60)"
+    )
+
+
+def _summary_table(stats: Mapping[str, Any]) -> str:
+    totals = "  ".join(f"{k} {v}" for k, v in stats["totals"].items())
+    head = {
+        "namespace": stats["namespace"],
+        "time": stats["time"],
+        "queued": stats["queued"],
+        "running": stats["running"],
+        "retrying": stats["retrying"],
+        "workers": f"{stats['workers']} ({stats['workers_idle']} idle, "
+        f"{stats['workers_busy']} busy)",
+        "throughput": f"{stats['throughput_per_s']:.3f} jobs/s over {stats['window_s']:g} s",
+        "totals": totals,
+    }
+    lat = stats["latency"]
+    latency = pd.DataFrame({k: lat[k] for k in ("wait_s", "run_s")}).T
+    latency.index.name = f"latency (last {lat['sample']} completed)"
+    depth = pd.DataFrame(
+        [(jt, p, n) for jt, t in stats["job_types"].items() for p, n in t["by_priority"].items()],
+        columns=["job_type", "priority", "queued"],
+    ).set_index(["job_type", "priority"])
+    return "\n\n".join(
+        [mapping_table(head), frame_table(latency), "queue depth\n" + frame_table(depth)]
+    )
+
+
+@command("summary", "queue depth, workers, throughput and latency", configure=_summary_args)
+def _summary(args: argparse.Namespace) -> int:
+    with open_monitors(args) as m:
+        stats = m.redis.get_queue_stats(window_s=args.window)
+    return emit(args, stats, lambda: _summary_table(stats))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _jobs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", choices=JOB_STATUSES, required=True, help="which jobs to list")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="most jobs to list (default 1000 queued/active, 10 finished)",
+    )
+
+
+@command("jobs", "list jobs in one status", configure=_jobs_args)
+def _jobs(args: argparse.Namespace) -> int:
+    with open_monitors(args) as m:
+        frame = m.jobs.get_jobs(args.status, args.limit)
+    return emit(args, frame, lambda: frame_table(frame, _JOB_TABLE))
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", metavar="ID", help="the job's id")
+
+
+@command("job", "one job in detail", configure=_job_args)
+def _job(args: argparse.Namespace) -> int:
+    with open_monitors(args) as m:
+        details = m.jobs.get_job_details(args.job_id)
+    return emit(args, details, lambda: mapping_table(details))
+
+
+def _workers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--by",
+        choices=("worker", "machine"),
+        default="worker",
+        help="one row per worker (default) or totals per machine",
+    )
+
+
+@command("workers", "live GPU workers, or totals per machine", configure=_workers_args)
+def _workers(args: argparse.Namespace) -> int:
+    with open_monitors(args) as m:
+        if args.by == "machine":
+            frame = m.workers.get_worker_stats(by="machine")
+            return emit(args, frame, lambda: frame_table(frame))
+        frame = m.workers.get_all_workers()
+    caps = [c for c in frame.columns if c.startswith("cap_")]
+    return emit(args, frame, lambda: frame_table(frame, [*_WORKER_TABLE, *caps]))
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("worker_id", metavar="ID", help="the worker's id, e.g. machine1:gpu0")
+
+
+@command("worker", "one worker in detail", configure=_worker_args)
+def _worker(args: argparse.Namespace) -> int:
+    with open_monitors(args) as m:
+        details = m.workers.get_worker_by_id(args.worker_id)
+    return emit(args, details, lambda: mapping_table(details))
+
+
+# ------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for every registered subcommand (see :data:`COMMANDS`)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Watch a redisq job queue: jobs, workers and queue stats."
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis URL (default: $REDIS_URL, else built from $REDIS_HOST, $REDIS_PORT, "
+        "$REDIS_DB, $REDIS_PASSWORD, else redis://localhost:6379/0)",
+    )
+    parser.add_argument(
+        "--namespace", help="key namespace (default: $REDISQ_NAMESPACE, else redisq)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.configure is not None:
+            cmd.configure(p)
+        if cmd.formats:
+            p.add_argument(
+                "--format", choices=("table", "json"), default="table", help="default: table"
+            )
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with any password masked."""
+    parts = urlsplit(url)
+    if parts.password:
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    return url
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``redisq`` with ``argv`` (default: the command line); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        run: Handler = args.run
+        return run(args)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        url = _safe_url(args.redis_url or redis_url_from_env())
+        return _fail(f"cannot reach Redis at {url}: {exc}", 2)
+    except (NotFoundError, UsageError) as exc:
+        return _fail(str(exc), 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
