@@ -1,0 +1,35 @@
+"""redisq_lab: the Jupyter-first toolkit for running and studying a redisq queue.
+
+What a notebook imports::
+
+    from redisq_lab import LocalStack, MockWorker, QueueClient, JobMonitor, RedisMonitor
+
+Everything returns data first (pandas DataFrames, dicts) and renders second.
+"""
+
+from .client import JobFailed, JobTrace, QueueClient, RequestError
+from .load import LoadGenerator, summarize
+from .mock_worker import MockWorker
+from .monitors import JobMonitor, NotFoundError, RedisMonitor, WorkerMonitor
+from .redis_process import RedisNotInstalled, RedisProcess
+from .stack import LocalStack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JobFailed",
+    "JobMonitor",
+    "JobTrace",
+    "LoadGenerator",
+    "LocalStack",
+    "MockWorker",
+    "NotFoundError",
+    "QueueClient",
+    "RedisMonitor",
+    "RedisNotInstalled",
+    "RedisProcess",
+    "RequestError",
+    "WorkerMonitor",
+    "__version__",
+    "summarize",
+]

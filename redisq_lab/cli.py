@@ -1,4 +1,9 @@
-"""The ``redisq`` command: look at a running queue from a terminal.
+"""The ``redisq`` command: look at a running queue from a terminal, and run one.
+
+``summary``, ``jobs``, ``job``, ``workers`` and ``worker`` read the queue; ``serve``
+runs a hub (on a private redis-server unless ``--redis-url`` is given),
+``mock-workers`` runs simulated GPU machines, ``submit`` sends jobs through a hub and
+``demo`` runs the whole thing end to end.
 
 Every subcommand reads through :mod:`redisq_lab.monitors` and prints a table for
 people or, with ``--format json``, plain JSON for ``jq`` (times as ISO 8601 strings,
@@ -7,8 +12,8 @@ missing values as ``null``)::
     redisq --redis-url redis://127.0.0.1:6390/0 summary
     redisq jobs --status failed --limit 5 --format json | jq '.[].error'
 
-Exit codes: 0 success, 1 unknown job or worker (or another user error), 2 Redis
-unreachable or bad arguments. Errors are one line on stderr, without a traceback.
+Exit codes: 0 success, 1 unknown job or worker (or another user error), 2 Redis or
+the hub unreachable, or bad arguments. Errors are one line on stderr, without a traceback.
 
 Adding a subcommand takes a function and a decorator::
 
@@ -24,23 +29,32 @@ Adding a subcommand takes a function and a decorator::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 import redis
+from websockets.exceptions import InvalidHandshake
 
 from redisq_server.config import redis_url_from_env
 
+from ._source import hub_url_of
+from .client import JobFailed, QueueClient, RequestError
+from .mock_worker import DEFAULT_JOB_TYPES, MockWorker
 from .monitors import JOB_STATUSES, JobMonitor, NotFoundError, RedisMonitor, WorkerMonitor
+from .redis_process import RedisNotInstalled
 
 __all__ = [
     "COMMANDS",
@@ -331,6 +345,201 @@ def _worker(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- main
 
 
+# ------------------------------------------------------- running things
+
+
+def _hub_url(args: argparse.Namespace) -> str:
+    return hub_url_of(args.hub_url) if args.hub_url else hub_url_of()
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="hub address (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="hub port, 0 for a free one (default 8000)"
+    )
+    p.add_argument("--machines", type=int, default=0, help="also start this many mock machines")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs per mock machine (default 2)")
+    p.add_argument("--debug", action="store_true", help="serve the debug page at /debug")
+
+
+@command(
+    "serve",
+    "run a hub: on a private redis-server, or on --redis-url",
+    configure=_serve_args,
+    formats=False,
+)
+def _serve(args: argparse.Namespace) -> int:
+    from redisq_server.config import Settings
+    from redisq_server.main import main as hub_main
+
+    if args.redis_url:  # a hub on an existing Redis: the same as redisq-server
+        settings = Settings.from_env(
+            redis_url=args.redis_url,
+            hub_host=args.host,
+            hub_port=args.port,
+            debug=args.debug,
+            **({"namespace": args.namespace} if args.namespace else {}),
+        )
+        asyncio.run(hub_main(settings))
+        return 0
+    from .stack import LocalStack
+
+    with LocalStack(
+        namespace=args.namespace or "redisq",
+        hub_host=args.host,
+        hub_port=args.port,
+        debug=args.debug,
+    ) as stack:
+        if args.machines:
+            stack.add_workers(args.machines, args.gpus)
+        print(f"hub   {stack.hub_url}\nredis {stack.redis_url}\nnamespace {stack.namespace}")
+        print("press Ctrl-C to stop", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _mock_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hub-url", help="ws://host:port (default: $HUB_URL, else ws://$HUB_HOST:$HUB_PORT)"
+    )
+    p.add_argument("--machines", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=2, help="GPUs per machine")
+    p.add_argument("--prefix", default="mock", help="machine ids are <prefix>1, <prefix>2, ...")
+    p.add_argument("--job-types", default=",".join(DEFAULT_JOB_TYPES), help="comma-separated")
+    p.add_argument("--run-time", type=float, default=0.1, help="mean seconds per job (exponential)")
+    p.add_argument("--failure-rate", type=float, default=0.0)
+    p.add_argument("--disconnect-rate", type=float, default=0.0)
+    p.add_argument("--burst", action="store_true", help="stop when there is nothing left to do")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--token", help="worker token, if the hub requires one")
+
+
+@command(
+    "mock-workers",
+    "run mock GPU machines against a hub until Ctrl-C",
+    configure=_mock_args,
+    formats=False,
+)
+def _mock_workers(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        workers = [
+            MockWorker(
+                f"{args.prefix}{i + 1}",
+                args.gpus,
+                hub=_hub_url(args),
+                job_types=[t for t in args.job_types.split(",") if t],
+                run_time=("exponential", args.run_time) if args.run_time > 0 else 0.0,
+                failure_rate=args.failure_rate,
+                disconnect_rate=args.disconnect_rate,
+                burst=args.burst,
+                seed=None if args.seed is None else args.seed + i,
+                token=args.token,
+            )
+            for i in range(args.machines)
+        ]
+        for w in workers:
+            await w.start()
+        print(
+            f"{args.machines} machines x {args.gpus} GPUs connected to {workers[0].hub_url}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def all_done() -> None:
+            for w in workers:
+                await w.join()
+
+        done: asyncio.Task[Any] = asyncio.create_task(all_done())
+        stopped: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+        await asyncio.wait([done, stopped], return_when=asyncio.FIRST_COMPLETED)
+        done.cancel()
+        stopped.cancel()
+        for w in workers:
+            await w.stop()
+        total = sum(w.completed for w in workers)
+        print(f"completed {total} jobs, failed {sum(w.failed for w in workers)}", flush=True)
+
+    asyncio.run(run())
+    return 0
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_type")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--params", default="{}", help="JSON object")
+    p.add_argument("--count", type=_positive_int, default=1)
+    p.add_argument("--wait", action="store_true", help="wait for the results")
+    p.add_argument(
+        "--hub-url", help="ws://host:port (default: $HUB_URL, else ws://$HUB_HOST:$HUB_PORT)"
+    )
+    p.add_argument("--client-id", default="cli")
+    p.add_argument("--token", help="client token, if the hub requires one")
+
+
+@command("submit", "submit jobs through a hub (and wait for their results)", configure=_submit_args)
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        raise UsageError(f"--params is not JSON: {exc}") from None
+
+    async def run() -> list[dict[str, Any]]:
+        async with QueueClient(_hub_url(args), args.client_id, token=args.token) as client:
+            spec = {"job_type": args.job_type, "priority": args.priority, "params": params}
+            ids = await client.submit_many([spec] * args.count)
+            rows: list[dict[str, Any]] = [{"job_id": j} for j in ids]
+            if args.wait:
+                for row in rows:
+                    try:
+                        row["result"] = await client.result(row["job_id"])
+                        row["status"] = "completed"
+                    except JobFailed as exc:
+                        row["status"], row["error"] = exc.status, exc.error
+            return rows
+
+    try:
+        rows = asyncio.run(run())
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
+    return emit(args, rows, lambda: frame_table(pd.DataFrame(rows).set_index("job_id")))
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--machines", type=int, default=2)
+    p.add_argument("--gpus", type=int, default=4, help="GPUs per machine")
+    p.add_argument("--jobs", type=_positive_int, default=2000)
+    p.add_argument("--rate", type=float, help="jobs/s, Poisson arrivals (default: all at once)")
+    p.add_argument(
+        "--report", default="reports/redisq-demo.html", help="HTML report path ('' for none)"
+    )
+
+
+@command(
+    "demo",
+    "local stack + mock GPUs + a mixed workload, with a summary and a report",
+    configure=_demo_args,
+    formats=False,
+)
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.machines, args.gpus, args.jobs, args.rate, Path(args.report) if args.report else None
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every registered subcommand (see :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(
@@ -385,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot reach Redis at {url}: {exc}", 2)
     except (NotFoundError, UsageError) as exc:
         return _fail(str(exc), 1)
+    except (OSError, InvalidHandshake) as exc:  # the hub (or redis-server) is not there
+        return _fail(f"cannot connect: {exc}", 2)
+    except RedisNotInstalled as exc:
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
