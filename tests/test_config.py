@@ -89,3 +89,11 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bad_numbers_are_reported() -> None:
     with pytest.raises(ValueError, match="HUB_PORT"):
         Settings.from_env({"HUB_PORT": "eighty"})
+
+
+def test_readme_documents_every_variable() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for var in ENV:
+        assert f"| `{var}` |" in readme, var
