@@ -120,6 +120,8 @@ _EVENT_COLUMNS: Final[dict[str, tuple[str, Any]]] = {
     "due": ("due", _TIME),
     "session": ("session", _STR),
     "assignment_n": ("n", "Int64"),
+    "params": ("params", _STR),  # JSON text, only when small enough to ride along
+    "result": ("result", _STR),
 }
 
 

@@ -322,6 +322,8 @@ class Router:
         f = msg.fields
         res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
         self._finished(conn, msg, res)
+        if res.outcome == "completed":
+            self._tell_final("completed", f["job_id"], f["attempt"], conn.id, result=f["result"])
 
     async def fail_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)
@@ -330,6 +332,24 @@ class Router:
             f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
         )
         self._finished(conn, msg, res)
+        if res.outcome == "failed":
+            self._tell_final("failed", f["job_id"], f["attempt"], conn.id, error=f["error"])
+
+    def _tell_final(
+        self, name: str, job: str, attempt: int, worker: str, result: Any = None, error: str = ""
+    ) -> None:
+        """Tell this hub's followers of ``job`` its outcome now, without waiting for the
+        event stream, and end their subscriptions (so the stream's copy of the same
+        event finds no one here to tell again)."""
+        subs = self.registry.job_subs.get(job)
+        if not subs:
+            return
+        fields = {"job": job, "attempt": str(attempt), "worker": worker, "message": error}
+        message = self._client_message(name, job, fields, None, result)
+        if message is not None:
+            for c in list(subs):
+                c.deliver(job, message)
+        self.registry.drop_job(job)
 
     def push(self, a: Assignment) -> bool:
         """Deliver ``job_assigned`` if the worker's current socket is on this hub.
@@ -386,9 +406,9 @@ class Router:
         for ev in events:
             f = ev.fields
             job = f.get("job", "")
-            if ev.name == "assigned" and self._wants_push(f):
+            if ev.name == "assigned" and "params" not in f and self._wants_push(f):
                 need[job] = ("params", "result", "error")
-            elif ev.name in ("completed", "failed") and job in reg.job_subs:
+            elif ev.name in ("completed", "failed") and "result" not in f and job in reg.job_subs:
                 need.setdefault(job, ("params", "result", "error"))
             elif ev.name == "retrying":
                 self.retry_due.set()
@@ -421,8 +441,8 @@ class Router:
         if job is None:
             return
         name = ev.name
-        if name == "assigned" and job in fetched and self._wants_push(f):
-            params = fetched[job][0]
+        if name == "assigned" and ("params" in f or job in fetched) and self._wants_push(f):
+            params = f["params"] if "params" in f else fetched[job][0]
             self.push(
                 Assignment(
                     job,
@@ -467,7 +487,11 @@ class Router:
             return {
                 "type": MessageType.JOB_COMPLETED.value,
                 "job_id": job,
-                "result": _loads(row[1]) if row and row[1] else result,
+                "result": _loads(f["result"])
+                if "result" in f
+                else _loads(row[1])
+                if row and row[1]
+                else result,
                 "attempt": int(f.get("attempt", 0)),
                 "worker_id": f.get("worker") or None,
             }

@@ -78,6 +78,8 @@ EVENT_DTYPES = {
     "due": TIME,
     "session": "string",
     "assignment_n": "Int64",
+    "params": "string",
+    "result": "string",
 }
 GPU_A100 = {"gpu": {"model": "A100", "memory_gb": 80}}
 GPU_L4 = {"gpu": {"model": "L4", "memory_gb": 24}}

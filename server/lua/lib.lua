@@ -15,6 +15,7 @@ local BACKOFF_MAX = tonumber(ARGV[7])
 local function A(i) return ARGV[7 + i] end
 
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
+local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
 
 local function now()
@@ -76,8 +77,10 @@ local function assign(id, w, t)
   unidle(w, split(wf[1]))
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
   local j = redis.call('HMGET', jk, 'type', 'priority', 'client', 'params')
+  -- small params ride along, so the worker's hub can push without reading the job
   emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
-    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt, 'n', n})
+    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt, 'n', n,
+    'params', #j[4] <= INLINE_MAX and j[4] or false})
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
