@@ -25,7 +25,7 @@ import logging
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -405,6 +405,16 @@ async def main(settings: Settings) -> None:
     await hub.stop()
 
 
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run``, on uvloop when the ``fast`` extra installed it."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
 def run(argv: Sequence[str] | None = None) -> None:
     """Console entry point of ``redisq-server``."""
     try:
@@ -417,7 +427,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(main(settings))
+        _run_loop(main(settings))
     except (RedisError, OSError) as exc:
         print(f"redisq-server: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

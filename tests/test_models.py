@@ -183,3 +183,17 @@ def test_random_messages_never_crash_the_decoder() -> None:
         for role in Role:
             with contextlib.suppress(ProtocolError):
                 decode_message(frame, role)
+
+
+def test_fast_and_standard_encoders_agree() -> None:
+    from redisq_server import models
+
+    messages = [
+        {"type": "job_completed", "job_id": "j", "result": {"a": [1, 2.5, None, True, "é✓"]}},
+        {"type": "stats", "queued": 0, "by_priority": {"5": 1}, "x": -3, "f": 0.1},
+        {"type": "error", "code": "bad_json", "message": 'quote " and \\ backslash', "ref": None},
+        {"big": 2**70},
+    ]
+    for m in messages:
+        assert json.loads(models._encode_std(m)) == m
+        assert json.loads(models.encode(m)) == m
