@@ -20,9 +20,9 @@ from .config import Settings
 from .connections import Connection, Registry
 from .models import (
     PROTOCOL_VERSION,
+    TERMINAL_STATUSES,
     ErrorCode,
     JobModel,
-    JobStatus,
     Message,
     MessageType,
     ProtocolError,
@@ -52,22 +52,17 @@ def _status_message(job: JobModel, ref: Any) -> dict[str, Any]:
 
 
 def _final_message(job: JobModel) -> dict[str, Any] | None:
-    """The message a subscriber gets for a finished job (the same fields as the live
-    one, see :meth:`Router._client_message`), or None if it has not finished."""
-    fields = {"job": job.job_id, "attempt": str(job.attempt), "worker": job.worker_id or ""}
-    if job.status is JobStatus.COMPLETED:
-        return Router._client_message(
-            "completed", job.job_id, fields, [None, None, None], job.result
-        )
-    if job.status is JobStatus.FAILED:
-        return Router._client_message(
-            "failed", job.job_id, {**fields, "message": job.error or ""}, None
-        )
-    if job.status is JobStatus.CANCELLED:
-        return Router._client_message(
-            "cancelled", job.job_id, {**fields, "status": "cancelled"}, None
-        )
-    return None
+    """The frame a follower gets for a job that has already finished (the same as
+    the live one), or None if it has not finished."""
+    if job.status not in TERMINAL_STATUSES:
+        return None
+    f = {
+        "job": job.job_id,
+        "attempt": str(job.attempt),
+        "worker": job.worker_id or "",
+        "status": job.status.value,
+    }
+    return client_frame(job.status.value, job.job_id, f, job.result, job.error)
 
 
 class Router:
@@ -344,8 +339,8 @@ class Router:
         subs = self.registry.job_subs.get(job)
         if not subs:
             return
-        fields = {"job": job, "attempt": str(attempt), "worker": worker, "message": error}
-        message = self._client_message(name, job, fields, None, result)
+        fields = {"job": job, "attempt": str(attempt), "worker": worker}
+        message = client_frame(name, job, fields, result, error or None)
         if message is not None:
             for c in list(subs):
                 c.deliver(job, message)
@@ -402,14 +397,14 @@ class Router:
         in one pipeline for the whole batch, and only for jobs someone here follows.
         """
         reg = self.registry
-        need: dict[str, tuple[str, ...]] = {}
+        need: set[str] = set()  # jobs whose params or result must be read
         for ev in events:
             f = ev.fields
             job = f.get("job", "")
-            if ev.name == "assigned" and "params" not in f and self._wants_push(f):
-                need[job] = ("params", "result", "error")
-            elif ev.name in ("completed", "failed") and "result" not in f and job in reg.job_subs:
-                need.setdefault(job, ("params", "result", "error"))
+            if (ev.name == "assigned" and "params" not in f and self._wants_push(f)) or (
+                ev.name in ("completed", "failed") and "result" not in f and job in reg.job_subs
+            ):
+                need.add(job)
             elif ev.name == "retrying":
                 self.retry_due.set()
         fetched: dict[str, list[Any]] = {}
@@ -417,15 +412,14 @@ class Router:
             async with self.svc.redis.pipeline(transaction=False) as p:
                 for job in need:
                     p.hmget(self.svc.keys.job(job), ["params", "result", "error"])
-                for job, row in zip(need, await p.execute(), strict=True):
-                    fetched[job] = row
+                fetched = dict(zip(need, await p.execute(), strict=True))
         monitors = [m for m in reg.monitors if m.events]
         for ev in events:
             if monitors:
                 frame = encode(ev.to_message())
                 for m in monitors:
                     m.send_raw(frame)
-            self._route_one(ev, fetched)
+            self._route_one(ev, fetched.get(ev.fields.get("job", "")))
 
     def _wants_push(self, f: dict[str, str]) -> bool:
         conn = self.registry.workers.get(f.get("worker", ""))
@@ -435,14 +429,15 @@ class Router:
             and int(f.get("n", 0)) > conn.delivered_n
         )
 
-    def _route_one(self, ev: Event, fetched: dict[str, list[Any]]) -> None:
+    def _route_one(self, ev: Event, row: list[Any] | None) -> None:
+        """Route one event; ``row`` is the job's [params, result, error] if read."""
         f = ev.fields
         job = f.get("job")
         if job is None:
             return
         name = ev.name
-        if name == "assigned" and ("params" in f or job in fetched) and self._wants_push(f):
-            params = f["params"] if "params" in f else fetched[job][0]
+        if name == "assigned" and ("params" in f or row) and self._wants_push(f):
+            params = f["params"] if "params" in f else row[0] if row else None
             self.push(
                 Assignment(
                     job,
@@ -469,56 +464,60 @@ class Router:
         subs = self.registry.job_subs.get(job)
         if not subs:
             return
-        message = self._client_message(name, job, f, fetched.get(job))
+        result = _loads(f["result"]) if "result" in f else _loads(row[1]) if row else None
+        error = f.get("message") or (row[2] if row else None)
+        message = client_frame(name, job, f, result, error)
         if message is None:
             return
         for conn in list(subs):
             conn.deliver(job, message)
-        if name in ("completed", "failed", "cancelled"):
+        if name in _FINAL_EVENTS:
             self.registry.drop_job(job)
 
-    @staticmethod
-    def _client_message(
-        name: str, job: str, f: dict[str, str], row: list[Any] | None, result: Any = None
-    ) -> dict[str, Any] | None:
-        """The client frame for engine event ``name`` (None: clients do not see it).
-        ``row`` holds the job's params, result and error when they were read."""
-        if name == "completed":
-            return {
-                "type": MessageType.JOB_COMPLETED.value,
-                "job_id": job,
-                "result": _loads(f["result"])
-                if "result" in f
-                else _loads(row[1])
-                if row and row[1]
-                else result,
-                "attempt": int(f.get("attempt", 0)),
-                "worker_id": f.get("worker") or None,
-            }
-        if name == "failed":
-            error = f.get("message") or (row[2] if row else None)
-            return {
-                "type": MessageType.JOB_FAILED.value,
-                "job_id": job,
-                "error": error,
-                "attempt": int(f.get("attempt", 0)),
-            }
-        if name in ("assigned", "progress", "retrying", "requeued", "promoted", "cancelled"):
-            m: dict[str, Any] = {
-                "type": MessageType.JOB_UPDATE.value,
-                "job_id": job,
-                "status": f.get("status"),
-                "event": name,
-            }
-            for src, dst in (("worker", "worker_id"), ("message", "message")):
-                if f.get(src):
-                    m[dst] = f[src]
-            if "progress" in f:
-                m["progress"] = float(f["progress"])
-            if "attempt" in f:
-                m["attempt"] = int(f["attempt"])
-            return m
+
+_FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+_UPDATE_EVENTS = frozenset(
+    {"assigned", "progress", "retrying", "requeued", "promoted", "cancelled"}
+)
+
+
+def client_frame(
+    name: str, job: str, f: dict[str, str], result: Any = None, error: str | None = None
+) -> dict[str, Any] | None:
+    """The frame a follower of ``job`` gets for engine event ``name`` with fields ``f``
+    (None: clients do not see that event). ``result`` and ``error`` are the job's,
+    for ``completed`` and ``failed``."""
+    if name == "completed":
+        return {
+            "type": MessageType.JOB_COMPLETED.value,
+            "job_id": job,
+            "result": result,
+            "attempt": int(f.get("attempt", 0)),
+            "worker_id": f.get("worker") or None,
+        }
+    if name == "failed":
+        return {
+            "type": MessageType.JOB_FAILED.value,
+            "job_id": job,
+            "error": error,
+            "attempt": int(f.get("attempt", 0)),
+        }
+    if name not in _UPDATE_EVENTS:
         return None
+    m: dict[str, Any] = {
+        "type": MessageType.JOB_UPDATE.value,
+        "job_id": job,
+        "status": f.get("status"),
+        "event": name,
+    }
+    for src, dst in (("worker", "worker_id"), ("message", "message")):
+        if f.get(src):
+            m[dst] = f[src]
+    if "progress" in f:
+        m["progress"] = float(f["progress"])
+    if "attempt" in f:
+        m["attempt"] = int(f["attempt"])
+    return m
 
 
 def _loads(raw: str | None) -> Any:
