@@ -199,13 +199,13 @@ _ERROR_CODES = {
 }
 
 
-def _engine_error(exc: ResponseError) -> ProtocolError | None:
-    """Map a script's ``error_reply('CODE text')`` to a typed ProtocolError."""
-    text = str(exc)
-    code, _, message = text.partition(" ")
+def _engine_error(exc: ResponseError) -> Exception:
+    """A script's ``error_reply('CODE text')`` as a typed ProtocolError; any other
+    Redis error as it is."""
+    code, _, message = str(exc).partition(" ")
     if code in _ERROR_CODES:
         return ProtocolError(_ERROR_CODES[code], message)
-    return None
+    return exc
 
 
 def _status_reply(r: Any) -> JobModel | None:
@@ -463,7 +463,26 @@ def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
     return replace(limits, namespace=namespace) if namespace is not None else limits
 
 
-class AsyncRedisService:
+class _Shell:
+    """What both shells share: the operations for one namespace and the scripts."""
+
+    ops: _Ops
+    keys: Keys
+    limits: EngineLimits
+    _scripts: dict[str, Any]
+
+    def _setup(self, client: Any, limits: EngineLimits | None, namespace: str | None) -> None:
+        self.ops = _Ops(_limits(limits, namespace))
+        self.keys = self.ops.keys
+        self.limits = self.ops.limits
+        self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+
+    def _call(self, op: _Op[Any]) -> dict[str, list[str]]:
+        """EVALSHA arguments for ``op``: the routing key and the common header."""
+        return {"keys": [self.keys.events], "args": [*self.ops.header, *op.args]}
+
+
+class AsyncRedisService(_Shell):
     """The queue engine, asyncio flavour: what the hub and async tools call.
 
     Connect from ``url`` (or ``host``/``port``/``db``/``password``; the environment
@@ -482,25 +501,17 @@ class AsyncRedisService:
         limits: EngineLimits | None = None,
         client: aredis.Redis | None = None,
     ) -> None:
-        self.ops = _Ops(_limits(limits, namespace))
-        self.keys = self.ops.keys
-        self.limits = self.ops.limits
         if client is None:
             url, extra = _kwargs(url, host, port, db, password)
             client = connect_async(url, **extra)
         self.redis = client
-        self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+        self._setup(client, limits, namespace)
 
     async def _run(self, op: _Op[T]) -> T:
         try:
-            reply = await self._scripts[op.script](
-                keys=[self.keys.events], args=[*self.ops.header, *op.args]
-            )
+            reply = await self._scripts[op.script](**self._call(op))
         except ResponseError as exc:
-            err = _engine_error(exc)
-            if err is None:
-                raise
-            raise err from None
+            raise _engine_error(exc) from None
         return op.parse(reply)
 
     async def aclose(self) -> None:
@@ -637,7 +648,7 @@ class AsyncRedisService:
         return str(info[0][0]) if info else "0-0"
 
 
-class RedisService:
+class RedisService(_Shell):
     """The queue engine, blocking flavour: the seed's API for scripts and notebooks.
 
     >>> svc = RedisService(host="localhost", port=6379, db=0)        # doctest: +SKIP
@@ -659,25 +670,17 @@ class RedisService:
         limits: EngineLimits | None = None,
         client: redis.Redis | None = None,
     ) -> None:
-        self.ops = _Ops(_limits(limits, namespace))
-        self.keys = self.ops.keys
-        self.limits = self.ops.limits
         if client is None:
             url, extra = _kwargs(url, host, port, db, password)
             client = connect_sync(url, **extra)
         self.redis = client
-        self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+        self._setup(client, limits, namespace)
 
     def _run(self, op: _Op[T]) -> T:
         try:
-            reply = self._scripts[op.script](
-                keys=[self.keys.events], args=[*self.ops.header, *op.args]
-            )
+            reply = self._scripts[op.script](**self._call(op))
         except ResponseError as exc:
-            err = _engine_error(exc)
-            if err is None:
-                raise
-            raise err from None
+            raise _engine_error(exc) from None
         return op.parse(reply)
 
     def close(self) -> None:
