@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -45,13 +46,26 @@ class HubProcess:
                 break
         else:
             raise AssertionError("hub did not start:\n" + "".join(self.lines))
+        # keep reading its log, or the hub blocks once the pipe is full
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def kill(self) -> None:
+        """SIGKILL: the hub dies without cleaning anything up."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._reader.join(10)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(30)
-        assert self.proc.stdout is not None
-        self.lines.extend(self.proc.stdout.readlines())
+        self._reader.join(10)
         return rc
 
 
