@@ -4,7 +4,7 @@
 # under nbval. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-WITH_BROWSER="${WITH_BROWSER:-0}" bash scripts/setup.sh
+WITH_BROWSER="${WITH_BROWSER:-1}" bash scripts/setup.sh
 PY=.venv/bin/python
 
 echo "== ruff check"; $PY -m ruff check .

@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -133,6 +133,7 @@ class Hub:
             process_request=self._process_request,
             max_size=self.settings.max_frame_bytes,
             max_queue=64,
+            open_timeout=5,  # idle pre-opened sockets (browsers) must not hold up stop()
             compression=None,
             server_header=f"redisq/{__version__}",
         )
@@ -266,6 +267,8 @@ class Hub:
         conn.send(self.router.welcome(conn))
         try:
             async for raw in ws:
+                if conn.closing:  # being closed by the hub: read on to the close, do nothing
+                    continue
                 await self.router.handle(conn, raw)
         except ConnectionClosed:
             pass
@@ -342,6 +345,36 @@ class Hub:
                 await asyncio.wait_for(self.router.retry_due.wait(), timeout)
 
         await self._forever("promoter", step, 0)
+
+
+class _Redact(logging.Filter):
+    """Masks secrets (role tokens, the Redis password) in every log line, e.g. in
+    the WebSocket library's DEBUG dump of a handshake's path and headers."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if any(s in msg or s in (record.exc_text or "") for s in self.secrets):
+            for s in self.secrets:
+                msg = msg.replace(s, "***")
+                if record.exc_text:
+                    record.exc_text = record.exc_text.replace(s, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """Every secret in ``settings``, as given and percent-encoded."""
+    raw = [settings.client_token, settings.worker_token, settings.monitor_token]
+    password = urlsplit(settings.redis_url).password
+    if password:
+        raw += [password, unquote(password)]
+    return [v for s in raw if s for v in (s, quote(s, safe=""))]
 
 
 def _safe_url(url: str) -> str:
@@ -426,6 +459,9 @@ def run(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact = _Redact(_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
     try:
         _run_loop(main(settings))
     except (RedisError, OSError) as exc:

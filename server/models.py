@@ -289,6 +289,8 @@ def _dumps(value: Any, name: str) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise _invalid(name, f"not JSON-serialisable ({exc})") from None
+    except RecursionError:
+        raise _invalid(name, "nested too deeply") from None
 
 
 # ------------------------------------------------------------------ queue score
@@ -502,7 +504,7 @@ def _interval_ms(value: Any, name: str) -> int:
 
 
 def _event_id(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not re.match(r"^(0|\d{1,20}(-\d{1,20})?)$", value):
+    if not isinstance(value, str) or not re.match(r"^(0|[0-9]{1,20}(-[0-9]{1,20})?)$", value):
         raise _invalid(name, "expected a stream id such as '1732752000000-0' or '0'")
     return value
 
@@ -593,6 +595,18 @@ ROLE_MESSAGES: Final[dict[Role, frozenset[MessageType]]] = {
 }
 
 
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_text(data: Any) -> bool:
+    """True when every string in ``data`` is valid Unicode (no unpaired surrogate)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
 def decode_message(raw: str | bytes, role: Role) -> Message:
     """Parse and validate one inbound frame for ``role``.
 
@@ -600,9 +614,16 @@ def decode_message(raw: str | bytes, role: Role) -> Message:
     could be read, so the caller can always answer with ``err.to_message()``.
     """
     try:
-        data = json.loads(raw)
+        # bytes: strict UTF-8 (json.loads alone would let encoded surrogates through)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame is nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text) and not _is_text(data):
+        # a lone "\ud800" escape: such a string cannot be stored, nor even echoed back
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame holds an unpaired surrogate escape")
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     ref = data.get("id")

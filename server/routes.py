@@ -33,11 +33,17 @@ from .models import (
 )
 from .redis_service import Assignment, AsyncRedisService, Event, FinishResult, new_job_id
 
-__all__ = ["CLOSE_SESSION_EXPIRED", "Router"]
+__all__ = ["CLOSE_SESSION_EXPIRED", "CLOSE_UNAVAILABLE", "Router"]
 
 log = logging.getLogger("redisq.hub")
 
 CLOSE_SESSION_EXPIRED = 4001  # the worker's record was reaped; it must reconnect
+CLOSE_UNAVAILABLE = 1011  # a worker's report or registration met a Redis outage
+
+#: worker requests after which the worker moves on whatever the reply says
+_WORKER_COMMITS = frozenset(
+    {MessageType.REGISTER_WORKER, MessageType.COMPLETE_JOB, MessageType.FAIL_JOB}
+)
 
 #: event fields that describe hub internals, not the client's job
 _PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
@@ -106,9 +112,10 @@ class Router:
         """Validate and dispatch one inbound frame; every failure becomes an ``error``
         reply on this socket and nothing else."""
         ref = None
+        kind: MessageType | None = None
         try:
             msg = decode_message(raw, conn.role)
-            ref = msg.id
+            ref, kind = msg.id, msg.type
             await self.handlers[msg.type](conn, msg)
         except ProtocolError as err:
             err.ref = ref if err.ref is None else err.ref
@@ -116,6 +123,12 @@ class Router:
         except RedisError as exc:
             log.warning("%r: Redis error: %s", conn, exc)
             conn.send(error_message(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
+            if kind in _WORKER_COMMITS:
+                # The worker has moved on; had its report not reached Redis, this live
+                # socket would hold the job for ever (the sweep renews its lease).
+                # Closing requeues the job (now, or by the reaper once Redis is back)
+                # and the worker registers afresh.
+                conn.close(CLOSE_UNAVAILABLE, "the queue is unavailable; reconnect")
         except Exception:
             log.exception("%r: handler failed", conn)
             conn.send(error_message(ErrorCode.INTERNAL, "internal error", ref))
