@@ -8,6 +8,7 @@ Everything returns data first (pandas DataFrames, dicts) and renders second.
 """
 
 from .client import JobFailed, JobTrace, QueueClient, RequestError
+from .dashboard import Dashboard
 from .load import LoadGenerator, summarize
 from .mock_worker import MockWorker
 from .monitors import JobMonitor, NotFoundError, RedisMonitor, WorkerMonitor
@@ -17,6 +18,7 @@ from .stack import LocalStack
 __version__ = "0.1.0"
 
 __all__ = [
+    "Dashboard",
     "JobFailed",
     "JobMonitor",
     "JobTrace",

@@ -543,7 +543,8 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every registered subcommand (see :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Watch and run a redisq job queue: jobs, workers, queue stats, hubs and mock GPUs."
+        prog=PROG,
+        description="Watch and run a redisq job queue: jobs, workers, queue stats, hubs and mock GPUs.",
     )
     parser.add_argument(
         "--redis-url",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ from redisq_server import (
     WorkerModel,
     WorkerStatus,
 )
+
+if TYPE_CHECKING:
+    from .dashboard import Dashboard
 
 __all__ = [
     "JOB_COLUMNS",
@@ -434,6 +437,13 @@ class JobMonitor(_Monitor):
         """The most recently cancelled jobs, newest first."""
         return self.get_jobs("cancelled", limit)
 
+    def widget(self, interval: float = 1.0, limit: int = 20) -> Any:
+        """A live HTML table of active and next queued jobs, refreshed every
+        ``interval`` s from a task on the running loop; ``.stop()`` it when done."""
+        from .dashboard import jobs_widget
+
+        return jobs_widget(self, interval, limit)
+
     def get_job_details(self, job_id: str) -> dict[str, Any]:
         """One job as a dict: every stored field (``params``, ``result``, ``position``
         in its queue, ...), times as UTC ``Timestamp`` (or None) and ``wait_s``,
@@ -518,6 +528,13 @@ class WorkerMonitor(_Monitor):
             stats["failure_rate"] = _failure_rate(frame)
             return stats.join(frame[["busy_s", "uptime_s", "busy_share"]])
         return _per_machine(frame)
+
+    def widget(self, interval: float = 1.0, limit: int = 32) -> Any:
+        """A live HTML table of the workers, refreshed every ``interval`` s from a
+        task on the running loop; ``.stop()`` it when done."""
+        from .dashboard import workers_widget
+
+        return workers_widget(self, interval, limit)
 
 
 def _failure_rate(frame: pd.DataFrame) -> pd.Series:
@@ -627,6 +644,21 @@ class RedisMonitor(_Monitor):
         kept), oldest first; see :func:`events_frame` for the columns. To follow the
         stream, pass the last row's ``event_id`` as ``since`` next time."""
         return events_frame(self.service.events_since(since, _check_limit(limit)))
+
+    def widget(self, interval: float = 1.0) -> Any:
+        """A live summary of :meth:`get_queue_stats`, refreshed every ``interval`` s
+        from a task on the running loop; ``.stop()`` it when done."""
+        from .dashboard import queue_widget
+
+        return queue_widget(self, interval)
+
+    def dashboard(self, **kw: Any) -> Dashboard:
+        """A live :class:`~redisq_lab.dashboard.Dashboard` on this monitor's connection
+        (charts of depth, throughput, latency and workers, and a jobs table); ``kw``
+        goes to it (``interval=``, ``window=``, ...). Display it, ``.stop()`` it."""
+        from .dashboard import Dashboard
+
+        return Dashboard(self, **kw)
 
 
 def _depth_by_priority(job_types: Mapping[str, Any]) -> dict[int, int]:

@@ -134,6 +134,7 @@ class Hub:
             max_size=self.settings.max_frame_bytes,
             max_queue=64,
             open_timeout=5,  # idle pre-opened sockets (browsers) must not hold up stop()
+            close_timeout=3,  # nor peers that cannot answer a close (a blocked kernel loop)
             compression=None,
             server_header=f"redisq/{__version__}",
         )

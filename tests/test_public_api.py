@@ -9,6 +9,7 @@ import redisq_lab
 import redisq_server
 
 LAB_API = {
+    "Dashboard",
     "JobFailed",
     "JobMonitor",
     "JobTrace",

@@ -1,0 +1,634 @@
+"""Live dashboards of a redisq namespace, for notebooks.
+
+    dash = RedisMonitor(stack).dashboard()   # or Dashboard(stack), Dashboard("redis://...")
+    dash                                     # a cell's last line: charts and tables, live
+    ...
+    dash.samples                             # what it collected, as a DataFrame
+    dash.stop()
+
+A :class:`Dashboard` shows four plotly ``FigureWidget`` charts (queue depth by
+priority, throughput, latency percentiles, worker utilisation) and a table of
+workers and jobs. It samples the namespace every ``interval`` seconds (at least
+0.25 s) from a task on the running event loop (a Jupyter kernel has one): the
+Redis reads run in a thread, the widgets are updated on the loop by setting
+traits. It keeps the last ``window`` samples only. Without a running loop (a plain
+script) call :meth:`Dashboard.refresh` by hand. Saved or exported notebooks get a
+static fallback: :meth:`Dashboard.to_html` (the charts, plotly inlined) and
+``_repr_html_`` (plain tables, no JavaScript).
+
+Each monitor also has a small live table: ``JobMonitor.widget()``,
+``WorkerMonitor.widget()`` and ``RedisMonitor.widget()`` (built here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import pandas as pd
+
+from redisq_server import JobModel, RedisService
+
+from .monitors import (
+    JobMonitor,
+    RedisMonitor,
+    RedisTarget,
+    WorkerMonitor,
+    _Monitor,
+    _service,
+    workers_frame,
+)
+
+if TYPE_CHECKING:
+    from .widgets import LiveHTML
+
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_WINDOW",
+    "MIN_INTERVAL",
+    "Dashboard",
+    "jobs_widget",
+    "queue_widget",
+    "workers_widget",
+]
+
+#: Seconds between samples unless told otherwise, and the least allowed.
+DEFAULT_INTERVAL: Final = 1.0
+MIN_INTERVAL: Final = 0.25
+#: Samples kept (at one a second: the last five minutes).
+DEFAULT_WINDOW: Final = 300
+
+_QUANTILES: Final = (50, 95, 99)
+_LATENCY_FIELDS: Final = tuple(
+    f"{kind}_p{q}" for kind in ("wait", "run", "total") for q in _QUANTILES
+)
+_COUNTERS: Final = ("submitted", "completed", "failed", "cancelled", "retried", "requeued")
+_OTHER: Final = "other"
+_FIG_HEIGHT: Final = 260
+_TABLE_STYLE: Final = "border-collapse:collapse;font-size:12px;margin-right:1.5em"
+
+
+def _interval(seconds: float) -> float:
+    if not isinstance(seconds, int | float) or math.isnan(seconds):
+        raise ValueError(f"interval: expected seconds, got {seconds!r}")
+    return max(MIN_INTERVAL, float(seconds))
+
+
+def _finite(value: Any) -> float | None:
+    """A float for a chart (None where missing: NaN is not valid JSON)."""
+    if value is None:
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _percentiles(values: Sequence[float], prefix: str) -> dict[str, float]:
+    clean = np.array([v for v in values if v is not None and math.isfinite(v)], dtype="float64")
+    if clean.size == 0:
+        return {f"{prefix}_p{q}": math.nan for q in _QUANTILES}
+    got = np.percentile(clean, _QUANTILES)
+    return {f"{prefix}_p{q}": float(v) for q, v in zip(_QUANTILES, got, strict=True)}
+
+
+def _latency(jobs: Sequence[JobModel]) -> dict[str, Any]:
+    """p50/p95/p99 of wait (queued -> assigned), run (started -> finished) and total
+    (created -> finished) seconds over ``jobs``; NaN when there are none."""
+
+    def span(a: float | None, b: float | None) -> float:
+        return math.nan if a is None or b is None or b < a else b - a
+
+    out: dict[str, Any] = {"latency_n": len(jobs)}
+    out |= _percentiles([span(j.queued, j.assigned) for j in jobs], "wait")
+    out |= _percentiles([span(j.started, j.finished) for j in jobs], "run")
+    out |= _percentiles([span(j.created, j.finished) for j in jobs], "total")
+    return out
+
+
+# ----------------------------------------------------------------- tables
+
+
+def _esc(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return html.escape(str(value))
+
+
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], more: int = 0) -> str:
+    head = "".join(f"<th style='text-align:left;padding:1px 6px'>{_esc(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='padding:1px 6px'>{_esc(v)}</td>" for v in row) + "</tr>"
+        for row in rows
+    )
+    if not body:
+        body = f"<tr><td colspan='{len(columns)}' style='padding:1px 6px'><i>none</i></td></tr>"
+    tail = f"<div style='font-size:11px;color:#666'>... and {more} more</div>" if more > 0 else ""
+    return (
+        f"<div style='display:inline-block;vertical-align:top'><b>{_esc(title)}</b>"
+        f"<table style='{_TABLE_STYLE}'><tr>{head}</tr>{body}</table>{tail}</div>"
+    )
+
+
+def _short(job_id: Any) -> str:
+    return "" if job_id is None or job_id is pd.NA else str(job_id)[:8]
+
+
+def _share(value: Any) -> str:
+    f = _finite(value)
+    return "" if f is None else f"{100 * f:.0f}%"
+
+
+def workers_table(workers: pd.DataFrame, limit: int = 16) -> str:
+    """An HTML table of a worker frame (see :func:`~redisq_lab.monitors.workers_frame`)."""
+    rows = [
+        (
+            wid,
+            r["status"],
+            _short(r["current_job"]),
+            r["jobs_done"],
+            r["jobs_failed"],
+            _share(r["busy_share"]),
+        )
+        for wid, r in workers.head(limit).iterrows()
+    ]
+    cols = ("worker", "status", "job", "done", "failed", "busy")
+    return _table(f"Workers ({len(workers)})", cols, rows, len(workers) - limit)
+
+
+def _job_rows(jobs: Sequence[JobModel], now: float) -> list[tuple[Any, ...]]:
+    def age(j: JobModel) -> str:
+        since = j.assigned if j.status.value in ("assigned", "running") else j.queued
+        return "" if since is None else f"{max(0.0, now - since):.1f} s"
+
+    return [
+        (
+            _short(j.job_id),
+            j.job_type,
+            j.priority,
+            j.status.value,
+            j.worker_id or "",
+            j.attempt,
+            "" if j.progress is None else f"{j.progress:.0f}%",
+            age(j),
+        )
+        for j in jobs
+    ]
+
+
+_JOB_COLUMNS: Final = ("job", "type", "priority", "status", "worker", "attempt", "progress", "for")
+
+
+def _jobs_html(service: RedisService, limit: int, now: float) -> str:
+    """Active jobs (held by a worker or waiting to retry), then the next queued ones."""
+    active = service.get_jobs(service.job_ids("active", limit))
+    queued = service.get_jobs(service.job_ids("queued", limit))
+    return _table("Active jobs", _JOB_COLUMNS, _job_rows(active, now)) + _table(
+        "Next in queue", _JOB_COLUMNS, _job_rows(queued, now)
+    )
+
+
+def _server_now(service: RedisService) -> float:
+    r: Any = service.redis
+    sec, usec = r.time()
+    return float(sec) + float(usec) / 1e6
+
+
+def _queue_html(stats: Mapping[str, Any]) -> str:
+    """A summary of :meth:`RedisMonitor.get_queue_stats`: depth, workers, rates."""
+    lat = stats["latency"]
+
+    def ms(d: Mapping[str, float | None]) -> str:
+        return " / ".join("-" if v is None else f"{1000 * v:.0f}" for v in d.values())
+
+    depth = ", ".join(f"p{p}: {n}" for p, n in stats["depth_by_priority"].items()) or "empty"
+    rows = [
+        ("Queued", f"{stats['queued']} ({depth})"),
+        ("Running", stats["running"]),
+        ("Retrying", stats["retrying"]),
+        (
+            "Workers",
+            f"{stats['workers']} ({stats['workers_busy']} busy, {stats['workers_idle']} idle)",
+        ),
+        ("Throughput", f"{stats['throughput_per_s']:.1f} jobs/s (last {stats['window_s']:g} s)"),
+        ("Wait p50/p95/p99", f"{ms(lat['wait_s'])} ms (last {lat['sample']} jobs)"),
+        ("Run p50/p95/p99", f"{ms(lat['run_s'])} ms"),
+        ("Completed", stats["totals"].get("completed", 0)),
+        ("Failed", stats["totals"].get("failed", 0)),
+    ]
+    return _table(f"Queue {stats['namespace']}", ("", ""), rows)
+
+
+def _live(render: Callable[[], str], interval: float) -> LiveHTML:
+    from .widgets import LiveHTML
+
+    return LiveHTML(render, _interval(interval))
+
+
+def jobs_widget(monitor: JobMonitor, interval: float = DEFAULT_INTERVAL, limit: int = 20) -> Any:
+    """A live HTML table of the monitor's active and next queued jobs (``.stop()`` it)."""
+    svc = monitor.service
+    return _live(lambda: _jobs_html(svc, limit, _server_now(svc)), interval)
+
+
+def workers_widget(
+    monitor: WorkerMonitor, interval: float = DEFAULT_INTERVAL, limit: int = 32
+) -> Any:
+    """A live HTML table of the monitor's workers (``.stop()`` it)."""
+    return _live(lambda: workers_table(monitor.get_all_workers(), limit), interval)
+
+
+def queue_widget(monitor: RedisMonitor, interval: float = DEFAULT_INTERVAL) -> Any:
+    """A live summary of :meth:`RedisMonitor.get_queue_stats` (``.stop()`` it)."""
+    return _live(lambda: _queue_html(monitor.get_queue_stats(sample=200)), interval)
+
+
+# -------------------------------------------------------------- dashboard
+
+
+@dataclass
+class _Snapshot:
+    """One read of the namespace (taken in a thread, applied on the loop)."""
+
+    stats: dict[str, Any]
+    latency: dict[str, Any]
+    table: str
+
+
+_PLOT_LAYOUT: Final[dict[str, Any]] = {
+    "height": _FIG_HEIGHT,
+    "margin": {"l": 50, "r": 10, "t": 36, "b": 36},
+    "legend": {"orientation": "h", "y": -0.25, "font": {"size": 10}, "traceorder": "normal"},
+    "xaxis": {"title": {"text": "seconds"}},
+    "uirevision": "keep",
+    "template": "plotly_white",
+}
+
+
+class Dashboard:
+    """Live charts and tables of one namespace; see the module docstring.
+
+    ``source`` is what a monitor accepts (a local stack, a Redis URL, ...) or a
+    monitor, whose connection the dashboard then shares. ``interval`` is seconds
+    between samples (at least 0.25), ``window`` the number of samples kept.
+    Latency percentiles cover the ``latency_sample`` most recently completed jobs
+    that finished in the last ``latency_window_s`` seconds. ``start=False`` takes
+    one sample and leaves refreshing to :meth:`refresh`.
+
+    Attributes: ``figures`` (``{"depth", "throughput", "latency", "workers"}`` ->
+    ``FigureWidget``), ``widget`` (the box to display), ``task`` (the refresh task,
+    or None), ``error`` (what stopped it, if anything).
+    """
+
+    def __init__(
+        self,
+        source: str | RedisTarget | _Monitor | None = None,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        window: int = DEFAULT_WINDOW,
+        latency_sample: int = 200,
+        latency_window_s: float = 30.0,
+        table_rows: int = 8,
+        max_priorities: int = 8,
+        start: bool = True,
+        service: RedisService | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window: expected an integer of at least 2, got {window!r}")
+        self.interval = _interval(interval)
+        if isinstance(source, _Monitor):
+            if service is not None or namespace is not None:
+                raise TypeError("pass a monitor, or service=/namespace=, not both")
+            self.service, self._owns_service = source.service, False
+        else:
+            self.service, self._owns_service = _service(
+                source, namespace=namespace, service=service
+            )
+        self.window = window
+        self.latency_sample = latency_sample
+        self.latency_window_s = float(latency_window_s)
+        self.table_rows = table_rows
+        self.max_priorities = max_priorities
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._samples: deque[dict[str, Any]] = deque(maxlen=window)
+        self._t0: float | None = None
+        self._priorities: list[int] = []  # in the order first seen
+        self._stopped = False
+        self._build_widgets()
+        self.refresh()
+        from .widgets import running_loop  # ipywidgets: imported when first needed
+
+        loop = running_loop() if start else None
+        if loop is not None:
+            self.task = loop.create_task(self._run(), name="redisq dashboard")
+
+    @property
+    def namespace(self) -> str:
+        return self.service.limits.namespace
+
+    @property
+    def running(self) -> bool:
+        """True while the refresh task is alive."""
+        return self.task is not None and not self.task.done() and not self._stopped
+
+    # ------------------------------------------------------------ sampling
+
+    def _read(self) -> _Snapshot:
+        """Read everything one sample needs (blocking; a few round trips)."""
+        svc = self.service
+        stats = svc.get_stats(self.interval)
+        now = float(stats["time"])
+        recent = [
+            j
+            for j in svc.get_jobs(svc.job_ids("completed", self.latency_sample))
+            if j.finished is not None and j.finished >= now - self.latency_window_s
+        ]
+        workers = workers_frame(svc.get_workers(), now)
+        table = workers_table(workers, 2 * self.table_rows) + _jobs_html(svc, self.table_rows, now)
+        return _Snapshot(stats, _latency(recent), table)
+
+    def refresh(self) -> dict[str, Any]:
+        """Take one sample now and update the charts and tables; returns the sample.
+
+        Blocks for the Redis reads (milliseconds). The background task calls this
+        itself; call it by hand in a script, or for a final sample."""
+        sample = self._apply(self._read())
+        return sample if sample is not None else self._samples[-1]
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopped:
+                await asyncio.sleep(self.interval)
+                snap = await asyncio.to_thread(self._read)
+                if self._stopped:
+                    return
+                self._apply(snap)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis gone, stack closed, ...: stop and say why
+            self.error = exc
+            self._stopped = True
+            self._status()
+
+    def _apply(self, snap: _Snapshot) -> dict[str, Any] | None:
+        """Turn a snapshot into a sample, append it and redraw (on the caller's thread)."""
+        s = snap.stats
+        t = float(s["time"])
+        prev = self._samples[-1] if self._samples else None
+        if prev is not None and t <= prev["time"]:
+            return None  # an older read finished late: drop it
+        if self._t0 is None:
+            self._t0 = t
+        totals = s["totals"]
+        sample: dict[str, Any] = {
+            "time": t,
+            "elapsed_s": t - self._t0,
+            "queued": s["queued"],
+            "running": s["running"],
+            "retrying": s["retrying"],
+            "workers": s["workers"],
+            "workers_busy": s["workers_busy"],
+            "workers_idle": s["workers_idle"],
+            "utilisation": s["workers_busy"] / s["workers"] if s["workers"] else math.nan,
+            **{name: int(totals.get(name, 0)) for name in _COUNTERS},
+        }
+        if prev is None:
+            # no previous sample: completions over the last interval, by the server
+            sample["throughput_per_s"] = float(s["throughput_per_s"])
+            sample["submitted_per_s"] = math.nan
+        else:
+            dt = t - prev["time"]
+            for name, rate in (("completed", "throughput_per_s"), ("submitted", "submitted_per_s")):
+                delta = sample[name] - prev[name]
+                sample[rate] = delta / dt if delta >= 0 else math.nan  # counters reset
+        sample |= snap.latency
+        depth: dict[int, int] = {}
+        for jt in s["job_types"].values():
+            for priority, n in jt["by_priority"].items():
+                depth[int(priority)] = depth.get(int(priority), 0) + int(n)
+        sample["depth"] = depth
+        self._samples.append(sample)
+        self._redraw()
+        self._table_text = self._table.value = snap.table
+        self._status()
+        return sample
+
+    # ------------------------------------------------------------- display
+
+    def _build_widgets(self) -> None:
+        import ipywidgets
+        import plotly.graph_objects as go
+
+        def figure(title: str, ytitle: str, traces: Sequence[dict[str, Any]]) -> Any:
+            fig = go.FigureWidget(layout={**_PLOT_LAYOUT, "title": {"text": title}})
+            fig.update_yaxes(title_text=ytitle, rangemode="tozero")
+            for tr in traces:
+                fig.add_scatter(x=[], y=[], mode="lines", **tr)
+            return fig
+
+        self.figures: dict[str, Any] = {
+            "depth": figure("Queue depth by priority", "queued jobs", []),
+            "throughput": figure(
+                "Throughput",
+                "jobs/s",
+                [
+                    {"name": "completed/s"},
+                    {"name": "submitted/s", "line": {"dash": "dot"}},
+                ],
+            ),
+            "latency": figure(
+                "Latency, submit to finish (recent jobs)",
+                "seconds",
+                [
+                    {"name": "p50"},
+                    {"name": "p95"},
+                    {"name": "p99"},
+                    {"name": "wait p50", "line": {"dash": "dot"}},
+                ],
+            ),
+            "workers": figure(
+                "Workers",
+                "GPUs",
+                [
+                    {"name": "busy", "stackgroup": "w", "line": {"color": "#2a7ab9"}},
+                    {"name": "idle", "stackgroup": "w", "line": {"color": "#b8c4ce"}},
+                ],
+            ),
+        }
+        self._status_html = ipywidgets.HTML()
+        self._table = ipywidgets.HTML()
+        self._status_text = self._table_text = ""
+        grid = ipywidgets.GridBox(
+            list(self.figures.values()),
+            layout=ipywidgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))"),
+        )
+        self.widget = ipywidgets.VBox([self._status_html, grid, self._table])
+
+    def _depth_traces(self) -> list[tuple[str, int, Callable[[dict[int, int]], int]]]:
+        """(name, legend rank, depth -> queued) per depth trace. The first
+        ``max_priorities`` priorities seen keep their own trace (and colour) for
+        good, ranked highest first in the legend; any others are summed."""
+
+        def one(p: int) -> Callable[[dict[int, int]], int]:
+            return lambda depth: depth.get(p, 0)
+
+        def rest(keep: set[int]) -> Callable[[dict[int, int]], int]:
+            return lambda depth: sum(n for p, n in depth.items() if p not in keep)
+
+        named = self._priorities[: self.max_priorities]
+        ranked = sorted(named, reverse=True)
+        out = [(f"priority {p}", ranked.index(p) + 1, one(p)) for p in named]
+        if len(self._priorities) > self.max_priorities:
+            out.append((_OTHER, len(named) + 1, rest(set(named))))
+        return out
+
+    def _redraw(self) -> None:
+        samples = list(self._samples)
+        new = set(samples[-1]["depth"]) - set(self._priorities)
+        self._priorities.extend(sorted(new, reverse=True))
+        depth_fig = self.figures["depth"]
+        wanted = self._depth_traces()
+        while len(depth_fig.data) < len(wanted):  # traces may not be added in a batch
+            depth_fig.add_scatter(x=[], y=[], mode="lines", stackgroup="depth")
+        x = [round(s["elapsed_s"], 3) for s in samples]
+
+        def col(name: str) -> list[float | None]:
+            return [_finite(s[name]) for s in samples]
+
+        series = {
+            "throughput": [col("throughput_per_s"), col("submitted_per_s")],
+            "latency": [col("total_p50"), col("total_p95"), col("total_p99"), col("wait_p50")],
+            "workers": [col("workers_busy"), col("workers_idle")],
+        }
+        with depth_fig.batch_update():
+            for trace, (name, rank, count) in zip(depth_fig.data, wanted, strict=True):
+                trace.name, trace.legendrank = name, rank
+                trace.x, trace.y = x, [count(s["depth"]) for s in samples]
+        for key, ys in series.items():
+            fig = self.figures[key]
+            with fig.batch_update():
+                for trace, y in zip(fig.data, ys, strict=True):
+                    trace.x, trace.y = x, y
+
+    def _state(self) -> str:
+        if self.error is not None:
+            return f"stopped: {type(self.error).__name__}: {self.error}"
+        if self.running:
+            return f"live, every {self.interval:g} s"
+        return "stopped"
+
+    def _status(self) -> None:
+        last = self._samples[-1] if self._samples else None
+        detail = ""
+        if last is not None:
+            detail = (
+                f" &middot; {last['queued']} queued, {last['running']} running, "
+                f"{last['completed']} completed, {last['failed']} failed"
+            )
+        self._status_text = self._status_html.value = (
+            f"<b>redisq dashboard</b> &middot; namespace <code>{_esc(self.namespace)}</code>"
+            f" &middot; {len(self._samples)} samples &middot; {_esc(self._state())}{detail}"
+        )
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """The samples kept, oldest first: ``time`` (UTC), ``elapsed_s``, ``queued``,
+        ``running``, ``retrying``, worker counts and ``utilisation``, the counters
+        since the namespace began (``submitted``, ``completed``, ...),
+        ``throughput_per_s`` and ``submitted_per_s`` (since the previous sample),
+        ``latency_n`` and ``{wait,run,total}_p{50,95,99}`` seconds, then one
+        ``depth_p<priority>`` column per priority seen (queued jobs)."""
+        rows = list(self._samples)
+        frame = pd.DataFrame([{k: v for k, v in r.items() if k != "depth"} for r in rows])
+        if frame.empty:
+            return frame
+        frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+        prios = sorted({p for r in rows for p in r["depth"]}, reverse=True)
+        for p in prios:
+            frame[f"depth_p{p}"] = np.array([r["depth"].get(p, 0) for r in rows], dtype="int64")
+        return frame
+
+    def to_html(self, include_plotlyjs: bool | str = True, full_html: bool = True) -> str:
+        """The current charts and tables as static HTML. ``include_plotlyjs`` goes to
+        plotly's ``to_html`` for the first chart (``True`` inlines plotly.js, so the
+        page opens offline; ``False`` when the page already loads it)."""
+        import plotly.graph_objects as go
+
+        charts = "".join(
+            go.Figure(fig).to_html(
+                full_html=False, include_plotlyjs=include_plotlyjs if i == 0 else False
+            )
+            for i, fig in enumerate(self.figures.values())
+        )
+        body = f"<div>{self._status_text}</div>{charts}<div>{self._table_text}</div>"
+        if not full_html:
+            return body
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>redisq dashboard {_esc(self.namespace)}</title></head><body>{body}</body></html>"
+        )
+
+    def _repr_html_(self) -> str:
+        """A static fallback (where widgets do not render): the latest sample and the
+        tables, without JavaScript."""
+        last = self._samples[-1] if self._samples else {}
+        keys = (
+            "queued",
+            "running",
+            "workers_busy",
+            "workers_idle",
+            "completed",
+            "failed",
+            "throughput_per_s",
+            "total_p50",
+            "total_p95",
+            "total_p99",
+        )
+        rows = [
+            (k, f"{v:.3g}" if isinstance(v, float) else v) for k, v in last.items() if k in keys
+        ]
+        return (
+            f"<div>{self._status_text}</div>"
+            + _table("Latest sample", ("", ""), rows)
+            + self._table_text
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Dashboard {self.namespace} {self._state()} samples={len(self._samples)}>"
+
+    # ------------------------------------------------------------ stopping
+
+    def stop(self) -> None:
+        """Stop refreshing (the charts keep their data). Idempotent."""
+        self._stopped = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._status()
+
+    def close(self) -> None:
+        """Stop, and close the connection unless it was shared. Idempotent."""
+        self.stop()
+        if self._owns_service:
+            self._owns_service = False
+            self.service.close()
+
+    def __enter__(self) -> Dashboard:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

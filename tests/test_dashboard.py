@@ -1,0 +1,147 @@
+"""The live dashboard: its charts fill while jobs run, it stops cleanly, it stays
+bounded, and it renders without a kernel (static HTML)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from redisq_lab import Dashboard, JobMonitor, LocalStack, RedisMonitor, WorkerMonitor
+from redisq_lab.dashboard import MIN_INTERVAL
+
+from .helpers import wait_for
+
+INTERVAL = 0.25
+
+
+def _points(fig: Any, name: str | None = None) -> list[float]:
+    """The y values of a figure's trace (the first one, or the one named ``name``)."""
+    trace = fig.data[0] if name is None else next(t for t in fig.data if t.name == name)
+    return [0.0 if v is None else float(v) for v in trace.y]
+
+
+def _queued_points(dash: Dashboard) -> list[float]:
+    """Queued jobs per sample, summed over the per-priority depth traces."""
+    traces = dash.figures["depth"].data
+    return [sum(float(t.y[i]) for t in traces) for i in range(len(traces[0].y))]
+
+
+async def test_dashboard_updates_while_jobs_run_and_stops_cleanly() -> None:
+    with LocalStack(namespace="dash") as stack:
+        stack.add_workers(machines=1, gpus=2, run_time=0.05, progress_steps=1)
+        dash = RedisMonitor(stack).dashboard(interval=INTERVAL, window=100)
+        assert dash.task is not None and dash.running
+        assert len(dash.samples) == 1  # the first sample is taken at once
+        n_jobs = 80
+        with stack.service() as svc:
+            for i in range(n_jobs):
+                svc.add_job(job_type="inference", priority=(0, 5, 10)[i % 3])
+
+        async def charts_filled() -> bool:
+            queued = _queued_points(dash) if dash.figures["depth"].data else []
+            done = _points(dash.figures["throughput"], "completed/s")
+            return (
+                len(queued) >= 4
+                and max(queued) > 0
+                and len(done) >= 4
+                and max(done) > 0
+                and dash.samples["completed"].iloc[-1] == n_jobs
+            )
+
+        await wait_for(charts_filled, timeout=30, what="depth and throughput data points")
+        assert {t.name for t in dash.figures["depth"].data} == {
+            "priority 10",
+            "priority 5",
+            "priority 0",
+        }
+        assert len(_points(dash.figures["latency"], "p95")) == len(dash.samples)
+        assert max(_points(dash.figures["workers"], "busy")) > 0
+        samples = dash.samples
+        assert samples["elapsed_s"].is_monotonic_increasing
+        assert (samples["throughput_per_s"].dropna() >= 0).all()
+        assert samples["total_p50"].dropna().gt(0).any()
+        assert {"depth_p10", "depth_p5", "depth_p0"} <= set(samples.columns)
+
+        dash.stop()
+        assert not dash.running
+        task = dash.task
+        await asyncio.wait({task}, timeout=5)
+        assert task.done() and task.cancelled() and dash.error is None
+        n = len(dash.samples)
+        points = len(dash.figures["throughput"].data[0].y)
+        await asyncio.sleep(3 * INTERVAL)  # would have sampled three times if alive
+        assert len(dash.samples) == n
+        assert len(dash.figures["throughput"].data[0].y) == points
+        assert "stopped" in dash._repr_html_()
+        dash.stop()  # idempotent
+        dash.close()
+
+
+async def test_dashboard_stops_and_says_why_when_redis_goes_away() -> None:
+    stack = LocalStack(namespace="gone")
+    try:
+        dash = Dashboard(stack, interval=INTERVAL)
+        assert dash.running
+    finally:
+        await asyncio.to_thread(stack.close)
+    assert dash.task is not None
+    await asyncio.wait({dash.task}, timeout=30)
+    assert dash.task.done() and not dash.running
+    assert dash.error is not None
+    assert "stopped:" in dash._repr_html_()
+    dash.close()
+
+
+async def test_monitor_widgets_refresh_on_the_running_loop() -> None:
+    with LocalStack(namespace="widgets") as stack:
+        stack.add_workers(machines=1, gpus=1, run_time=0.01, progress_steps=1)
+        widgets = [
+            JobMonitor(stack).widget(interval=INTERVAL),
+            WorkerMonitor(stack).widget(interval=INTERVAL),
+            RedisMonitor(stack).widget(interval=INTERVAL),
+        ]
+        try:
+            assert all(w.task is not None for w in widgets)
+            assert "machine1:gpu0" in widgets[1].value
+            assert "Queued" in widgets[2].value
+            stack.submit("inference", priority=3)
+
+            async def counted() -> bool:
+                return re.search(r"Completed</td><td[^>]*>1<", widgets[2].value) is not None
+
+            await wait_for(counted, timeout=10, what="the queue widget to show the job")
+        finally:
+            for w in widgets:
+                w.stop()
+
+
+def test_without_a_loop_refresh_by_hand_and_the_window_is_bounded() -> None:
+    with LocalStack(namespace="script") as stack:
+        dash = Dashboard(stack, interval=0.01, window=3)
+        assert dash.task is None and not dash.running
+        assert dash.interval == MIN_INTERVAL  # throttled
+        stack.submit("inference", priority=7)
+        for _ in range(5):
+            dash.refresh()
+        samples = dash.samples
+        assert len(samples) == 3
+        assert samples["depth_p7"].tolist() == [1, 1, 1]
+        assert samples["elapsed_s"].is_monotonic_increasing
+        assert len(dash.figures["depth"].data[0].y) == 3
+        page = dash.to_html()
+        assert page.startswith("<!doctype html>") and "plotly" in page
+        assert "Queue depth by priority" in dash.to_html(include_plotlyjs=False, full_html=False)
+        static = dash._repr_html_()
+        assert "<script" not in static and "Next in queue" in static
+        dash.close()
+        dash.close()
+
+
+def test_rejects_a_bad_window_or_interval() -> None:
+    with pytest.raises(ValueError, match="window"):
+        Dashboard("redis://127.0.0.1:1/0", window=1)
+    with pytest.raises(ValueError, match="interval"):
+        Dashboard("redis://127.0.0.1:1/0", interval=float("nan"))
