@@ -190,10 +190,7 @@ class QueueClient:
         except BaseException:
             self.traces.pop(job_id, None)
             raise
-        trace.accepted = time.monotonic()
         trace.status = trace.status or reply["status"]
-        if reply["status"] == "assigned" and trace.assigned is None:
-            trace.assigned = trace.accepted
         return job_id
 
     async def submit_many(
@@ -277,6 +274,14 @@ class QueueClient:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         ref = msg.get("ref")
+        if msg.get("type") == "job_accepted":
+            # stamped on arrival: updates that follow may be read before the
+            # submitting coroutine resumes
+            trace = self.traces.get(msg.get("job_id", ""))
+            if trace is not None:
+                trace.accepted = time.monotonic()
+                if msg.get("status") == "assigned" and trace.assigned is None:
+                    trace.assigned = trace.accepted
         if ref is not None and ref in self._replies:
             fut = self._replies[ref]
             if not fut.done():

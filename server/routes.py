@@ -122,13 +122,15 @@ class Router:
             conn.send(err.to_message())
         except RedisError as exc:
             log.warning("%r: Redis error: %s", conn, exc)
-            conn.send(error_message(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
             if kind in _WORKER_COMMITS:
-                # The worker has moved on; had its report not reached Redis, this live
-                # socket would hold the job for ever (the sweep renews its lease).
-                # Closing requeues the job (now, or by the reaper once Redis is back)
-                # and the worker registers afresh.
+                # The worker moves on whatever the reply; had its report not reached
+                # Redis, this live socket would hold the job for ever (the sweep renews
+                # its lease). Closing (instead of an `unavailable` reply) requeues the
+                # job, now or by the reaper once Redis is back; the worker registers
+                # afresh.
                 conn.close(CLOSE_UNAVAILABLE, "the queue is unavailable; reconnect")
+            else:
+                conn.send(error_message(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
         except Exception:
             log.exception("%r: handler failed", conn)
             conn.send(error_message(ErrorCode.INTERNAL, "internal error", ref))

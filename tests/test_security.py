@@ -1,0 +1,509 @@
+"""Security: role tokens, isolation between clients, read-only monitors, the debug
+page, a Redis password and TLS end to end, and secrets kept out of the logs.
+
+See docs/security.md for the threat model these tests pin down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from redisq_lab.client import QueueClient
+from redisq_lab.mock_worker import MockWorker
+from redisq_lab.redis_process import RedisProcess, free_port
+from redisq_server import AsyncRedisService, EngineLimits, RedisService, Settings
+from redisq_server.main import Hub
+
+from .helpers import namespace_keys, wait_for
+from .peers import Peer, open_worker
+from .test_faults import LiveHub
+
+TOKENS = {"client": "cl-7Hq2xN9s", "worker": "wk-Lr4pZ8mV", "monitor": "mo-Bt6yK1cE"}
+PATHS = {"client": "/ws/client/c1", "worker": "/ws/worker/m1:gpu0", "monitor": "/ws/monitor/m1"}
+
+
+def hub_settings(redis_url: str, limits: EngineLimits, **kw: Any) -> Settings:
+    return replace(Settings(redis_url=redis_url, hub_port=0, limits=limits), **kw)
+
+
+def http_get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers.get("Content-Type", "")
+
+
+async def aget(url: str) -> tuple[int, bytes, str]:
+    return await asyncio.get_running_loop().run_in_executor(None, http_get, url)
+
+
+@pytest.fixture
+async def locked_hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
+    settings = hub_settings(
+        redis_url,
+        limits,
+        client_token=TOKENS["client"],
+        worker_token=TOKENS["worker"],
+        monitor_token=TOKENS["monitor"],
+    )
+    async with Hub(settings) as hub:
+        yield hub
+
+
+# ------------------------------------------------------------------------ tokens
+
+
+@pytest.mark.parametrize("role", ["client", "worker", "monitor"])
+async def test_each_role_needs_its_own_token(locked_hub: Hub, role: str) -> None:
+    url = locked_hub.url + PATHS[role]
+    token = TOKENS[role]
+    refused = [
+        {},  # none
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {token[:-1]}"},  # a prefix
+        {"Authorization": f"Bearer {token}x"},  # longer
+        {"Authorization": f"Basic {token}"},  # not a bearer token, and no query token
+        *({"Authorization": f"Bearer {TOKENS[other]}"} for other in TOKENS if other != role),
+    ]
+    for headers in refused:
+        with pytest.raises(InvalidStatus) as err:
+            await connect(url, additional_headers=headers)
+        assert err.value.response.status_code == 401, headers
+        body = json.loads(err.value.response.body)
+        assert body == {"error": f"{role} token required"}
+    for other in TOKENS:
+        if other != role:
+            with pytest.raises(InvalidStatus):
+                await connect(f"{url}?token={TOKENS[other]}")
+    # accepted: the header, or the query string
+    a = await Peer.open(url, additional_headers={"Authorization": f"Bearer {token}"})
+    b = await Peer.open(f"{url}?token={quote(token)}")
+    assert a.seen[0]["role"] == b.seen[0]["role"] == role
+    await a.close()
+    await b.close()
+
+
+async def test_refusals_and_health_reveal_nothing(locked_hub: Hub, redis_url: str) -> None:
+    status, body, kind = await aget(f"http://127.0.0.1:{locked_hub.port}/health")
+    assert status == 200 and kind == "application/json"
+    health = json.loads(body)
+    assert set(health) == {"status", "redis", "hub", "version", "protocol", "connections"}
+    text = body.decode()
+    assert not any(t in text for t in TOKENS.values())
+    assert redis_url not in text and str(locked_hub.settings.redis_url) not in text
+    with pytest.raises(InvalidStatus) as err:
+        await connect(locked_hub.url + PATHS["client"])
+    assert not any(t in err.value.response.body.decode() for t in TOKENS.values())
+
+
+async def test_token_identifies_the_role_not_the_client(locked_hub: Hub) -> None:
+    """Plainly: whoever holds the client token may connect as any client id, and
+    so see and cancel that id's jobs (docs/security.md: put an authenticating proxy
+    in front, or give tenants separate namespaces)."""
+    auth = {"Authorization": f"Bearer {TOKENS['client']}"}
+    alice = await Peer.open(f"{locked_hub.url}/ws/client/alice", additional_headers=auth)
+    job = (await alice.request({"type": "submit_job", "job_type": "t"}))["job_id"]
+    mallory = await Peer.open(f"{locked_hub.url}/ws/client/alice", additional_headers=auth)
+    st = await mallory.request({"type": "cancel_job", "job_id": job})
+    assert st["status"] == "cancelled"
+    await alice.close()
+    await mallory.close()
+
+
+# ---------------------------------------------------------------------- isolation
+
+
+async def test_clients_cannot_see_or_touch_each_others_jobs(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    async with Hub(hub_settings(redis_url, limits)) as hub:
+        alice = await Peer.open(f"{hub.url}/ws/client/alice")
+        bob = await Peer.open(f"{hub.url}/ws/client/bob")
+        secret = {"prompt": "alice's private prompt"}
+        acc = await alice.request(
+            {"type": "submit_job", "job_type": "t", "params": secret, "job_id": "alice-job-1"}
+        )
+        job = acc["job_id"]
+        sync = redis.Redis.from_url(redis_url, decode_responses=True)
+        before = namespace_keys(sync, hub.svc.keys)
+        unknown: list[dict[str, Any]] = []
+        for kind in ("get_job_status", "subscribe_job", "cancel_job"):
+            theirs = await bob.request({"type": kind, "job_id": job})
+            nothing = await bob.request({"type": kind, "job_id": "no-such-job"})
+            # the same answer as for a job that does not exist: no oracle, no details
+            assert theirs["code"] == nothing["code"] == "not_found"
+            assert theirs["message"].replace(job, "X") == nothing["message"].replace(
+                "no-such-job", "X"
+            )
+            unknown.append(theirs)
+        assert namespace_keys(sync, hub.svc.keys) == before  # nothing changed
+        # a job id is unique per namespace: reusing alice's id is refused, and that
+        # tells bob only that the id is taken (job ids are random by default)
+        dup = await bob.request({"type": "submit_job", "job_type": "t", "job_id": job})
+        assert dup["code"] == "duplicate"
+        assert namespace_keys(sync, hub.svc.keys) == before
+
+        # run it to the end with a worker: bob hears nothing of it, in pushes or events
+        w = await open_worker(hub.url, "m1:gpu0", ["t"])
+        a = await w.expect("job_assigned")
+        await w.send({"type": "update_job_progress", "job_id": job, "attempt": 1, "progress": 50})
+        await w.send({"type": "complete_job", "job_id": job, "attempt": 1, "result": "r"})
+        done = await alice.expect("job_completed")
+        assert done["job_id"] == job == a["job_id"]
+        page = await bob.request({"type": "get_events", "since": "0", "limit": 10_000})
+        assert page["events"] == []
+        await bob.request({"type": "get_stats"})  # flush bob's socket
+        assert not any(job in json.dumps(m) for m in bob.seen if m.get("type") != "error")
+        assert not any("private prompt" in json.dumps(m) for m in bob.seen)
+        # a worker may report on its own attempt only, and cannot read jobs at all
+        w2 = await open_worker(hub.url, "m2:gpu0", ["other"])
+        stale = await w2.request({"type": "complete_job", "job_id": job, "attempt": 1})
+        assert stale["code"] in ("stale_attempt", "bad_state")
+        read = await w2.request({"type": "get_job_status", "job_id": job})
+        assert read["code"] == "not_allowed"
+        for p in (alice, bob, w, w2):
+            await p.close()
+        sync.close()
+
+
+async def test_monitors_are_read_only(redis_url: str, limits: EngineLimits) -> None:
+    async with Hub(hub_settings(redis_url, limits)) as hub:
+        c = await Peer.open(f"{hub.url}/ws/client/c1")
+        job = (await c.request({"type": "submit_job", "job_type": "t"}))["job_id"]
+        m = await Peer.open(f"{hub.url}/ws/monitor/dash")
+        sync = redis.Redis.from_url(redis_url, decode_responses=True)
+        before = namespace_keys(sync, hub.svc.keys)
+        writes: list[dict[str, Any]] = [
+            {"type": "submit_job", "job_type": "t"},
+            {"type": "cancel_job", "job_id": job},
+            {"type": "subscribe_job", "job_id": job},
+            {"type": "register_worker", "job_types": ["t"]},
+            {"type": "worker_heartbeat"},
+            {"type": "update_job_progress", "job_id": job, "attempt": 1, "progress": 1},
+            {"type": "complete_job", "job_id": job, "attempt": 1},
+            {"type": "fail_job", "job_id": job, "attempt": 1, "error": "x"},
+        ]
+        for msg in writes:
+            err = await m.request(msg)
+            assert err["type"] == "error" and err["code"] == "not_allowed", (msg, err)
+        # what a monitor may do: read (any job, stats, events), and nothing changes
+        st = await m.request({"type": "get_job_status", "job_id": job})
+        assert st["type"] == "job_status" and st["status"] == "queued"
+        assert (await m.request({"type": "get_stats"}))["type"] == "stats"
+        assert (await m.request({"type": "get_events", "since": "0"}))["events"]
+        assert (await m.request({"type": "subscribe_events"}))["type"] == "subscribed"
+        assert (await m.request({"type": "subscribe_stats", "interval_ms": 1000}))["type"] == (
+            "stats"
+        )
+        assert namespace_keys(sync, hub.svc.keys) == before
+        await m.close()
+        await c.close()
+        sync.close()
+
+
+# ------------------------------------------------------------------- debug page
+
+
+async def test_debug_page_is_off_unless_enabled(
+    locked_hub: Hub, redis_url: str, limits: EngineLimits
+) -> None:
+    for path in ("/debug", "/debug/", "/debug?x=1", "/static/ws_debug.html", "/ws_debug.html"):
+        status, _, _ = await aget(f"http://127.0.0.1:{locked_hub.port}{path}")
+        assert status == 404, path
+    settings = hub_settings(
+        redis_url,
+        limits,
+        debug=True,
+        client_token=TOKENS["client"],
+        monitor_token=TOKENS["monitor"],
+    )
+    async with Hub(settings) as hub:
+        status, body, kind = await aget(f"http://127.0.0.1:{hub.port}/debug")
+        assert status == 200 and kind.startswith("text/html")
+        page = body.decode()
+        # a static page: it holds no token, no Redis address and no job data; what it
+        # shows it reads over the normal endpoints, with the token its user types in
+        assert not any(t in page for t in TOKENS.values())
+        assert redis_url not in page and hub.hub_id not in page
+        with pytest.raises(InvalidStatus) as err:
+            await connect(f"{hub.url}/ws/client/c1")
+        assert err.value.response.status_code == 401  # debug does not open the endpoints
+
+
+# ---------------------------------------------------------------- Redis password
+
+
+PASSWORD = "p@ss:w/rd#%q9"  # characters that must be percent-encoded in a URL
+
+
+@pytest.fixture(scope="module")
+def redis_with_password() -> Iterator[RedisProcess]:
+    with RedisProcess(password=PASSWORD) as rp:
+        yield rp
+
+
+def password_url(rp: RedisProcess, password: str = PASSWORD) -> str:
+    return f"redis://:{quote(password, safe='')}@127.0.0.1:{rp.port}/0"
+
+
+async def _run_one_job(hub_url: str, token: str | None = None) -> Any:
+    async with (
+        MockWorker("pw-m", 1, hub=hub_url, job_types=["t"], run_time=0.0, token=token),
+        QueueClient(hub_url, "pw-c") as qc,
+    ):
+        return await qc.result(await qc.submit("t", params={"x": 1}), timeout=30)
+
+
+async def test_redis_password_end_to_end(redis_with_password: RedisProcess, namespace: str) -> None:
+    rp = redis_with_password
+    url = password_url(rp)
+    # the hub process, from REDIS_URL
+    hub = LiveHub(url, namespace)
+    try:
+        result = await _run_one_job(hub.url)
+        assert result["worker_id"] == "pw-m:gpu0"
+    finally:
+        assert hub.stop() == 0
+    # the hub process, from the seed's REDIS_HOST / REDIS_PORT / REDIS_PASSWORD
+    seed_env = {
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(rp.port),
+        "REDIS_PASSWORD": PASSWORD,
+    }
+    hub = LiveHub("", f"{namespace}b", env=seed_env)
+    try:
+        assert (await _run_one_job(hub.url))["worker_id"] == "pw-m:gpu0"
+    finally:
+        assert hub.stop() == 0
+    # the engine's own shells
+    limits = EngineLimits(namespace=f"{namespace}c")
+    with RedisService(host="127.0.0.1", port=rp.port, password=PASSWORD, limits=limits) as svc:
+        assert svc.add_job(job_type="t").status.value == "queued"
+    asvc = AsyncRedisService(url, limits=limits)
+    assert (await asvc.get_stats())["totals"]["submitted"] == 1
+    await asvc.aclose()
+
+
+@pytest.mark.parametrize(
+    "how", ["no password", "wrong password"], ids=["no-password", "wrong-password"]
+)
+def test_hub_refuses_to_start_without_the_right_password(
+    redis_with_password: RedisProcess, how: str
+) -> None:
+    wrong = "not-the-Pa55word"
+    url = (
+        f"redis://127.0.0.1:{redis_with_password.port}/0"
+        if how == "no password"
+        else password_url(redis_with_password, wrong)
+    )
+    r = start_hub(url)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "cannot start" in r.stderr and "Traceback" not in out
+    assert wrong not in out and quote(wrong) not in out and PASSWORD not in out
+
+
+def start_hub(redis_url: str) -> subprocess.CompletedProcess[str]:
+    """``python -m redisq_server`` against ``redis_url``, expected to exit at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "redisq_server", "--port", "0", "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# -------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 "-days", "1", "-subj", f"/CN=redisq test {ca}", cwd=d)  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn in (("server", "localhost"), ("client", "redisq-hub")):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "1",
+                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+    return Certs(
+        d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
+        d / "other-ca.crt",
+    )  # fmt: skip
+
+
+def tls_redis(certs: Certs, auth_clients: str) -> tuple[RedisProcess, int]:
+    """A private redis-server with a TLS port (its plain port, on loopback, is only
+    used to see that it is up). Skips when this redis-server was built without TLS."""
+    tls_port = free_port()
+    rp = RedisProcess(
+        password=PASSWORD,
+        extra_args=(
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", str(certs.server_cert),
+            "--tls-key-file", str(certs.server_key),
+            "--tls-ca-cert-file", str(certs.ca),
+            "--tls-auth-clients", auth_clients,
+        ),
+    )  # fmt: skip
+    try:
+        rp.start()
+    except RuntimeError as exc:
+        if "tls" in str(exc).lower():
+            pytest.skip(f"redis-server without TLS support: {exc}")
+        raise
+    return rp, tls_port
+
+
+def tls_url(port: int, ca: Path, **extra: str) -> str:
+    query = "&".join(
+        f"{k}={quote(str(v), safe='/')}"
+        for k, v in {
+            "ssl_ca_certs": ca,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": "true",
+            **extra,
+        }.items()
+    )
+    return f"rediss://:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0?{query}"
+
+
+async def test_tls_to_redis_end_to_end(certs: Certs, namespace: str) -> None:
+    """``rediss://`` with the server's certificate checked against our CA (and its
+    name, 127.0.0.1): the hub runs jobs over it. A plain connection to the TLS port
+    gets nowhere, and a certificate from another CA is refused."""
+    rp, tls_port = tls_redis(certs, "no")
+    try:
+        hub = LiveHub(tls_url(tls_port, certs.ca), namespace)
+        try:
+            assert (await _run_one_job(hub.url))["worker_id"] == "pw-m:gpu0"
+        finally:
+            assert hub.stop() == 0
+        plain = redis.Redis(host="127.0.0.1", port=tls_port, password=PASSWORD, socket_timeout=2)
+        with pytest.raises(redis.RedisError):
+            plain.ping()
+        plain.close()
+        r = await asyncio.to_thread(start_hub, tls_url(tls_port, certs.other_ca))
+        assert r.returncode == 2 and "cannot start" in r.stderr
+        assert "certificate verify failed" in r.stderr and "Traceback" not in r.stderr
+        assert PASSWORD not in r.stdout + r.stderr
+    finally:
+        rp.stop()
+
+
+async def test_mutual_tls_to_redis(certs: Certs, namespace: str) -> None:
+    """Redis that demands a client certificate (``--tls-auth-clients yes``): the hub
+    presents one from ``ssl_certfile``/``ssl_keyfile`` in the URL; without it, Redis
+    refuses the connection."""
+    rp, tls_port = tls_redis(certs, "yes")
+    try:
+        url = tls_url(
+            tls_port,
+            certs.ca,
+            ssl_certfile=str(certs.client_cert),
+            ssl_keyfile=str(certs.client_key),
+        )
+        hub = LiveHub(url, namespace)
+        try:
+            assert (await _run_one_job(hub.url))["worker_id"] == "pw-m:gpu0"
+        finally:
+            assert hub.stop() == 0
+        svc = AsyncRedisService(tls_url(tls_port, certs.ca), limits=EngineLimits(namespace="x"))
+        with pytest.raises((redis.RedisError, OSError)):
+            await svc.ping()
+        await svc.aclose()
+    finally:
+        rp.stop()
+
+
+# ---------------------------------------------------------------------- secrets
+
+
+async def test_secrets_never_reach_the_logs(
+    redis_with_password: RedisProcess, namespace: str
+) -> None:
+    """A hub at DEBUG (the WebSocket library then dumps every handshake, path and
+    headers included), with a Redis password and all three tokens, under traffic
+    that carries the tokens in headers and in query strings, and through a Redis
+    outage (connection errors logged): neither the password nor any token appears
+    in its output, raw or percent-encoded."""
+    rp = redis_with_password
+    env = {
+        "REDISQ_CLIENT_TOKEN": TOKENS["client"],
+        "REDISQ_WORKER_TOKEN": TOKENS["worker"],
+        "REDISQ_MONITOR_TOKEN": TOKENS["monitor"],
+    }
+    hub = LiveHub(password_url(rp), namespace, "--log-level", "DEBUG", env=env)
+    try:
+        auth = {"Authorization": f"Bearer {TOKENS['client']}"}
+        c = await Peer.open(f"{hub.url}/ws/client/c1", additional_headers=auth)
+        m = await Peer.open(f"{hub.url}/ws/monitor/m1?token={quote(TOKENS['monitor'])}")
+        w = await open_worker(
+            f"{hub.url}", f"m1:gpu0?token={TOKENS['worker']}", ["t"]
+        )  # the worker id comes before the query string
+        await c.request({"type": "submit_job", "job_type": "t"})
+        a = await w.expect("job_assigned")
+        await w.send({"type": "complete_job", "job_id": a["job_id"], "attempt": 1})
+        await c.expect("job_completed")
+        with pytest.raises(InvalidStatus):
+            await connect(f"{hub.url}/ws/client/c2?token={TOKENS['worker']}")
+        # a short Redis outage: the hub logs its connection errors
+        assert rp.proc is not None
+        rp.proc.terminate()
+        rp.proc.wait(10)
+        err = await c.request({"type": "get_stats"})
+        assert err["code"] == "unavailable"
+        rp.restart()
+
+        async def back() -> bool:
+            return bool((await c.request({"type": "get_stats"}))["type"] == "stats")
+
+        await wait_for(back, 10, "the hub to reach Redis again")
+        for p in (c, m, w):
+            await p.close()
+    finally:
+        assert hub.stop() == 0
+    out = hub.output()
+    assert "DEBUG websockets" in out and "Redis error" in out  # the logs were there
+    assert "Bearer ***" in out and "token=***" in out  # and were masked
+    for secret in (PASSWORD, *TOKENS.values()):
+        for form in {secret, quote(secret, safe=""), quote(secret)}:
+            assert form not in out, f"{form!r} appears in the hub's output"
