@@ -23,7 +23,11 @@ from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.retry import Retry as SyncRetry
 
 from .config import EngineLimits, redis_url_from_env
 from .keys import Keys, lua_prelude
@@ -433,6 +437,17 @@ def _cluster_url(url: str) -> str | None:
     return None
 
 
+def _retry_stale_connections(kwargs: dict[str, Any], retry_class: Any) -> None:
+    """Retry a command (twice, quickly) when its connection turns out to be closed,
+    as pooled connections are after a Redis restart. Only connection errors are
+    retried, not timeouts. A script whose reply was lost with its connection may run
+    twice: fencing turns the second run into a refused report (``bad_state``,
+    ``stale_attempt``, ``duplicate``), or for a registration into one extra requeue;
+    never into a job completed twice."""
+    kwargs.setdefault("retry", retry_class(ExponentialBackoff(cap=0.5, base=0.02), 2))
+    kwargs.setdefault("retry_on_error", [RedisConnectionError])
+
+
 def connect_async(url: str, **kwargs: Any) -> Any:
     """An asyncio client for ``url`` with strings decoded: a Redis Cluster client for
     ``redis+cluster://`` / ``rediss+cluster://`` (any node as the seed), else a
@@ -441,6 +456,7 @@ def connect_async(url: str, **kwargs: Any) -> Any:
     plain = _cluster_url(url)
     if plain is not None:
         return aredis.RedisCluster.from_url(plain, **kwargs)
+    _retry_stale_connections(kwargs, AsyncRetry)
     # a blocking pool: many concurrent calls wait for a connection instead of failing
     kwargs.setdefault("max_connections", 256)
     pool = aredis.BlockingConnectionPool.from_url(url, **kwargs)
@@ -455,6 +471,7 @@ def connect_sync(url: str, **kwargs: Any) -> Any:
     plain = _cluster_url(url)
     if plain is not None:
         return redis.RedisCluster.from_url(plain, **kwargs)
+    _retry_stale_connections(kwargs, SyncRetry)
     return redis.Redis.from_url(url, **kwargs)
 
 
