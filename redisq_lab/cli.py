@@ -41,14 +41,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 import redis
 from websockets.exceptions import InvalidHandshake
 
-from redisq_server.config import redis_url_from_env
+from redisq_server.config import redis_url_from_env, safe_url
 
 from ._source import hub_url_of
 from .client import JobFailed, QueueClient, RequestError
@@ -567,14 +566,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _safe_url(url: str) -> str:
-    """``url`` with any password masked."""
-    parts = urlsplit(url)
-    if parts.password:
-        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    return url
-
-
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
     return code
@@ -591,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         run: Handler = args.run
         return run(args)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        url = _safe_url(args.redis_url or redis_url_from_env())
+        url = safe_url(args.redis_url or redis_url_from_env())
         return _fail(f"cannot reach Redis at {url}: {exc}", 2)
     except (NotFoundError, UsageError) as exc:
         return _fail(str(exc), 1)

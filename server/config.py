@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-__all__ = ["ENV", "EngineLimits", "Settings", "redis_url_from_env"]
+__all__ = ["ENV", "EngineLimits", "Settings", "redis_url_from_env", "safe_url"]
 
 
 def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
@@ -27,6 +27,15 @@ def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
     password = env.get("REDIS_PASSWORD")
     auth = f":{quote(password, safe='')}@" if password else ""
     return f"redis://{auth}{host}:{port}/{db}"
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password masked, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import __version__
-from .config import ENV, Settings
+from .config import ENV, Settings, safe_url
 from .connections import Connection, Registry
 from .models import (
     PROTOCOL_VERSION,
@@ -150,7 +150,7 @@ class Hub:
             "hub %s listening on %s (redis %s)",
             self.hub_id,
             self.url,
-            _safe_url(self.settings.redis_url),
+            safe_url(self.settings.redis_url),
         )
         return self
 
@@ -376,15 +376,6 @@ def _secrets(settings: Settings) -> list[str]:
     if password:
         raw += [password, unquote(password)]
     return [v for s in raw if s for v in (s, quote(s, safe=""))]
-
-
-def _safe_url(url: str) -> str:
-    """``url`` with any password masked, for logs."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,26 +26,13 @@ from redisq_lab.mock_worker import MockWorker
 from redisq_server import EngineLimits, Settings
 from redisq_server.main import Hub
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
+
 TIMEOUT_MS = 15_000
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (WITH_BROWSER=1 scripts/setup.sh)",
-    ),
+    needs_chromium,
 ]
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (test extra)")

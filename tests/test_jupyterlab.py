@@ -31,29 +31,16 @@ import pytest
 
 from redisq_lab.redis_process import free_port
 
+from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
+
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = "notebooks/02_mock_workers_dashboard.ipynb"
 KERNEL_DISPLAY_NAME = "Python 3 (redisq venv)"
-ARTIFACTS = REPO / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (WITH_BROWSER=1 scripts/setup.sh)",
-    ),
+    needs_chromium,
 ]
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (test extra)")
