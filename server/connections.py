@@ -1,11 +1,13 @@
 """The hub's live sockets: one :class:`Connection` per socket, indexed by a
 :class:`Registry`.
 
-Every outbound frame goes through the connection's bounded send queue, drained by
-one writer task per socket. When a reader stops reading and its queue fills, the
-socket is closed (code 1008, "send queue full"): a slow peer can neither grow the
-hub's memory nor stall the senders that fan events out to everyone else. A worker
-closed this way has its job requeued like any other dropped worker.
+An outbound frame is written to the socket at once while the socket keeps up (its
+transport is not paused and nothing waits before it). Otherwise it waits in the
+connection's bounded send queue, drained by one writer task per socket. When a
+reader stops reading and its queue fills, the socket is closed (code 1008, "send
+queue full"): a slow peer can neither grow the hub's memory nor stall the senders
+that fan events out to everyone else. A worker closed this way has its job requeued
+like any other dropped worker.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .models import Role, encode
 
@@ -47,6 +50,9 @@ class Connection:
         self.session = secrets.token_hex(8)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(queue_size)
         self._writer: asyncio.Task[None] | None = None
+        self._batch = False  # inside batch(): frames wait for one write at its end
+        self._unsent = False  # frames are waiting for that write
+        self._writing = False  # the writer holds a frame it has not finished writing
         self._closer: asyncio.Task[None] | None = None
         self.closing = False
         # clients: jobs whose updates this socket gets; events that arrive while a
@@ -70,28 +76,49 @@ class Connection:
         self._writer = asyncio.create_task(self._write(), name=f"writer {self.role} {self.id}")
 
     def send(self, message: dict[str, Any]) -> bool:
-        """Queue ``message`` for this socket. Returns False if it was dropped because
-        the socket is closing or its queue is full (which closes it)."""
+        """Send ``message`` on this socket without blocking. Returns False if it was
+        dropped because the socket is closing or its queue is full (which closes it)."""
+        return self.send_raw(encode(message))
+
+    def send_raw(self, frame: str) -> bool:
+        """Like :meth:`send` for an already encoded frame."""
         if self.closing:
             return False
+        ws = self.ws
+        if (
+            not self._writing
+            and self._queue.empty()
+            and not ws.paused
+            and ws.protocol.state is State.OPEN
+            and ws.send_in_progress is None
+        ):
+            # The fast path: what `await ws.send(frame)` does when it need not wait,
+            # without a hop through the writer task (order is kept: nothing is queued)
+            ws.protocol.send_text(frame.encode())
+            if self._batch:
+                self._unsent = True
+            else:
+                ws.send_data()
+            return True
         try:
-            self._queue.put_nowait(encode(message))
+            self._queue.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("%r: send queue full (%d frames); closing", self, self._queue.maxsize)
             self.close(CLOSE_SLOW, "send queue full: reader too slow")
             return False
         return True
 
-    def send_raw(self, frame: str) -> bool:
-        """Like :meth:`send` for an already encoded frame."""
-        if self.closing:
-            return False
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Frames sent inside this block leave in one socket write, at its end."""
+        self._batch = True
         try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.close(CLOSE_SLOW, "send queue full: reader too slow")
-            return False
-        return True
+            yield
+        finally:
+            self._batch = False
+            if self._unsent:
+                self._unsent = False
+                self.ws.send_data()
 
     def close(self, code: int, reason: str) -> None:
         """Close the socket soon, without waiting (safe to call from any task).
@@ -119,7 +146,9 @@ class Connection:
                 frame = await self._queue.get()
                 if frame is _STOP:
                     return
+                self._writing = True
                 await self.ws.send(frame)
+                self._writing = False
         except ConnectionClosed:
             pass
 

@@ -170,6 +170,8 @@ class Router:
         except BaseException:
             self.registry.unsubscribe(conn, job_id)
             raise
+        if result.assignment is not None:
+            self.push(result.assignment)  # first: the GPU waits, the client only learns
         conn.send(
             {
                 "type": MessageType.JOB_ACCEPTED.value,
@@ -180,8 +182,6 @@ class Router:
             }
         )
         conn.release_pending(job_id, keep=True)
-        if result.assignment is not None:
-            self.push(result.assignment)
 
     async def get_job_status(self, conn: Connection, msg: Message) -> None:
         job = await self._own_job(conn, msg.fields["job_id"])
@@ -317,15 +317,16 @@ class Router:
         conn.delivered = None
         # has_next tells the worker whether a job_assigned follows right away (so a
         # burst-mode worker knows, without waiting, that its queue is empty)
-        self._ack(
-            conn,
-            msg,
-            job_id=msg.fields["job_id"],
-            outcome=res.outcome,
-            has_next=res.next is not None,
-        )
-        if res.next is not None:
-            self.push(res.next)
+        with conn.batch():  # the ack and the next job in one write
+            self._ack(
+                conn,
+                msg,
+                job_id=msg.fields["job_id"],
+                outcome=res.outcome,
+                has_next=res.next is not None,
+            )
+            if res.next is not None:
+                self.push(res.next)
 
     async def complete_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)
