@@ -355,10 +355,15 @@ class JobModel:
     finished: float | None = None
 
     @classmethod
-    def from_redis(cls, h: Mapping[str, str], position: int | None = None) -> JobModel:
-        """Build from the job hash (decoded strings). ``position`` comes from ZRANK."""
+    def from_redis(cls, job_id: str, h: Mapping[str, str], position: int | None = None) -> JobModel:
+        """Build job ``job_id`` from its hash (decoded strings); ``position`` comes
+        from ZRANK. The hash leaves out what it can derive: the id (its key holds
+        it), zero counters, an empty client or worker, and ``queued`` while it
+        equals ``created``."""
+        created = _opt_float(h.get("created"))
+        queued = _opt_float(h.get("queued"))
         return cls(
-            job_id=h["id"],
+            job_id=job_id,
             job_type=h["type"],
             priority=int(h.get("priority", 0)),
             params=_json_or_none(h.get("params")) or {},
@@ -374,8 +379,8 @@ class JobModel:
             result=_json_or_none(h.get("result")),
             error=_opt_str(h.get("error")),
             position=position,
-            created=_opt_float(h.get("created")),
-            queued=_opt_float(h.get("queued")),
+            created=created,
+            queued=created if queued is None else queued,
             assigned=_opt_float(h.get("assigned")),
             started=_opt_float(h.get("started")),
             finished=_opt_float(h.get("finished")),

@@ -17,7 +17,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
@@ -212,12 +212,12 @@ def _engine_error(exc: ResponseError) -> Exception:
     return exc
 
 
-def _status_reply(r: Any) -> JobModel | None:
+def _status_reply(job_id: str, r: Any) -> JobModel | None:
     if not r:
         return None
     flat, pos = r
     h = dict(zip(flat[::2], flat[1::2], strict=True))
-    return JobModel.from_redis(h, position=int(pos) if int(pos) >= 0 else None)
+    return JobModel.from_redis(job_id, h, position=int(pos) if int(pos) >= 0 else None)
 
 
 class _Ops:
@@ -353,7 +353,7 @@ class _Ops:
 
     def status(self, job_id: str) -> _Op[JobModel | None]:
         validate_job_id(job_id)
-        return _Op("status", (job_id,), _status_reply)
+        return _Op("status", (job_id,), partial(_status_reply, job_id))
 
     def stats(self, window_s: float = 60.0) -> _Op[dict[str, Any]]:
         return _Op("stats", (repr(float(window_s)),), _parse_stats)
@@ -783,8 +783,8 @@ class RedisService(_Shell):
         with self.redis.pipeline(transaction=False) as p:
             for jid in job_ids:
                 p.hgetall(self.keys.job(jid))
-            rows = _hash_rows(p.execute())
-        return [JobModel.from_redis(h) for h in rows]
+            rows = p.execute()
+        return [JobModel.from_redis(jid, h) for jid, h in zip(job_ids, rows, strict=True) if h]
 
     def get_worker(self, worker_id: str) -> WorkerModel | None:
         r: Any = self.redis

@@ -201,6 +201,30 @@ async def test_requeue_keeps_original_position(svc: AsyncRedisService) -> None:
     assert (await svc.get_job(ids[0])).status == JobStatus.ASSIGNED  # type: ignore[union-attr]
 
 
+async def test_a_queued_job_stores_only_what_it_cannot_derive(
+    svc: AsyncRedisService, sync_svc: RedisService
+) -> None:
+    """Every byte of a queued job's hash is paid per job: the id (in the key), zero
+    counters, an empty client or worker and a `queued` equal to `created` are left
+    out, and the job reads back whole."""
+    r = await svc.submit_job("t", 2, {"x": 1})
+    h = await svc.redis.hgetall(svc.keys.job(r.job_id))
+    assert set(h) == {"type", "priority", "params", "status", "max_attempts", "seq", "created"}
+    job = await svc.get_job(r.job_id)
+    assert job is not None
+    assert (job.job_id, job.client_id, job.worker_id) == (r.job_id, None, None)
+    assert (job.attempt, job.lost, job.failures, job.position) == (0, 0, 0, 0)
+    assert job.queued == job.created is not None
+    # a requeue stamps its own `queued` time and clears the worker
+    assert await svc.register_worker("m1:gpu0", ["t"], session="s") is not None
+    assert await svc.worker_lost("m1:gpu0", "s")
+    back = await svc.get_job(r.job_id)
+    assert back is not None and back.status == JobStatus.QUEUED
+    assert back.worker_id is None and back.attempt == 1 and back.lost == 1
+    assert back.queued is not None and job.created is not None and back.queued > job.created
+    assert [j.job_id for j in sync_svc.get_jobs([r.job_id, "gone"])] == [r.job_id]
+
+
 async def test_reregistering_requeues_the_old_sessions_job(svc: AsyncRedisService) -> None:
     r = await svc.submit_job("t")
     a = await svc.register_worker("m1:gpu0", ["t"], session="one")

@@ -85,12 +85,13 @@ local function assign(id, w, t)
 end
 
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
--- type, else into its queue at the position its priority and seq give it.
+-- type, else into its queue at the position its priority and seq give it. `fresh`:
+-- just submitted (its `queued` time is its `created` time and it had no worker).
 -- Returns assignment, position (one of them is false).
-local function enqueue(id, t)
+local function enqueue(id, t, fresh)
   local jk = K.job(id)
   local j = redis.call('HMGET', jk, 'type', 'priority', 'seq')
-  redis.call('HSET', jk, 'queued', ts(t), 'worker', '')
+  if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = redis.call('ZRANGE', K.idle(j[1]), 0, 0)[1]
   if w then return assign(id, w, t), false end
   redis.call('HSET', jk, 'status', 'queued')

@@ -9,14 +9,17 @@ if redis.call('EXISTS', jk) == 1 then
 end
 local t = now()
 local seq = redis.call('INCR', K.seq())
-redis.call('HSET', jk, 'id', id, 'type', jt, 'priority', priority, 'params', A(4),
-  'client', A(5), 'status', 'queued', 'attempt', 0, 'max_attempts', A(6), 'lost', 0,
-  'seq', seq, 'created', ts(t))
+-- Only what is not derivable: the key holds the id, a missing attempt/lost/failures
+-- is 0, a missing client or worker is none, a missing `queued` equals `created`
+-- (see models.JobModel.from_redis). Every byte here is paid per queued job.
+redis.call('HSET', jk, 'type', jt, 'priority', priority, 'params', A(4), 'status', 'queued',
+  'max_attempts', A(6), 'seq', seq, 'created', ts(t))
+if A(5) ~= '' then redis.call('HSET', jk, 'client', A(5)) end
 redis.call('SADD', K.types(), jt)
 redis.call('HINCRBY', K.stats(), 'submitted', 1)
 redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
 emit(t, 'submitted', {'job', id, 'status', 'queued', 'jtype', jt, 'priority', priority,
   'client', A(5)})
-local a, pos = enqueue(id, t)
+local a, pos = enqueue(id, t, true)
 if a then return {'assigned', -1, a} end
 return {'queued', pos, false}
