@@ -820,6 +820,16 @@ def _csv(allowed: tuple[str, ...], special: tuple[str, ...] = ()) -> Callable[[s
     return parse
 
 
+def _served_loop() -> str:
+    """The loop ``redisq-server`` runs on here: uvloop when installed (the ``fast``
+    extra), else asyncio's own."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -846,7 +856,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, help="our worker's GPU sockets (default 4)")
     p.add_argument("--samples", type=int, help="our one-at-a-time latency samples (default 500)")
     p.add_argument(
-        "--hub-loop", choices=("asyncio", "uvloop"), default="asyncio", help="the hub's event loop"
+        "--hub-loop",
+        choices=("asyncio", "uvloop"),
+        default=_served_loop(),
+        help="the hub's event loop (default: uvloop when installed, as redisq-server runs)",
     )
     p.add_argument("--profile", action="store_true", help="also profile the hub during a drain")
     args = p.parse_args(argv)
