@@ -512,7 +512,7 @@ async def _fill(svc: AsyncRedisService, start: int, stop: int, chunk: int = 2000
     Each is exactly what ``submit_job`` would write."""
     script = svc.redis.register_script(script_source("submit"))
     template = svc.ops.submit(JOB_TYPE, 0, {})
-    keys, header, tail = [svc.keys.events], list(svc.ops.header), list(template.args[1:])
+    keys, header, tail = [svc.keys.events], [*svc.ops.header, ""], list(template.args[1:])
 
     async def one(a: int, b: int) -> None:
         async with svc.redis.pipeline(transaction=False) as p:

@@ -29,6 +29,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "stats": "stats",  # HASH: O(1) counters, total and per job type
     "seq": "seq",  # STRING: submission sequence (FIFO within a priority)
     "types": "types",  # SET: every job type seen (submitted or accepted)
+    "hubs": "hubs",  # ZSET: live hubs by liveness deadline
+    "clients": "clients:{}",  # SET per hub: client ids with a socket on that hub
+    "inbox": "inbox:{}",  # STREAM per hub: events for its sockets from others' calls
 }
 
 _NS_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -99,6 +102,16 @@ class Keys:
     @property
     def types(self) -> str:
         return self.prefix + KEY_TEMPLATES["types"]
+
+    @property
+    def hubs(self) -> str:
+        return self.prefix + KEY_TEMPLATES["hubs"]
+
+    def clients(self, hub_id: str) -> str:
+        return self.prefix + KEY_TEMPLATES["clients"].format(hub_id)
+
+    def inbox(self, hub_id: str) -> str:
+        return self.prefix + KEY_TEMPLATES["inbox"].format(hub_id)
 
 
 def lua_prelude() -> str:

@@ -7,10 +7,12 @@ one hub; any number may share one Redis. In code::
         print(hub.url)          # ws://127.0.0.1:<port>
         await hub.wait_stopped()  # or leave the block to stop it
 
-Background tasks: the event fan-in (XREAD on the events stream, routed to this
-hub's sockets), the liveness sweep (extends this hub's workers and their leases),
-the reaper (requeues what dead hubs left behind), the retry promoter, and the
-monitors' stats loops.
+Background tasks: the inbox fan-in (XREAD on this hub's inbox: the events other
+callers produced for its sockets), the local router (the events its own calls
+produced, handed back with their replies), the monitors' tap (the whole event
+stream, read only while a monitor asked for events), the liveness sweep (extends
+this hub, its workers and their leases), the reaper (requeues what dead hubs left
+behind), the retry promoter, and the monitors' stats loops.
 """
 
 from __future__ import annotations
@@ -97,8 +99,12 @@ class Hub:
         self.hub_id = settings.hub_id or f"hub-{secrets.token_hex(4)}"
         self.svc = service or AsyncRedisService(settings.redis_url, limits=settings.limits)
         self._own_svc = service is None
+        self.svc.hub_id = self.hub_id
         self.registry = Registry()
         self.router = Router(self.svc, self.registry, settings, self.hub_id)
+        self.svc.on_events = self.router.local_events
+        self._listed: set[str] = set()  # client ids listed in Redis as on this hub
+        self._presence = asyncio.Lock()  # keeps those listings in the order of events
         self.server: Server | None = None
         self.port = settings.hub_port
         self.stopping = False
@@ -125,7 +131,7 @@ class Hub:
     async def start(self) -> Hub:
         """Check Redis, bind the port (0 picks a free one) and start the tasks."""
         await self.svc.ping()
-        start_id = await self.svc.last_event_id()
+        await self.svc.hub_start()
         self.server = await serve(
             self._handler,
             self.settings.hub_host,
@@ -141,7 +147,9 @@ class Hub:
         self.port = int(self.server.sockets[0].getsockname()[1])
         interval = max(0.05, self.settings.limits.lease_s / 3)
         self._tasks = [
-            asyncio.create_task(self._fan_in(start_id), name="fan-in"),
+            asyncio.create_task(self._fan_in(), name="fan-in"),
+            asyncio.create_task(self._route_local(), name="local"),
+            asyncio.create_task(self._tap(), name="tap"),
             asyncio.create_task(self._sweep(interval), name="sweep"),
             asyncio.create_task(self._reap(min(1.0, interval)), name="reaper"),
             asyncio.create_task(self._promote(), name="promoter"),
@@ -170,6 +178,10 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.svc.hub_stop()
+        except RedisError as exc:  # other hubs' reapers forget it once its listing lapses
+            log.warning("could not unlist hub %s: %s", self.hub_id, exc)
         if self._own_svc:
             await self.svc.aclose()
         self._stopped.set()
@@ -265,6 +277,8 @@ class Hub:
         conn = Connection(ws, role, ident, self.settings.send_queue_frames)
         self.registry.add(conn)
         conn.start()
+        if role is Role.CLIENT:
+            await self._list_clients([ident])  # before its first request: events find it
         conn.send(self.router.welcome(conn))
         try:
             async for raw in ws:
@@ -275,6 +289,8 @@ class Hub:
             pass
         finally:
             self.registry.remove(conn)
+            if role is Role.CLIENT:
+                await self._list_clients([ident])
             if conn.registered:
                 try:
                     await self.svc.worker_lost(conn.id, conn.session, count=not self.stopping)
@@ -306,19 +322,71 @@ class Hub:
             if pause:
                 await asyncio.sleep(pause)
 
-    async def _fan_in(self, last_id: str) -> None:
-        state = {"last": last_id}
+    async def _list_clients(self, ids: Sequence[str], relist: bool = False) -> None:
+        """Bring Redis' list of the client ids with a socket here in line with the
+        registry, for ``ids``. Serialized, so a leave and a join of one id land in
+        the order they happened. A failure is logged; the sweep tries again."""
+        async with self._presence:
+            try:
+                if relist:
+                    self._listed.clear()
+                here = [c for c in ids if c in self.registry.clients and c not in self._listed]
+                gone = [c for c in ids if c not in self.registry.clients and c in self._listed]
+                if here:
+                    await self.svc.clients_here(here)
+                    self._listed.update(here)
+                if gone:
+                    await self.svc.clients_gone(gone)
+                    self._listed.difference_update(gone)
+            except RedisError as exc:
+                log.warning("could not list this hub's clients: %s", exc)
+
+    async def _fan_in(self) -> None:
+        state = {"last": "0-0"}  # hub_start emptied the inbox
 
         async def step() -> None:
-            events = await self.svc.read_events(state["last"], count=1000, block_ms=1000)
+            events = await self.svc.read_inbox(state["last"], count=1000, block_ms=1000)
             if events:
                 state["last"] = events[-1].id
                 await self.router.route_events(events)
 
         await self._forever("fan-in", step, 0)
 
+    async def _route_local(self) -> None:
+        queue = self.router.local
+
+        async def step() -> None:
+            events = await queue.get()
+            while not queue.empty():
+                events = events + queue.get_nowait()
+            await self.router.route_events(events)
+
+        await self._forever("local", step, 0)
+
+    async def _tap(self) -> None:
+        router = self.router
+
+        async def step() -> None:
+            if not any(m.events for m in self.registry.monitors):
+                router.tap_cursor = None
+                router.tap_wanted.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(router.tap_wanted.wait(), 1.0)
+                return
+            if router.tap_cursor is None:
+                router.tap_cursor = await self.svc.last_event_id()
+            events = await self.svc.read_events(router.tap_cursor, count=1000, block_ms=1000)
+            if events:
+                router.tap_cursor = events[-1].id
+                router.tap_events(events)
+
+        await self._forever("tap", step, 0)
+
     async def _sweep(self, interval: float) -> None:
         async def step() -> None:
+            relist = await self.svc.hub_alive()
+            if relist or len(self._listed) != len(self.registry.clients):
+                await self._list_clients([*self.registry.clients, *self._listed], relist)
             pairs = [(c.id, c.session) for c in self.registry.workers.values() if c.registered]
             for worker_id in await self.svc.touch(pairs):
                 conn = self.registry.workers.get(worker_id)

@@ -78,16 +78,29 @@ SCRIPT_NAMES = (
     "cancel",
     "status",
     "stats",
+    "hub",
 )
 
 
 @cache
 def script_source(name: str) -> str:
-    """The full Lua source of one script: prefix, generated keys, helpers, body."""
+    """The full Lua source of one script: prefix, generated keys, helpers, and the
+    body, whose reply comes back as ``{reply, events for the calling hub}`` (an error
+    reply as it is)."""
     lua = resources.files(__package__).joinpath("lua")
     lib = lua.joinpath("lib.lua").read_text()
     body = lua.joinpath(f"{name}.lua").read_text()
-    return "local P = ARGV[1]\n" + lua_prelude() + lib + "\n" + body
+    return (
+        "local P = ARGV[1]\n"
+        + lua_prelude()
+        + lib
+        + "\nlocal function main()\n"
+        + body
+        + "\nend\nlocal r = main()\n"
+        + "if type(r) == 'table' and r.err then return r end\n"
+        + "if r == nil then r = false end\n"
+        + "return {r, LOCAL}\n"
+    )
 
 
 def new_job_id() -> str:
@@ -358,6 +371,15 @@ class _Ops:
     def stats(self, window_s: float = 60.0) -> _Op[dict[str, Any]]:
         return _Op("stats", (repr(float(window_s)),), _parse_stats)
 
+    def hub(self, action: str, *args: str) -> _Op[int]:
+        """The calling hub's presence (see hub.lua): start, alive, join, leave, stop."""
+        return _Op("hub", (action, *args), int)
+
+    @property
+    def hub_ttl(self) -> str:
+        """How long a hub stays listed without renewing: three leases."""
+        return repr(3.0 * float(self.limits.lease_s))
+
 
 def _parse_stats(r: Any) -> dict[str, Any]:
     counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r
@@ -487,6 +509,11 @@ class _Shell:
     keys: Keys
     limits: EngineLimits
     _scripts: dict[str, Any]
+    #: the hub this service calls for ('' if none). A hub sets it with ``on_events``.
+    hub_id: str = ""
+    #: gets the events a call produced for the sockets of hub ``hub_id`` (the engine
+    #: writes them to no inbox); called before the call returns
+    on_events: Callable[[list[Event]], None] | None = None
 
     def _setup(self, client: Any, limits: EngineLimits | None, namespace: str | None) -> None:
         self.ops = _Ops(_limits(limits, namespace))
@@ -496,7 +523,14 @@ class _Shell:
 
     def _call(self, op: _Op[Any]) -> dict[str, list[str]]:
         """EVALSHA arguments for ``op``: the routing key and the common header."""
-        return {"keys": [self.keys.events], "args": [*self.ops.header, *op.args]}
+        return {"keys": [self.keys.events], "args": [*self.ops.header, self.hub_id, *op.args]}
+
+    def _reply(self, op: _Op[T], wrapped: Any) -> T:
+        """Hand the events for this hub to ``on_events``; parse the reply proper."""
+        reply, local = wrapped
+        if local and self.on_events is not None:
+            self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
+        return op.parse(reply)
 
 
 class AsyncRedisService(_Shell):
@@ -529,7 +563,7 @@ class AsyncRedisService(_Shell):
             reply = await self._scripts[op.script](**self._call(op))
         except ResponseError as exc:
             raise _engine_error(exc) from None
-        return op.parse(reply)
+        return self._reply(op, reply)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -664,6 +698,42 @@ class AsyncRedisService(_Shell):
         info = await self.redis.xrevrange(self.keys.events, "+", "-", 1)
         return str(info[0][0]) if info else "0-0"
 
+    # -- a hub's presence and inbox (only a hub calls these, with ``hub_id`` set)
+    async def hub_start(self) -> None:
+        """List this hub as live, with no clients and an empty inbox."""
+        await self._run(self.ops.hub("start", self.ops.hub_ttl))
+
+    async def hub_alive(self) -> bool:
+        """Extend this hub's listing. True if it had lapsed: the caller must list its
+        clients again with :meth:`clients_here`."""
+        relisted: int = await self._run(self.ops.hub("alive", self.ops.hub_ttl))
+        return relisted > 0
+
+    async def clients_here(self, client_ids: Iterable[str]) -> None:
+        """These client ids now have a socket on this hub: route their jobs' events here."""
+        await self._run(self.ops.hub("join", *client_ids))
+
+    async def clients_gone(self, client_ids: Iterable[str]) -> None:
+        """These client ids have no socket on this hub any more."""
+        await self._run(self.ops.hub("leave", *client_ids))
+
+    async def hub_stop(self) -> None:
+        """Unlist this hub and drop its client list and inbox."""
+        await self._run(self.ops.hub("stop"))
+
+    async def read_inbox(
+        self, last_id: str, count: int = 1000, block_ms: int = 1000
+    ) -> list[Event]:
+        """Events for this hub's sockets that other callers caused, after ``last_id``
+        (``0-0`` after :meth:`hub_start`), waiting up to ``block_ms``."""
+        key = self.keys.inbox(self.hub_id)
+        r: Any = self.redis
+        reply = await r.xread({key: last_id}, count=count, block=block_ms)
+        if not reply:
+            return []
+        entries = reply[0][1] if isinstance(reply, list) else reply[key][0]
+        return [_event(e) for e in entries]
+
 
 class RedisService(_Shell):
     """The queue engine, blocking flavour: the seed's API for scripts and notebooks.
@@ -698,7 +768,7 @@ class RedisService(_Shell):
             reply = self._scripts[op.script](**self._call(op))
         except ResponseError as exc:
             raise _engine_error(exc) from None
-        return op.parse(reply)
+        return self._reply(op, reply)
 
     def close(self) -> None:
         self.redis.close()

@@ -1,9 +1,10 @@
 """Message dispatch: one handler per inbound message type, and event routing.
 
 Each handler is a thin call into :class:`AsyncRedisService` that replies with a
-result or a typed ``error``. :meth:`Router.route_events` fans the engine's event
-stream out to this hub's own sockets: the job's subscribed clients, the worker an
-assignment or cancel concerns, and monitors that asked for events.
+result or a typed ``error``. :meth:`Router.route_events` delivers the engine events
+meant for this hub (those its own calls produced, and its inbox) to its sockets: the
+job's subscribed clients and the worker an assignment or cancel concerns.
+:meth:`Router.tap_events` gives monitors that asked for events the whole stream.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class Router:
         self.settings = settings
         self.hub_id = hub_id
         self.retry_due = asyncio.Event()  # set when a retry is scheduled
+        # events this hub's own calls produced (AsyncRedisService.on_events)
+        self.local: asyncio.Queue[list[Event]] = asyncio.Queue()
+        # the monitors' tap: where it reads the stream from, and its wake-up
+        self.tap_cursor: str | None = None
+        self.tap_wanted = asyncio.Event()
         self.handlers: dict[MessageType, Handler] = {
             MessageType.SUBMIT_JOB: self.submit_job,
             MessageType.GET_JOB_STATUS: self.get_job_status,
@@ -342,6 +348,8 @@ class Router:
         res = await self.svc.fail_job(
             f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
         )
+        if res.outcome == "retrying":
+            self.retry_due.set()  # this hub's promoter moves it back when it is due
         self._finished(conn, msg, res)
         if res.outcome == "failed":
             self._tell_final("failed", f["job_id"], f["attempt"], conn.id, error=f["error"])
@@ -394,17 +402,34 @@ class Router:
                 log.warning("stats for %r: %s", conn, exc)
 
     async def subscribe_events(self, conn: Connection, msg: Message) -> None:
+        last = await self.svc.last_event_id()
         conn.events = True
+        if self.tap_cursor is None:  # the tap is idle: it starts here
+            self.tap_cursor = last
+        self.tap_wanted.set()
         conn.send(
             {
                 "type": MessageType.SUBSCRIBED.value,
                 "ref": msg.id,
                 "events": True,
-                "last_id": await self.svc.last_event_id(),
+                "last_id": last,
             }
         )
 
     # -------------------------------------------------------------- events
+
+    def local_events(self, events: list[Event]) -> None:
+        """Take the events a call of this hub produced for its sockets (the service's
+        ``on_events``); the hub's local task routes them, in order."""
+        self.local.put_nowait(events)
+
+    def tap_events(self, events: Sequence[Event]) -> None:
+        """Give a batch of the whole event stream to the monitors that asked for it."""
+        monitors = [m for m in self.registry.monitors if m.events]
+        for ev in events:
+            frame = encode(ev.to_message())
+            for m in monitors:
+                m.send_raw(frame)
 
     async def route_events(self, events: Sequence[Event]) -> None:
         """Deliver a batch of engine events to this hub's sockets, in order.
@@ -429,12 +454,7 @@ class Router:
                 for job in need:
                     p.hmget(self.svc.keys.job(job), ["params", "result", "error"])
                 fetched = dict(zip(need, await p.execute(), strict=True))
-        monitors = [m for m in reg.monitors if m.events]
         for ev in events:
-            if monitors:
-                frame = encode(ev.to_message())
-                for m in monitors:
-                    m.send_raw(frame)
             self._route_one(ev, fetched.get(ev.fields.get("job", "")))
 
     def _wants_push(self, f: dict[str, str]) -> bool:

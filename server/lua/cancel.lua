@@ -24,6 +24,7 @@ else
 end
 finish(id, 'cancelled', t)
 emit(t, 'cancelled', {'job', id, 'status', 'cancelled', 'client', j[2], 'worker',
-  (st == 'assigned' or st == 'running') and j[5] or '', 'hub', hub, 'attempt', j[6]})
+  (st == 'assigned' or st == 'running') and j[5] or '', 'hub', hub, 'attempt', j[6]},
+  hubs_for(j[2], hub))
 if st == 'assigned' or st == 'running' then return {'cancelled', j[5], j[6]} end
 return {'cancelled', false, j[6]}

@@ -14,5 +14,5 @@ if blank(started) then redis.call('HSET', jk, 'started', ts(t)) end
 finish(id, 'completed', t)
 local client = redis.call('HGET', jk, 'client')
 emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
-  'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false})
+  'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client))
 return {'ok', release(w, t, 'done')}

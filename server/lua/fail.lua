@@ -22,12 +22,12 @@ if A(5) == '1' and failures < tonumber(j[1]) then
   redis.call('ZADD', K.delayed(), ts(t + delay), id)
   redis.call('HINCRBY', K.stats(), 'retried', 1)
   emit(t, 'retrying', {'job', id, 'status', 'retrying', 'client', j[2], 'worker', w,
-    'attempt', attempt, 'message', A(4), 'due', ts(t + delay)})
+    'attempt', attempt, 'message', A(4), 'due', ts(t + delay)}, hubs_for(j[2]))
   outcome = 'retrying'
 else
   finish(id, 'failed', t)
   emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[2], 'worker', w,
-    'attempt', attempt, 'message', A(4)})
+    'attempt', attempt, 'message', A(4)}, hubs_for(j[2]))
   outcome = 'failed'
 end
 return {outcome, release(w, t, 'failed')}

@@ -1,10 +1,15 @@
 -- Shared helpers, prepended to every script together with the generated key
 -- functions (K.*, see keys.py). Each script is one atomic state change.
 --
--- ARGV header, the same for every script (see redis_service.py, _header):
+-- ARGV header, the same for every script (see redis_service.py, _Shell._call):
 --   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
 --   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
--- Script arguments follow from ARGV[8] on: use A(i).
+--   8 the calling hub's id ('' when the caller is not a hub)
+-- Script arguments follow from ARGV[9] on: use A(i).
+--
+-- Every script's reply is wrapped as {reply, LOCAL} (redis_service.script_source):
+-- LOCAL holds the events for the calling hub's own sockets, so that a hub never
+-- reads back through Redis what its own calls did.
 
 local LEASE = tonumber(ARGV[2])
 local TTL = tonumber(ARGV[3])
@@ -12,7 +17,9 @@ local MAXLEN = ARGV[4]
 local MAX_LOST = tonumber(ARGV[5])
 local BACKOFF_BASE = tonumber(ARGV[6])
 local BACKOFF_MAX = tonumber(ARGV[7])
-local function A(i) return ARGV[7 + i] end
+local CALLER = ARGV[8]
+local function A(i) return ARGV[8 + i] end
+local LOCAL = {}
 
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
@@ -23,7 +30,12 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function ts(t) return string.format('%.6f', t) end
+-- a script formats the same few times many times over: keep the last one
+local last_t, last_ts = nil, nil
+local function ts(t)
+  if t ~= last_t then last_t, last_ts = t, string.format('%.6f', t) end
+  return last_ts
+end
 
 -- models.queue_score: exact below 2^53; formatted without an exponent.
 local function score(priority, seq)
@@ -38,17 +50,46 @@ end
 
 local function blank(v) return v == nil or v == false or v == '' end
 
--- Append one event to the capped stream. fields: flat list of name, value.
-local function emit(t, name, fields)
-  local args = {'XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', 'e', name, 't', ts(t)}
+-- The hubs that hold a socket of client `c`, plus `extra` (a worker's hub) if set:
+-- the hubs an event about one of c's jobs must reach. Bounded by the live hubs.
+local function hubs_for(c, extra)
+  local out = {}
+  if not blank(extra) then out[1] = extra end
+  if not blank(c) then
+    for _, h in ipairs(redis.call('ZRANGE', K.hubs(), 0, -1)) do
+      if redis.call('SISMEMBER', K.clients(h), c) == 1 then out[#out + 1] = h end
+    end
+  end
+  return out
+end
+
+-- Append one event to the capped stream (for monitors and catch-up) and deliver it
+-- to the hubs in `to` (hubs_for): the calling hub gets it with the reply, any other
+-- hub through its inbox stream. fields: flat list of name, value (blanks dropped).
+local function emit(t, name, fields, to)
+  local flat = {'e', name, 't', ts(t)}
   for i = 1, #fields, 2 do
     local v = fields[i + 1]
     if not blank(v) then
-      args[#args + 1] = fields[i]
-      args[#args + 1] = v
+      flat[#flat + 1] = fields[i]
+      flat[#flat + 1] = v
     end
   end
-  return redis.call(unpack(args))
+  local id = redis.call('XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
+  if to then
+    local done = {}
+    for _, h in ipairs(to) do
+      if not done[h] then
+        done[h] = true
+        if h == CALLER then
+          LOCAL[#LOCAL + 1] = {id, flat}
+        else
+          redis.call('XADD', K.inbox(h), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
+        end
+      end
+    end
+  end
+  return id
 end
 
 local function unidle(w, types)
@@ -63,7 +104,9 @@ end
 
 -- Give job `id` to idle worker `w`. Returns the assignment the hub pushes:
 -- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
-local function assign(id, w, t)
+-- `returned`: the script returns it to its caller, which pushes it if the worker
+-- is its own (so the event need not reach that hub again).
+local function assign(id, w, t, returned)
   local jk = K.job(id)
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
   redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
@@ -78,22 +121,24 @@ local function assign(id, w, t)
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
   local j = redis.call('HMGET', jk, 'type', 'priority', 'client', 'params')
   -- small params ride along, so the worker's hub can push without reading the job
+  local push_hub = wf[2]
+  if returned and push_hub == CALLER then push_hub = false end
   emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
     'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt, 'n', n,
-    'params', #j[4] <= INLINE_MAX and j[4] or false})
+    'params', #j[4] <= INLINE_MAX and j[4] or false}, hubs_for(j[3], push_hub))
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
--- Returns assignment, position (one of them is false).
-local function enqueue(id, t, fresh)
+-- Returns assignment, position (one of them is false); `returned` as for assign.
+local function enqueue(id, t, fresh, returned)
   local jk = K.job(id)
   local j = redis.call('HMGET', jk, 'type', 'priority', 'seq')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = redis.call('ZRANGE', K.idle(j[1]), 0, 0)[1]
-  if w then return assign(id, w, t), false end
+  if w then return assign(id, w, t, returned), false end
   redis.call('HSET', jk, 'status', 'queued')
   redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
   depth_add(j[1], j[2], 1)
@@ -116,7 +161,7 @@ local function claim_next(w, t)
   if best then
     redis.call('ZREM', K.queue(best_type), best)
     depth_add(best_type, redis.call('HGET', K.job(best), 'priority'), -1)
-    return assign(best, w, t)
+    return assign(best, w, t, true)
   end
   redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
   for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
@@ -179,12 +224,14 @@ local function lose_job(id, w, t, count)
   if lost > MAX_LOST then
     redis.call('HSET', jk, 'error', 'worker lost ' .. lost .. ' times while running this job')
     finish(id, 'failed', t)
-    emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[4], 'worker', w, 'attempt', j[5]})
+    emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[4], 'worker', w,
+      'attempt', j[5]}, hubs_for(j[4]))
     return
   end
   redis.call('HINCRBY', K.stats(), 'requeued', 1)
-  emit(t, 'requeued', {'job', id, 'status', 'queued', 'client', j[4], 'worker', w, 'attempt', j[5]})
-  enqueue(id, t)
+  emit(t, 'requeued', {'job', id, 'status', 'queued', 'client', j[4], 'worker', w,
+    'attempt', j[5]}, hubs_for(j[4]))
+  enqueue(id, t, false, false)
 end
 
 -- Take worker `w` out of service; requeue its job. Only if `session` is current.

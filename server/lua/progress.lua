@@ -15,5 +15,5 @@ redis.call('ZADD', K.leases(), 'XX', ts(t + LEASE), id)
 redis.call('ZADD', K.workers(), 'XX', ts(t + LEASE), w)
 redis.call('HSET', K.worker(w), 'seen', ts(t))
 emit(t, 'progress', {'job', id, 'status', 'running', 'client', j[2], 'worker', w,
-  'attempt', attempt, 'progress', A(4), 'message', A(5)})
+  'attempt', attempt, 'progress', A(4), 'message', A(5)}, hubs_for(j[2]))
 return 'running'

@@ -6,12 +6,13 @@ local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', ts(t), 'LIMIT', 0, 
 local out = {#due, -1}
 for _, id in ipairs(due) do
   redis.call('ZREM', K.delayed(), id)
-  local a = enqueue(id, t)
+  local a = enqueue(id, t, false, true)
   if a then
     out[#out + 1] = a
   else
     local j = redis.call('HMGET', K.job(id), 'client', 'attempt')
-    emit(t, 'promoted', {'job', id, 'status', 'queued', 'client', j[1], 'attempt', j[2]})
+    emit(t, 'promoted', {'job', id, 'status', 'queued', 'client', j[1], 'attempt', j[2]},
+      hubs_for(j[1]))
   end
 end
 local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')

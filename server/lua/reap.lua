@@ -1,10 +1,15 @@
 -- Requeue what dead hubs left behind: workers past their liveness deadline and
--- jobs past their lease. Safe to run from any number of hubs at once.
+-- jobs past their lease; forget hubs past theirs (their client lists and inboxes).
+-- Safe to run from any number of hubs at once.
 -- A(1) how many of each to handle in this call
 -- Returns the number of workers dropped plus leases reclaimed.
 local t = now()
 local limit = tonumber(A(1))
 local n = 0
+for _, h in ipairs(redis.call('ZRANGEBYSCORE', K.hubs(), '-inf', ts(t), 'LIMIT', 0, limit)) do
+  redis.call('ZREM', K.hubs(), h)
+  redis.call('DEL', K.clients(h), K.inbox(h))
+end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMIT', 0, limit)) do
   local session = redis.call('HGET', K.worker(w), 'session')
   if session and drop_worker(w, session, t, 1) == 1 then n = n + 1

@@ -20,6 +20,6 @@ redis.call('HINCRBY', K.stats(), 'submitted', 1)
 redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
 emit(t, 'submitted', {'job', id, 'status', 'queued', 'jtype', jt, 'priority', priority,
   'client', A(5)})
-local a, pos = enqueue(id, t, true)
+local a, pos = enqueue(id, t, true, true)
 if a then return {'assigned', -1, a} end
 return {'queued', pos, false}

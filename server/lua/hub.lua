@@ -1,0 +1,29 @@
+-- The calling hub's presence: which hubs are live and which client ids have a
+-- socket on each, so that events about a client's jobs reach the hubs it is on.
+-- A(1) action:
+--   'start'  forget what an earlier run under this hub id left; A(2) lease seconds
+--   'alive'  extend the hub's deadline by A(2) seconds; returns 1 if the hub had
+--            been given up for dead (its client list is gone: list them again)
+--   'join'   A(2), A(3), ...: client ids now with a socket here
+--   'leave'  A(2), A(3), ...: client ids with no socket here any more
+--   'stop'   the hub goes away
+local h, action = CALLER, A(1)
+if h == '' then return redis.error_reply('INVALID_FIELD hub id required') end
+if action == 'start' or action == 'stop' then
+  redis.call('DEL', K.clients(h), K.inbox(h))
+  if action == 'stop' then return redis.call('ZREM', K.hubs(), h) end
+end
+if action == 'start' or action == 'alive' then
+  local added = redis.call('ZADD', K.hubs(), ts(now() + tonumber(A(2))), h)
+  return action == 'alive' and added or 0
+end
+local ids = {}
+local i = 2
+while A(i) do
+  ids[#ids + 1] = A(i)
+  i = i + 1
+end
+if #ids == 0 then return 0 end
+if action == 'join' then return redis.call('SADD', K.clients(h), unpack(ids)) end
+if action == 'leave' then return redis.call('SREM', K.clients(h), unpack(ids)) end
+return redis.error_reply('INVALID_FIELD unknown action ' .. action)

@@ -1,0 +1,163 @@
+"""Event routing between hubs: each hub gets back, with the reply, the events its own
+calls produced for its sockets, and reads from its inbox only what other callers
+produced for them; monitors that asked for events read the whole stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aredis
+
+from redisq_server import AsyncRedisService, EngineLimits
+from redisq_server.main import Hub
+
+from .helpers import wait_for
+from .peers import Peer, open_worker
+from .test_hub import client, hub_settings
+
+
+@pytest.fixture
+async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
+    async with Hub(hub_settings(redis_url, limits)) as h:
+        yield h
+
+
+async def _inbox_len(svc: AsyncRedisService, hub: Hub) -> int:
+    return int(await svc.redis.xlen(svc.keys.inbox(hub.hub_id)))
+
+
+async def test_a_hub_never_reads_back_what_its_own_calls_did(hub: Hub) -> None:
+    svc = hub.svc
+    c = await client(hub)
+    w = await open_worker(hub.url, "m1:gpu0", ["t"])
+    for i in range(20):
+        acc = await c.request({"type": "submit_job", "job_type": "t", "params": {"i": i}})
+        a = await w.expect("job_assigned")
+        assert a["job_id"] == acc["job_id"]
+        await w.send(
+            {"type": "update_job_progress", "job_id": a["job_id"], "attempt": 1, "progress": 50}
+        )
+        up = await c.expect(
+            lambda m, j=a["job_id"]: m.get("event") == "progress" and m["job_id"] == j
+        )
+        assert up["progress"] == 50.0
+        await w.send({"type": "complete_job", "job_id": a["job_id"], "attempt": 1, "result": i})
+        done = await c.expect("job_completed")
+        assert (done["job_id"], done["result"]) == (acc["job_id"], i)
+    # every update reached the client, yet nothing went through this hub's inbox
+    assert await _inbox_len(svc, hub) == 0
+    assert await svc.redis.xlen(svc.keys.events) > 0  # the stream has it all, for monitors
+    await c.close()
+    await w.close()
+
+
+async def test_other_hubs_calls_arrive_through_the_inbox(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    async with Hub(hub_settings(redis_url, limits)) as a, Hub(hub_settings(redis_url, limits)) as b:
+        c = await client(a)
+        w = await open_worker(b.url, "m1:gpu0", ["t"])
+        acc = await c.request({"type": "submit_job", "job_type": "t"})
+        job = await w.expect("job_assigned")  # B's push: A's submit wrote to B's inbox
+        assert job["job_id"] == acc["job_id"]
+        assert await _inbox_len(b.svc, b) == 1
+        await w.send({"type": "complete_job", "job_id": job["job_id"], "attempt": 1, "result": 3})
+        assert (await c.expect("job_completed"))["result"] == 3  # B's call, A's inbox
+        assert await _inbox_len(a.svc, a) >= 1
+        # a cancel on A of a job running on B reaches the worker through B's inbox
+        acc2 = await c.request({"type": "submit_job", "job_type": "t"})
+        j2 = await w.expect("job_assigned")
+        await c.request({"type": "cancel_job", "job_id": acc2["job_id"]})
+        cancel = await w.expect("cancel_job")
+        assert cancel["job_id"] == j2["job_id"]
+        await c.close()
+        await w.close()
+
+
+async def test_monitors_see_every_hubs_events(redis_url: str, limits: EngineLimits) -> None:
+    async with Hub(hub_settings(redis_url, limits)) as a, Hub(hub_settings(redis_url, limits)) as b:
+        m = await Peer.open(f"{b.url}/ws/monitor/mon1")
+        assert (await m.request({"type": "subscribe_events"}))["type"] == "subscribed"
+        c = await client(a)
+        w = await open_worker(a.url, "m1:gpu0", ["t"])
+        acc = await c.request({"type": "submit_job", "job_type": "t"})
+        job = await w.expect("job_assigned")
+        await w.send({"type": "complete_job", "job_id": job["job_id"], "attempt": 1})
+        await c.expect("job_completed")
+        seen = []
+        while "completed" not in seen:
+            ev = await m.expect(
+                lambda x: x.get("type") == "event" and x.get("job") == acc["job_id"]
+            )
+            seen.append(ev["e"])
+        assert seen == ["submitted", "assigned", "completed"]
+        for p in (m, c, w):
+            await p.close()
+
+
+async def test_presence_follows_the_sockets(redis_url: str, limits: EngineLimits) -> None:
+    # a short lease: the sweep (every lease/3) is what restores a lapsed listing
+    async with Hub(hub_settings(redis_url, replace(limits, lease_s=0.6))) as hub:
+        await _presence(hub)
+
+
+async def _presence(hub: Hub) -> None:
+    svc, keys = hub.svc, hub.svc.keys
+    assert await svc.redis.zscore(keys.hubs, hub.hub_id) is not None
+
+    async def listed() -> set[str]:
+        return set(await svc.redis.smembers(keys.clients(hub.hub_id)))
+
+    async def sockets(cid: str, n: int) -> bool:
+        return len(hub.registry.clients.get(cid, ())) == n
+
+    async def alice_gone() -> bool:
+        return not await listed()
+
+    async def bob_back() -> bool:
+        return "bob" in await listed()
+
+    one = await client(hub, "alice")
+    two = await client(hub, "alice")
+    assert await listed() == {"alice"}  # listed before its welcome
+    await one.close()
+    await wait_for(lambda: sockets("alice", 1), what="one socket of alice closed")
+    assert await listed() == {"alice"}  # its other socket is still here
+    await two.close()
+    await wait_for(alice_gone, what="alice unlisted")
+    # if the listing lapses (a stalled hub given up for dead), the sweep restores it
+    c = await client(hub, "bob")
+    await svc.redis.delete(keys.hubs, keys.clients(hub.hub_id))
+    await wait_for(bob_back, what="bob listed again by the sweep")
+    await c.close()
+
+
+async def test_a_stopped_or_dead_hub_is_forgotten(redis_url: str, limits: EngineLimits) -> None:
+    async with Hub(hub_settings(redis_url, limits)) as h:
+        c = await client(h, "c9")
+        keys, hub_id = h.svc.keys, h.hub_id
+        await c.close()
+    plain = aredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert await plain.zscore(keys.hubs, hub_id) is None
+        assert not await plain.exists(keys.clients(hub_id), keys.inbox(hub_id))
+        # a hub that dies without a word is dropped by any reaper once its listing lapses
+        ghost = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.05))
+        ghost.hub_id = "ghost"
+        await ghost.hub_start()
+        await ghost.clients_here(["c1"])
+        await plain.xadd(keys.inbox("ghost"), {"e": "x"})
+        reaper = AsyncRedisService(redis_url, limits=limits)
+
+        async def forgotten() -> bool:
+            await reaper.reap()
+            return await plain.zscore(keys.hubs, "ghost") is None
+
+        await wait_for(forgotten, what="ghost hub reaped")
+        assert not await plain.exists(keys.clients("ghost"), keys.inbox("ghost"))
+        await ghost.aclose()
+        await reaper.aclose()
+    finally:
+        await plain.aclose()
