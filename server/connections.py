@@ -118,7 +118,7 @@ class Connection:
             self._batch = False
             if self._unsent:
                 self._unsent = False
-                self.ws.send_data()
+                _write_joined(self.ws)
 
     def close(self, code: int, reason: str) -> None:
         """Close the socket soon, without waiting (safe to call from any task).
@@ -185,6 +185,28 @@ class Connection:
             self.pending[job_id].append(message)
         else:
             self.send(message)
+
+
+def _write_joined(ws: ServerConnection) -> None:
+    """``ws.send_data()``, with the frames waiting in the protocol joined into one
+    transport write (``send_data`` writes each frame with a syscall of its own)."""
+    chunks = ws.protocol.data_to_send()
+    pending: list[bytes] = []
+    for data in chunks:
+        if data:
+            pending.append(data)
+            continue
+        # an empty chunk asks for a half-close after what came before: as send_data
+        if pending:
+            ws.transport.write(b"".join(pending))
+            pending = []
+        if ws.transport.can_write_eof():
+            with contextlib.suppress(Exception):
+                ws.transport.write_eof()
+        else:
+            ws.transport.close()
+    if pending:
+        ws.transport.write(b"".join(pending))
 
 
 class Registry:

@@ -353,15 +353,7 @@ class Hub:
         await self._forever("fan-in", step, 0)
 
     async def _route_local(self) -> None:
-        queue = self.router.local
-
-        async def step() -> None:
-            events = await queue.get()
-            while not queue.empty():
-                events = events + queue.get_nowait()
-            await self.router.route_events(events)
-
-        await self._forever("local", step, 0)
+        await self._forever("local", self.router.run_local, 0)
 
     async def _tap(self) -> None:
         router = self.router

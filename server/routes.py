@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -83,8 +84,11 @@ class Router:
         self.settings = settings
         self.hub_id = hub_id
         self.retry_due = asyncio.Event()  # set when a retry is scheduled
-        # events this hub's own calls produced (AsyncRedisService.on_events)
-        self.local: asyncio.Queue[list[Event]] = asyncio.Queue()
+        # events this hub's own calls produced (AsyncRedisService.on_events), in
+        # order; routed by flush_local, or by the hub's local task (run_local)
+        self._local: deque[list[Event]] = deque()
+        self._local_ready = asyncio.Event()
+        self._local_busy = False  # run_local is routing a batch (reading from Redis)
         # the monitors' tap: where it reads the stream from, and its wake-up
         self.tap_cursor: str | None = None
         self.tap_wanted = asyncio.Event()
@@ -123,6 +127,7 @@ class Router:
             msg = decode_message(raw, conn.role)
             ref, kind = msg.id, msg.type
             await self.handlers[msg.type](conn, msg)
+            self.flush_local()
         except ProtocolError as err:
             err.ref = ref if err.ref is None else err.ref
             conn.send(err.to_message())
@@ -178,16 +183,18 @@ class Router:
             raise
         if result.assignment is not None:
             self.push(result.assignment)  # first: the GPU waits, the client only learns
-        conn.send(
-            {
-                "type": MessageType.JOB_ACCEPTED.value,
-                "ref": msg.id,
-                "job_id": job_id,
-                "status": result.status.value,
-                "position": result.position,
-            }
-        )
-        conn.release_pending(job_id, keep=True)
+        with conn.batch():  # the reply and the job's first update in one write
+            conn.send(
+                {
+                    "type": MessageType.JOB_ACCEPTED.value,
+                    "ref": msg.id,
+                    "job_id": job_id,
+                    "status": result.status.value,
+                    "position": result.position,
+                }
+            )
+            self.flush_local()
+            conn.release_pending(job_id, keep=True)
 
     async def get_job_status(self, conn: Connection, msg: Message) -> None:
         job = await self._own_job(conn, msg.fields["job_id"])
@@ -338,9 +345,9 @@ class Router:
         self._require_registered(conn)
         f = msg.fields
         res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
-        self._finished(conn, msg, res)
-        if res.outcome == "completed":
+        if res.outcome == "completed":  # first: the result is what its client waits for
             self._tell_final("completed", f["job_id"], f["attempt"], conn.id, result=f["result"])
+        self._finished(conn, msg, res)
 
     async def fail_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)
@@ -350,9 +357,9 @@ class Router:
         )
         if res.outcome == "retrying":
             self.retry_due.set()  # this hub's promoter moves it back when it is due
-        self._finished(conn, msg, res)
         if res.outcome == "failed":
             self._tell_final("failed", f["job_id"], f["attempt"], conn.id, error=f["error"])
+        self._finished(conn, msg, res)
 
     def _tell_final(
         self, name: str, job: str, attempt: int, worker: str, result: Any = None, error: str = ""
@@ -420,8 +427,39 @@ class Router:
 
     def local_events(self, events: list[Event]) -> None:
         """Take the events a call of this hub produced for its sockets (the service's
-        ``on_events``); the hub's local task routes them, in order."""
-        self.local.put_nowait(events)
+        ``on_events``). They are routed in order, by :meth:`flush_local` once the
+        request that made the call is answered, else by :meth:`run_local`."""
+        self._local.append(events)
+        # a request handler flushes them before it yields; only what it leaves (and
+        # what background calls produce) needs the local task, woken after this turn
+        asyncio.get_running_loop().call_soon(self._kick_local)
+
+    def _kick_local(self) -> None:
+        if self._local:
+            self._local_ready.set()
+
+    def flush_local(self) -> None:
+        """Route the waiting local events now, up to the first batch that must read
+        from Redis (that one and the rest are left to :meth:`run_local`)."""
+        while self._local and not self._local_busy:
+            if self._needs_fetch(self._local[0]):
+                return
+            for ev in self._local.popleft():
+                self._route_one(ev, None)
+
+    async def run_local(self) -> None:
+        """Route the local events that :meth:`flush_local` left, in order; returns
+        when none are left. The hub's local task calls it in a loop."""
+        if not self._local:
+            await self._local_ready.wait()
+        self._local_ready.clear()
+        while self._local:
+            self._local_busy = True
+            try:
+                await self.route_events(self._local[0])
+            finally:
+                self._local.popleft()
+                self._local_busy = False
 
     def tap_events(self, events: Sequence[Event]) -> None:
         """Give a batch of the whole event stream to the monitors that asked for it."""
@@ -437,17 +475,7 @@ class Router:
         Job fields that events do not carry (params for a push, a result) are read
         in one pipeline for the whole batch, and only for jobs someone here follows.
         """
-        reg = self.registry
-        need: set[str] = set()  # jobs whose params or result must be read
-        for ev in events:
-            f = ev.fields
-            job = f.get("job", "")
-            if (ev.name == "assigned" and "params" not in f and self._wants_push(f)) or (
-                ev.name in ("completed", "failed") and "result" not in f and job in reg.job_subs
-            ):
-                need.add(job)
-            elif ev.name == "retrying":
-                self.retry_due.set()
+        need = self._needs_fetch(events)
         fetched: dict[str, list[Any]] = {}
         if need:
             async with self.svc.redis.pipeline(transaction=False) as p:
@@ -456,6 +484,20 @@ class Router:
                 fetched = dict(zip(need, await p.execute(), strict=True))
         for ev in events:
             self._route_one(ev, fetched.get(ev.fields.get("job", "")))
+
+    def _needs_fetch(self, events: Sequence[Event]) -> set[str]:
+        """The jobs among ``events`` whose params (for a push) or result (for a
+        follower) the events do not carry and must be read."""
+        need: set[str] = set()
+        subs = self.registry.job_subs
+        for ev in events:
+            f = ev.fields
+            job = f.get("job", "")
+            if (ev.name == "assigned" and "params" not in f and self._wants_push(f)) or (
+                ev.name in ("completed", "failed") and "result" not in f and job in subs
+            ):
+                need.add(job)
+        return need
 
     def _wants_push(self, f: dict[str, str]) -> bool:
         conn = self.registry.workers.get(f.get("worker", ""))
@@ -472,6 +514,8 @@ class Router:
         if job is None:
             return
         name = ev.name
+        if name == "retrying":
+            self.retry_due.set()
         if name == "assigned" and ("params" in f or row) and self._wants_push(f):
             params = f["params"] if "params" in f else row[0] if row else None
             self.push(
