@@ -12,10 +12,11 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from importlib import resources
@@ -27,6 +28,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
 from .config import EngineLimits, redis_url_from_env
@@ -470,15 +472,25 @@ def _retry_stale_connections(kwargs: dict[str, Any], retry_class: Any) -> None:
     kwargs.setdefault("retry_on_error", [RedisConnectionError])
 
 
+#: how long one engine call may take before it fails with a Redis TimeoutError
+CALL_TIMEOUT_S = 5.0
+
+
 def connect_async(url: str, **kwargs: Any) -> Any:
     """An asyncio client for ``url`` with strings decoded: a Redis Cluster client for
     ``redis+cluster://`` / ``rediss+cluster://`` (any node as the seed), else a
-    plain one (``redis://``, ``rediss://`` for TLS, ``unix://``)."""
+    plain one (``redis://``, ``rediss://`` for TLS, ``unix://``).
+
+    The plain client has no socket timeout of its own: redis-py would wrap every
+    send in ``asyncio.wait_for``, a task per command on Python 3.11 (about a tenth of
+    a hub's time per request). :class:`AsyncRedisService` bounds each engine call by
+    ``CALL_TIMEOUT_S`` instead; callers of ``.redis`` directly must bound theirs."""
     kwargs.setdefault("decode_responses", True)
     plain = _cluster_url(url)
     if plain is not None:
         return aredis.RedisCluster.from_url(plain, **kwargs)
     _retry_stale_connections(kwargs, AsyncRetry)
+    kwargs.setdefault("socket_timeout", None)
     # a blocking pool: many concurrent calls wait for a connection instead of failing
     kwargs.setdefault("max_connections", 256)
     pool = aredis.BlockingConnectionPool.from_url(url, **kwargs)
@@ -551,25 +563,38 @@ class AsyncRedisService(_Shell):
         namespace: str | None = None,
         limits: EngineLimits | None = None,
         client: aredis.Redis | None = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         if client is None:
             url, extra = _kwargs(url, host, port, db, password)
             client = connect_async(url, **extra)
         self.redis = client
+        self.call_timeout_s = call_timeout_s
         self._setup(client, limits, namespace)
 
     async def _run(self, op: _Op[T]) -> T:
         try:
-            reply = await self._scripts[op.script](**self._call(op))
+            reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
         except ResponseError as exc:
             raise _engine_error(exc) from None
         return self._reply(op, reply)
+
+    async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
+        """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
+        (plus ``wait_s`` for a blocking read); redis-py drops the connection then."""
+        try:
+            async with asyncio.timeout(self.call_timeout_s + wait_s):
+                return await call
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"no reply from Redis within {self.call_timeout_s + wait_s:g} s ({what})"
+            ) from None
 
     async def aclose(self) -> None:
         await self.redis.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self.redis.ping())
+        return bool(await self._bounded(self.redis.ping(), "ping"))
 
     # -- jobs
     async def submit_job(
@@ -682,7 +707,8 @@ class AsyncRedisService(_Shell):
     ) -> list[Event]:
         """Events after ``last_id`` (``$``: only new ones), waiting up to ``block_ms``."""
         r: Any = self.redis
-        reply = await r.xread({self.keys.events: last_id}, count=count, block=block_ms)
+        read = r.xread({self.keys.events: last_id}, count=count, block=block_ms)
+        reply = await self._bounded(read, "xread", (block_ms or 0) / 1000)
         if not reply:
             return []
         entries = reply[0][1] if isinstance(reply, list) else reply[self.keys.events][0]
@@ -692,11 +718,26 @@ class AsyncRedisService(_Shell):
         """Up to ``limit`` events strictly after ``since``, oldest first."""
         start = "-" if since in ("0", "") else f"({since}"
         r: Any = self.redis
-        return [_event(e) for e in await r.xrange(self.keys.events, start, "+", limit)]
+        entries = await self._bounded(r.xrange(self.keys.events, start, "+", limit), "xrange")
+        return [_event(e) for e in entries]
 
     async def last_event_id(self) -> str:
-        info = await self.redis.xrevrange(self.keys.events, "+", "-", 1)
+        r: Any = self.redis
+        info = await self._bounded(r.xrevrange(self.keys.events, "+", "-", 1), "xrevrange")
         return str(info[0][0]) if info else "0-0"
+
+    async def job_payloads(self, job_ids: Iterable[str]) -> dict[str, list[str | None]]:
+        """``[params, result, error]`` of each of ``job_ids``, in one round trip."""
+        ids = list(job_ids)
+        r: Any = self.redis
+
+        async def read() -> list[Any]:
+            async with r.pipeline(transaction=False) as p:
+                for job in ids:
+                    p.hmget(self.keys.job(job), ["params", "result", "error"])
+                return list(await p.execute())
+
+        return dict(zip(ids, await self._bounded(read(), "hmget"), strict=True))
 
     # -- a hub's presence and inbox (only a hub calls these, with ``hub_id`` set)
     async def hub_start(self) -> None:
@@ -728,7 +769,8 @@ class AsyncRedisService(_Shell):
         (``0-0`` after :meth:`hub_start`), waiting up to ``block_ms``."""
         key = self.keys.inbox(self.hub_id)
         r: Any = self.redis
-        reply = await r.xread({key: last_id}, count=count, block=block_ms)
+        read = r.xread({key: last_id}, count=count, block=block_ms)
+        reply = await self._bounded(read, "xread", block_ms / 1000)
         if not reply:
             return []
         entries = reply[0][1] if isinstance(reply, list) else reply[key][0]

@@ -476,12 +476,7 @@ class Router:
         in one pipeline for the whole batch, and only for jobs someone here follows.
         """
         need = self._needs_fetch(events)
-        fetched: dict[str, list[Any]] = {}
-        if need:
-            async with self.svc.redis.pipeline(transaction=False) as p:
-                for job in need:
-                    p.hmget(self.svc.keys.job(job), ["params", "result", "error"])
-                fetched = dict(zip(need, await p.execute(), strict=True))
+        fetched = await self.svc.job_payloads(need) if need else {}
         for ev in events:
             self._route_one(ev, fetched.get(ev.fields.get("job", "")))
 

@@ -561,3 +561,30 @@ async def _promoted(svc: AsyncRedisService) -> bool:
 def test_job_ids_limit_must_be_positive(sync_svc: RedisService) -> None:
     with pytest.raises(ProtocolError):
         sync_svc.job_ids("queued", 0)
+
+
+async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
+    """redis-py runs without a socket timeout here (see connect_async): each engine
+    call and read is bounded by ``call_timeout_s`` instead, and fails with a Redis
+    TimeoutError (a RedisError: the hub answers ``unavailable``)."""
+    peers: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)  # accepts, reads nothing, answers nothing
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    svc = AsyncRedisService(f"redis://127.0.0.1:{port}/0", call_timeout_s=0.2)
+    try:
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.2 s"):
+            await svc.get_stats()
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.3 s"):
+            await svc.read_events("0", block_ms=100)
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await svc.job_payloads(["j1"])
+    finally:
+        await svc.aclose()
+        for w in peers:
+            w.close()
+        server.close()
+        await server.wait_closed()
