@@ -8,11 +8,14 @@ local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
-redis.call('HSET', jk, 'result', A(4), 'progress', '100')
-local started = redis.call('HGET', jk, 'started')
-if blank(started) then redis.call('HSET', jk, 'started', ts(t)) end
-finish(id, 'completed', t)
-local client = redis.call('HGET', jk, 'client')
+local j = redis.call('HMGET', jk, 'started', 'client', 'type')
+if blank(j[1]) then
+  redis.call('HSET', jk, 'result', A(4), 'progress', '100', 'started', ts(t))
+else
+  redis.call('HSET', jk, 'result', A(4), 'progress', '100')
+end
+finish(id, 'completed', t, j[3])
+local client = j[2]
 emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
   'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client))
 return {'ok', release(w, t, 'done')}

@@ -10,7 +10,7 @@ local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
-local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started')
+local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started', 'type')
 redis.call('HSET', jk, 'error', A(4))
 if blank(j[3]) then redis.call('HSET', jk, 'started', ts(t)) end
 local failures = redis.call('HINCRBY', jk, 'failures', 1)
@@ -25,7 +25,7 @@ if A(5) == '1' and failures < tonumber(j[1]) then
     'attempt', attempt, 'message', A(4), 'due', ts(t + delay)}, hubs_for(j[2]))
   outcome = 'retrying'
 else
-  finish(id, 'failed', t)
+  finish(id, 'failed', t, j[4])
   emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[2], 'worker', w,
     'attempt', attempt, 'message', A(4)}, hubs_for(j[2]))
   outcome = 'failed'

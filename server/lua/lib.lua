@@ -102,11 +102,13 @@ local function depth_add(jt, priority, n)
   end
 end
 
--- Give job `id` to idle worker `w`. Returns the assignment the hub pushes:
+-- Give job `id` (`j`: its {type, priority, client, params}) to worker `w`. Returns
+-- the assignment the hub pushes:
 -- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
 -- `returned`: the script returns it to its caller, which pushes it if the worker
--- is its own (so the event need not reach that hub again).
-local function assign(id, w, t, returned)
+-- is its own (so the event need not reach that hub again). `from_idle`: w was
+-- taken from the idle sets (a busy or just registered worker is in none).
+local function assign(id, w, t, returned, j, from_idle)
   local jk = K.job(id)
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
   redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
@@ -117,9 +119,8 @@ local function assign(id, w, t, returned)
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
   -- reaches it late (through the event stream) after a newer one
   local n = redis.call('HINCRBY', wk, 'n', 1)
-  unidle(w, split(wf[1]))
+  if from_idle then unidle(w, split(wf[1])) end
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
-  local j = redis.call('HMGET', jk, 'type', 'priority', 'client', 'params')
   -- small params ride along, so the worker's hub can push without reading the job
   local push_hub = wf[2]
   if returned and push_hub == CALLER then push_hub = false end
@@ -132,24 +133,26 @@ end
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
+-- `j`: the job's {type, priority, seq, client, params} if the caller has them.
 -- Returns assignment, position (one of them is false); `returned` as for assign.
-local function enqueue(id, t, fresh, returned)
+local function enqueue(id, t, fresh, returned, j)
   local jk = K.job(id)
-  local j = redis.call('HMGET', jk, 'type', 'priority', 'seq')
+  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = redis.call('ZRANGE', K.idle(j[1]), 0, 0)[1]
-  if w then return assign(id, w, t, returned), false end
+  if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5]}, true), false end
   redis.call('HSET', jk, 'status', 'queued')
   redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
   depth_add(j[1], j[2], 1)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
 
--- Worker `w` is free: hand it the best queued job over all its types (priority,
--- then the global submission order), or mark it idle. Returns an assignment or false.
-local function claim_next(w, t)
+-- Worker `w` (accepting `types`, read if not given) is free: hand it the best
+-- queued job over all its types (priority, then the global submission order), or
+-- mark it idle. Returns an assignment or false.
+local function claim_next(w, t, types)
   local wk = K.worker(w)
-  local types = split(redis.call('HGET', wk, 'types'))
+  types = types or split(redis.call('HGET', wk, 'types'))
   local best, best_score, best_type = nil, nil, nil
   for _, jt in ipairs(types) do
     local top = redis.call('ZRANGE', K.queue(jt), 0, 0, 'WITHSCORES')
@@ -160,8 +163,9 @@ local function claim_next(w, t)
   end
   if best then
     redis.call('ZREM', K.queue(best_type), best)
-    depth_add(best_type, redis.call('HGET', K.job(best), 'priority'), -1)
-    return assign(best, w, t, true)
+    local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params')
+    depth_add(best_type, j[2], -1)
+    return assign(best, w, t, true, j, false)
   end
   redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
   for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
@@ -171,15 +175,17 @@ end
 -- Worker `w` is done with its job (any outcome): account for it and claim the next.
 local function release(w, t, outcome)
   local wk = K.worker(w)
-  local since = tonumber(redis.call('HGET', wk, 'since'))
+  local h = redis.call('HMGET', wk, 'since', 'types')
+  local since = tonumber(h[1])
   if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
   if outcome then redis.call('HINCRBY', wk, outcome, 1) end
   redis.call('HSET', wk, 'seen', ts(t))
-  return claim_next(w, t)
+  return claim_next(w, t, split(h[2]))
 end
 
--- Move job `id` to terminal `status`: expire it after TTL, index it, count it.
-local function finish(id, status, t)
+-- Move job `id` (of type `jt`, read if not given) to terminal `status`: expire it
+-- after TTL, index it, count it.
+local function finish(id, status, t, jt)
   local jk = K.job(id)
   redis.call('HSET', jk, 'status', status, 'finished', ts(t))
   redis.call('EXPIRE', jk, TTL)
@@ -187,7 +193,7 @@ local function finish(id, status, t)
   local dk = K.done(status)
   redis.call('ZADD', dk, ts(t), id)
   redis.call('ZREMRANGEBYSCORE', dk, '-inf', '(' .. ts(t - TTL))
-  local jt = redis.call('HGET', jk, 'type')
+  jt = jt or redis.call('HGET', jk, 'type')
   redis.call('HINCRBY', K.stats(), status, 1)
   redis.call('HINCRBY', K.stats(), status .. ':' .. jt, 1)
 end

@@ -20,6 +20,7 @@ redis.call('HINCRBY', K.stats(), 'submitted', 1)
 redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
 emit(t, 'submitted', {'job', id, 'status', 'queued', 'jtype', jt, 'priority', priority,
   'client', A(5)})
-local a, pos = enqueue(id, t, true, true)
+local a, pos = enqueue(id, t, true, true,
+  {jt, priority, seq, A(5) ~= '' and A(5) or false, A(4)})
 if a then return {'assigned', -1, a} end
 return {'queued', pos, false}
