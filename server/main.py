@@ -377,7 +377,7 @@ class Hub:
     async def _sweep(self, interval: float) -> None:
         async def step() -> None:
             relist = await self.svc.hub_alive()
-            if relist or len(self._listed) != len(self.registry.clients):
+            if relist or self._listed != self.registry.clients.keys():
                 await self._list_clients([*self.registry.clients, *self._listed], relist)
             pairs = [(c.id, c.session) for c in self.registry.workers.values() if c.registered]
             for worker_id in await self.svc.touch(pairs):
