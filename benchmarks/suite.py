@@ -35,6 +35,7 @@ from typing import Any
 from benchmarks import footprint, ours, peers
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
+from redisq_server.main import served_loop
 
 PARTS = ("drain", "latency", "enqueue", "memory", "growth", "peers")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -820,16 +821,6 @@ def _csv(allowed: tuple[str, ...], special: tuple[str, ...] = ()) -> Callable[[s
     return parse
 
 
-def _served_loop() -> str:
-    """The loop ``redisq-server`` runs on here: uvloop when installed (the ``fast``
-    extra), else asyncio's own."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -858,7 +849,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hub-loop",
         choices=("asyncio", "uvloop"),
-        default=_served_loop(),
+        default=served_loop(),
         help="the hub's event loop (default: uvloop when installed, as redisq-server runs)",
     )
     p.add_argument("--profile", action="store_true", help="also profile the hub during a drain")

@@ -52,7 +52,7 @@ from .models import (
 from .redis_service import AsyncRedisService
 from .routes import CLOSE_SESSION_EXPIRED, Router
 
-__all__ = ["Hub", "main", "run"]
+__all__ = ["Hub", "main", "run", "served_loop"]
 
 log = logging.getLogger("redisq.hub")
 
@@ -490,14 +490,24 @@ async def main(settings: Settings) -> None:
     await hub.stop()
 
 
-def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
-    """``asyncio.run``, on uvloop when the ``fast`` extra installed it."""
+def served_loop() -> str:
+    """The event loop a hub started by :func:`run` uses: ``"uvloop"`` when the
+    ``fast`` extra installed it, else ``"asyncio"`` (the standard loop)."""
     try:
-        import uvloop
+        import uvloop  # noqa: F401
     except ImportError:
-        asyncio.run(coro)
-    else:
+        return "asyncio"
+    return "uvloop"
+
+
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run``, on the loop :func:`served_loop` names."""
+    if served_loop() == "uvloop":
+        import uvloop
+
         uvloop.run(coro)
+    else:
+        asyncio.run(coro)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

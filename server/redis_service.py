@@ -706,12 +706,16 @@ class AsyncRedisService(_Shell):
         self, last_id: str, count: int = 1000, block_ms: int | None = None
     ) -> list[Event]:
         """Events after ``last_id`` (``$``: only new ones), waiting up to ``block_ms``."""
+        return await self._xread(self.keys.events, last_id, count, block_ms)
+
+    async def _xread(self, key: str, last_id: str, count: int, block_ms: int | None) -> list[Event]:
+        """The entries of stream ``key`` after ``last_id``, waiting up to ``block_ms``."""
         r: Any = self.redis
-        read = r.xread({self.keys.events: last_id}, count=count, block=block_ms)
+        read = r.xread({key: last_id}, count=count, block=block_ms)
         reply = await self._bounded(read, "xread", (block_ms or 0) / 1000)
         if not reply:
             return []
-        entries = reply[0][1] if isinstance(reply, list) else reply[self.keys.events][0]
+        entries = reply[0][1] if isinstance(reply, list) else reply[key][0]
         return [_event(e) for e in entries]
 
     async def events_since(self, since: str = "0", limit: int = 1000) -> list[Event]:
@@ -767,14 +771,7 @@ class AsyncRedisService(_Shell):
     ) -> list[Event]:
         """Events for this hub's sockets that other callers caused, after ``last_id``
         (``0-0`` after :meth:`hub_start`), waiting up to ``block_ms``."""
-        key = self.keys.inbox(self.hub_id)
-        r: Any = self.redis
-        read = r.xread({key: last_id}, count=count, block=block_ms)
-        reply = await self._bounded(read, "xread", block_ms / 1000)
-        if not reply:
-            return []
-        entries = reply[0][1] if isinstance(reply, list) else reply[key][0]
-        return [_event(e) for e in entries]
+        return await self._xread(self.keys.inbox(self.hub_id), last_id, count, block_ms)
 
 
 class RedisService(_Shell):
