@@ -10,6 +10,9 @@ import pytest
 
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService, EngineLimits, RedisService
+from redisq_server.main import Hub
+
+from .helpers import hub_settings
 
 _counter = itertools.count()
 
@@ -48,3 +51,10 @@ async def svc(redis_url: str, limits: EngineLimits) -> AsyncIterator[AsyncRedisS
 def sync_svc(redis_url: str, limits: EngineLimits) -> Iterator[RedisService]:
     with RedisService(url=redis_url, limits=limits) as service:
         yield service
+
+
+@pytest.fixture
+async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
+    """A hub in this process on the test's Redis and namespace."""
+    async with Hub(hub_settings(redis_url, limits)) as h:
+        yield h

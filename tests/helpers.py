@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import redis
 
-from redisq_server import Keys
+from redisq_server import EngineLimits, Keys, Settings
+
+
+def hub_settings(redis_url: str, limits: EngineLimits, **kw: Any) -> Settings:
+    """Settings for a test hub on a free port; ``kw`` overrides any field."""
+    return replace(Settings(redis_url=redis_url, hub_port=0, limits=limits), **kw)
 
 
 async def wait_for(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -14,21 +13,11 @@ import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from redisq_server import EngineLimits, Settings
+from redisq_server import EngineLimits
 from redisq_server.main import Hub
 
-from .helpers import namespace_keys, wait_for
+from .helpers import hub_settings, namespace_keys, wait_for
 from .peers import Peer, open_worker, serve_jobs
-
-
-def hub_settings(redis_url: str, limits: EngineLimits, **kw: Any) -> Settings:
-    return replace(Settings(redis_url=redis_url, hub_port=0, limits=limits), **kw)
-
-
-@pytest.fixture
-async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
-    async with Hub(hub_settings(redis_url, limits)) as h:
-        yield h
 
 
 async def client(hub: Hub, cid: str = "c1", **kw: Any) -> Peer:

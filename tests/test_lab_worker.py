@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -15,12 +14,6 @@ from redisq_server import EngineLimits, RedisService, Settings
 from redisq_server.main import Hub
 
 from .helpers import wait_for
-
-
-@pytest.fixture
-async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
-    async with Hub(Settings(redis_url=redis_url, hub_port=0, limits=limits)) as h:
-        yield h
 
 
 async def test_seed_example_and_results(hub: Hub, redis_url: str, limits: EngineLimits) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -20,7 +20,7 @@ from redisq_lab.monitors import (
     RedisMonitor,
     WorkerMonitor,
 )
-from redisq_server import AsyncRedisService, EngineLimits, RedisService, Settings
+from redisq_server import AsyncRedisService, RedisService
 from redisq_server.main import Hub
 
 from .helpers import wait_for
@@ -334,13 +334,6 @@ def test_ten_thousand_queued_jobs_read_at_once(
 
 
 # ------------------------------------------------- a real hub with workers
-
-
-@pytest.fixture
-async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
-    settings = replace(Settings(redis_url=redis_url, hub_port=0), limits=limits)
-    async with Hub(settings) as h:
-        yield h
 
 
 async def gpu(hub: Hub, worker_id: str, job_types: list[str], caps: dict[str, Any]) -> Peer:

@@ -4,24 +4,16 @@ produced for them; monitors that asked for events read the whole stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import pytest
 import redis.asyncio as aredis
 
 from redisq_server import AsyncRedisService, EngineLimits
 from redisq_server.main import Hub
 
-from .helpers import wait_for
+from .helpers import hub_settings, wait_for
 from .peers import Peer, open_worker
-from .test_hub import client, hub_settings
-
-
-@pytest.fixture
-async def hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
-    async with Hub(hub_settings(redis_url, limits)) as h:
-        yield h
+from .test_hub import client
 
 
 async def _inbox_len(svc: AsyncRedisService, hub: Hub) -> int:

@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,19 +27,15 @@ from websockets.exceptions import InvalidStatus
 from redisq_lab.client import QueueClient
 from redisq_lab.mock_worker import MockWorker
 from redisq_lab.redis_process import RedisProcess, free_port
-from redisq_server import AsyncRedisService, EngineLimits, RedisService, Settings
+from redisq_server import AsyncRedisService, EngineLimits, RedisService
 from redisq_server.main import Hub
 
-from .helpers import namespace_keys, wait_for
+from .helpers import hub_settings, namespace_keys, wait_for
 from .peers import Peer, open_worker
 from .test_faults import LiveHub
 
 TOKENS = {"client": "cl-7Hq2xN9s", "worker": "wk-Lr4pZ8mV", "monitor": "mo-Bt6yK1cE"}
 PATHS = {"client": "/ws/client/c1", "worker": "/ws/worker/m1:gpu0", "monitor": "/ws/monitor/m1"}
-
-
-def hub_settings(redis_url: str, limits: EngineLimits, **kw: Any) -> Settings:
-    return replace(Settings(redis_url=redis_url, hub_port=0, limits=limits), **kw)
 
 
 def http_get(url: str) -> tuple[int, bytes, str]:
