@@ -44,7 +44,7 @@ from websockets.asyncio.client import connect
 from benchmarks.hub import JOB_TYPE, TIMEOUT_S, _latency, _percentiles, _worker
 from redisq_server import AsyncRedisService, EngineLimits, Settings
 from redisq_server.main import Hub
-from redisq_server.redis_service import script_source
+from redisq_server.scripts import script_source
 
 # ------------------------------------------------------------------- processes
 

@@ -7,6 +7,8 @@ What a notebook imports::
 Everything returns data first (pandas DataFrames, dicts) and renders second.
 """
 
+from redisq_server import __version__
+
 from .client import JobFailed, JobTrace, QueueClient, RequestError
 from .dashboard import Dashboard
 from .load import LoadGenerator, summarize
@@ -14,8 +16,6 @@ from .mock_worker import MockWorker
 from .monitors import JobMonitor, NotFoundError, RedisMonitor, WorkerMonitor
 from .redis_process import RedisNotInstalled, RedisProcess
 from .stack import LocalStack
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Dashboard",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from redisq_server.config import hub_url_from_env
 
 __all__ = ["hub_url_of"]
 
@@ -21,6 +22,4 @@ def hub_url_of(source: Any = None, host: str | None = None, port: int | None = N
         return url.rstrip("/")
     if host is not None or port is not None:
         return f"ws://{host or '127.0.0.1'}:{port or 8000}"
-    if os.environ.get("HUB_URL"):
-        return os.environ["HUB_URL"].rstrip("/")
-    return f"ws://{os.environ.get('HUB_HOST', '127.0.0.1')}:{os.environ.get('HUB_PORT', '8000')}"
+    return hub_url_from_env()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from redisq_server.config import ENV, Settings, redis_url_from_env
+from redisq_server.config import ENV, EngineLimits, Settings, hub_url_from_env, redis_url_from_env
 from redisq_server.main import settings_from_args
 
 
@@ -46,7 +48,8 @@ def test_every_variable_is_read() -> None:
         "REDISQ_WORKER_TOKEN": "w",
         "REDISQ_MONITOR_TOKEN": "m",
     }
-    assert set(env) | {"REDIS_HOST", "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD"} == set(ENV)
+    url_parts = {"REDIS_HOST", "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD", "HUB_URL"}
+    assert set(env) | url_parts == set(ENV)
     s = Settings.from_env(env)
     assert s.redis_url == "redis://127.0.0.1:7000/1"
     assert (s.log_level, s.hub_host, s.hub_port, s.hub_id, s.debug) == (
@@ -97,3 +100,23 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for var in ENV:
         assert f"| `{var}` |" in readme, var
+
+
+def test_lab_and_engine_read_the_same_environment() -> None:
+    """One reader: the engine's limits and the lab's hub address come from config."""
+    env = {"REDISQ_NAMESPACE": "lab", "REDISQ_LEASE_S": "4", "HUB_PORT": "9001"}
+    assert EngineLimits.from_env(env) == EngineLimits(namespace="lab", lease_s=4.0)
+    assert hub_url_from_env(env) == "ws://127.0.0.1:9001"
+    assert hub_url_from_env({**env, "HUB_URL": "ws://h:1/"}) == "ws://h:1"
+    assert hub_url_from_env({}) == "ws://127.0.0.1:8000"
+
+
+def test_only_config_reads_the_environment() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readers = [
+        str(p.relative_to(root))
+        for folder in ("server/redisq_server", "redisq_lab")
+        for p in sorted((root / folder).rglob("*.py"))
+        if "os.environ" in p.read_text() or "os.getenv" in p.read_text()
+    ]
+    assert readers == ["server/redisq_server/config.py"]

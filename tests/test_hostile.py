@@ -36,7 +36,7 @@ from websockets.sync.client import connect as sync_connect
 from redisq_lab.client import QueueClient, RequestError
 from redisq_server import EngineLimits, Keys, RedisService, Settings
 from redisq_server.main import Hub
-from redisq_server.models import ErrorCode, Message, ProtocolError, Role, decode_message
+from redisq_server.protocol import ErrorCode, Message, ProtocolError, Role, decode_message
 
 from .helpers import invariant_violations_sync, wait_for
 from .peers import Peer
@@ -491,13 +491,13 @@ async def test_flood_without_reading_is_closed_1008(redis_url: str, namespace: s
         for i in range(200):
             await hub.svc.submit_job("t", params={"i": i})
         handled: Counter[str] = Counter()
-        handle = hub.router.handle
+        handle = hub.routes.handle
 
         async def counting(conn: Any, raw: str | bytes) -> None:
             handled[conn.id] += 1
             await handle(conn, raw)
 
-        hub.router.handle = counting  # type: ignore[method-assign]
+        hub.routes.handle = counting  # type: ignore[method-assign]
         bystander = await Peer.open(f"{hub.url}/ws/client/bystander")
         greedy = await Peer.open(f"{hub.url}/ws/monitor/greedy")
         greedy.ws.transport.pause_reading()

@@ -456,7 +456,7 @@ async def test_late_assignment_event_is_not_pushed_again(hub: Hub) -> None:
     # replay the stream, as if the fan-in had been slow: nothing is pushed again
     events = await hub.svc.events_since("0")
     assert [e.fields["job"] for e in events if e.name == "assigned"] == [j1, j2]
-    await hub.router.route_events(events)
+    await hub.events.route_events(events)
     ack = await w.request({"type": "worker_heartbeat"})
     assert ack["type"] == "ack"
     assert [m["type"] for m in w.seen].count("job_assigned") == 2

@@ -12,21 +12,23 @@ from hypothesis import strategies as st
 
 from redisq_server.keys import Keys, lua_prelude
 from redisq_server.models import (
-    MAX_PRIORITY,
     MAX_SEQ,
-    MIN_PRIORITY,
     TERMINAL_STATUSES,
     TRANSITIONS,
-    ErrorCode,
     JobStatus,
+    can_transition,
+    decode_score,
+    queue_score,
+)
+from redisq_server.protocol import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ErrorCode,
     MessageType,
     ProtocolError,
     Role,
-    can_transition,
     decode_message,
-    decode_score,
     parse_worker_id,
-    queue_score,
     validate_job_id,
     validate_params,
     validate_priority,
@@ -186,7 +188,7 @@ def test_random_messages_never_crash_the_decoder() -> None:
 
 
 def test_fast_and_standard_encoders_agree() -> None:
-    from redisq_server import models
+    from redisq_server import protocol
 
     messages = [
         {"type": "job_completed", "job_id": "j", "result": {"a": [1, 2.5, None, True, "é✓"]}},
@@ -195,5 +197,5 @@ def test_fast_and_standard_encoders_agree() -> None:
         {"big": 2**70},
     ]
     for m in messages:
-        assert json.loads(models._encode_std(m)) == m
-        assert json.loads(models.encode(m)) == m
+        assert json.loads(protocol._encode_std(m)) == m
+        assert json.loads(protocol.encode(m)) == m

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from redisq_server.models import ErrorCode, JobStatus, MessageType
+from redisq_server.models import JobStatus
+from redisq_server.protocol import ErrorCode, MessageType
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 

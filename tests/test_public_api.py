@@ -42,7 +42,7 @@ def test_server_exports_resolve() -> None:
 
 def test_core_never_imports_the_lab_or_its_dependencies() -> None:
     code = (
-        "import sys, redisq_server, redisq_server.main, redisq_server.routes; "
+        "import sys, redisq_server, redisq_server.main, redisq_server.routes, redisq_server.routing; "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('redisq_lab', 'pandas', 'plotly', 'ipywidgets', 'numpy')]; "
         "print(','.join(bad))"

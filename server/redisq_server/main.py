@@ -39,18 +39,20 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import __version__
 from .config import ENV, Settings, safe_url
 from .connections import Connection, Registry
-from .models import (
+from .protocol import (
     PROTOCOL_VERSION,
+    CloseCode,
     ProtocolError,
     Role,
     validate_client_id,
     validate_worker_id,
 )
 from .redis_service import AsyncRedisService
-from .routes import CLOSE_SESSION_EXPIRED, Router
+from .routes import Routes
+from .routing import EventRouter, forever
+from .version import __version__
 
 __all__ = ["Hub", "main", "run", "served_loop"]
 
@@ -101,8 +103,9 @@ class Hub:
         self._own_svc = service is None
         self.svc.hub_id = self.hub_id
         self.registry = Registry()
-        self.router = Router(self.svc, self.registry, settings, self.hub_id)
-        self.svc.on_events = self.router.local_events
+        self.events = EventRouter(self.svc, self.registry)
+        self.routes = Routes(self.svc, self.registry, self.events, settings, self.hub_id)
+        self.svc.on_events = self.events.local_events
         self._listed: set[str] = set()  # client ids listed in Redis as on this hub
         self._presence = asyncio.Lock()  # keeps those listings in the order of events
         self.server: Server | None = None
@@ -146,13 +149,10 @@ class Hub:
         )
         self.port = int(self.server.sockets[0].getsockname()[1])
         interval = max(0.05, self.settings.limits.lease_s / 3)
+        self.events.start()
         self._tasks = [
-            asyncio.create_task(self._fan_in(), name="fan-in"),
-            asyncio.create_task(self._route_local(), name="local"),
-            asyncio.create_task(self._tap(), name="tap"),
             asyncio.create_task(self._sweep(interval), name="sweep"),
             asyncio.create_task(self._reap(min(1.0, interval)), name="reaper"),
-            asyncio.create_task(self._promote(), name="promoter"),
         ]
         log.info(
             "hub %s listening on %s (redis %s)",
@@ -178,6 +178,7 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.events.stop()
         try:
             await self.svc.hub_stop()
         except RedisError as exc:  # other hubs' reapers forget it once its listing lapses
@@ -279,12 +280,12 @@ class Hub:
         conn.start()
         if role is Role.CLIENT:
             await self._list_clients([ident])  # before its first request: events find it
-        conn.send(self.router.welcome(conn))
+        conn.send(self.routes.welcome(conn))
         try:
             async for raw in ws:
                 if conn.closing:  # being closed by the hub: read on to the close, do nothing
                     continue
-                await self.router.handle(conn, raw)
+                await self.routes.handle(conn, raw)
         except ConnectionClosed:
             pass
         finally:
@@ -300,27 +301,6 @@ class Hub:
             self._handlers.discard(task)
 
     # ------------------------------------------------------------- tasks
-
-    async def _forever(self, name: str, step: Any, pause: float) -> None:
-        """Run ``await step()`` then sleep ``pause`` until the hub stops; log and back
-        off on errors. (redis-py may turn a cancellation into a connection error, so
-        the loop also checks ``stopping`` and the task's own cancel request.)"""
-        task = asyncio.current_task()
-        while not self.stopping:
-            try:
-                await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.stopping or (task is not None and task.cancelling()):
-                    return
-                if isinstance(exc, RedisError | OSError):
-                    log.warning("%s: %s", name, exc)
-                else:
-                    log.exception("%s failed", name)
-                await asyncio.sleep(1.0)
-            if pause:
-                await asyncio.sleep(pause)
 
     async def _list_clients(self, ids: Sequence[str], relist: bool = False) -> None:
         """Bring Redis' list of the client ids with a socket here in line with the
@@ -341,39 +321,6 @@ class Hub:
             except RedisError as exc:
                 log.warning("could not list this hub's clients: %s", exc)
 
-    async def _fan_in(self) -> None:
-        state = {"last": "0-0"}  # hub_start emptied the inbox
-
-        async def step() -> None:
-            events = await self.svc.read_inbox(state["last"], count=1000, block_ms=1000)
-            if events:
-                state["last"] = events[-1].id
-                await self.router.route_events(events)
-
-        await self._forever("fan-in", step, 0)
-
-    async def _route_local(self) -> None:
-        await self._forever("local", self.router.run_local, 0)
-
-    async def _tap(self) -> None:
-        router = self.router
-
-        async def step() -> None:
-            if not any(m.events for m in self.registry.monitors):
-                router.tap_cursor = None
-                router.tap_wanted.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(router.tap_wanted.wait(), 1.0)
-                return
-            if router.tap_cursor is None:
-                router.tap_cursor = await self.svc.last_event_id()
-            events = await self.svc.read_events(router.tap_cursor, count=1000, block_ms=1000)
-            if events:
-                router.tap_cursor = events[-1].id
-                router.tap_events(events)
-
-        await self._forever("tap", step, 0)
-
     async def _sweep(self, interval: float) -> None:
         async def step() -> None:
             relist = await self.svc.hub_alive()
@@ -383,9 +330,9 @@ class Hub:
             for worker_id in await self.svc.touch(pairs):
                 conn = self.registry.workers.get(worker_id)
                 if conn is not None:
-                    conn.close(CLOSE_SESSION_EXPIRED, "worker record expired; reconnect")
+                    conn.close(CloseCode.SESSION_EXPIRED, "worker record expired; reconnect")
 
-        await self._forever("sweep", step, interval)
+        await forever("sweep", step, interval, self._is_stopping)
 
     async def _reap(self, interval: float) -> None:
         async def step() -> None:
@@ -393,19 +340,10 @@ class Hub:
             if n:
                 log.info("reaped %d expired workers/leases", n)
 
-        await self._forever("reaper", step, interval)
+        await forever("reaper", step, interval, self._is_stopping)
 
-    async def _promote(self) -> None:
-        async def step() -> None:
-            _, wait_s, assignments = await self.svc.promote()
-            for a in assignments:
-                self.router.push(a)
-            self.router.retry_due.clear()
-            timeout = 1.0 if wait_s is None else min(1.0, wait_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.router.retry_due.wait(), timeout)
-
-        await self._forever("promoter", step, 0)
+    def _is_stopping(self) -> bool:
+        return self.stopping
 
 
 class _Redact(logging.Filter):

@@ -23,14 +23,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .models import Role, encode
+from .protocol import CloseCode, Role, encode
 
-__all__ = ["CLOSE_REPLACED", "CLOSE_SLOW", "Connection", "Registry"]
+__all__ = ["Connection", "Registry"]
 
 log = logging.getLogger("redisq.hub")
 
-CLOSE_SLOW = 1008  # policy violation: the reader fell too far behind
-CLOSE_REPLACED = 4000  # a newer socket registered the same worker id
 CLOSE_TIMEOUT_S = 5.0
 
 _STOP = object()
@@ -104,7 +102,7 @@ class Connection:
             self._queue.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("%r: send queue full (%d frames); closing", self, self._queue.maxsize)
-            self.close(CLOSE_SLOW, "send queue full: reader too slow")
+            self.close(CloseCode.SLOW_READER, "send queue full: reader too slow")
             return False
         return True
 

@@ -13,20 +13,58 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
-__all__ = ["ENV", "EngineLimits", "Settings", "redis_url_from_env", "safe_url"]
+__all__ = [
+    "ENV",
+    "EngineLimits",
+    "Settings",
+    "environ",
+    "hub_url_from_env",
+    "redis_url",
+    "redis_url_from_env",
+    "safe_url",
+]
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment: every setting of the project is read through here."""
+    return os.environ
 
 
 def redis_url_from_env(env: Mapping[str, str] | None = None) -> str:
     """``REDIS_URL`` if set, else a URL built from ``REDIS_HOST/PORT/DB/PASSWORD``."""
-    env = os.environ if env is None else env
+    env = environ() if env is None else env
     if env.get("REDIS_URL"):
         return env["REDIS_URL"]
-    host = env.get("REDIS_HOST", "localhost")
-    port = env.get("REDIS_PORT", "6379")
-    db = env.get("REDIS_DB", "0")
-    password = env.get("REDIS_PASSWORD")
+    return redis_url(env=env)
+
+
+def redis_url(
+    host: str | None = None,
+    port: int | None = None,
+    db: int | None = None,
+    password: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """A ``redis://`` URL from the parts given, the others from ``REDIS_HOST``,
+    ``REDIS_PORT``, ``REDIS_DB`` and ``REDIS_PASSWORD`` (``REDIS_URL`` is not read:
+    explicit parts win over it)."""
+    env = environ() if env is None else env
+    host = host if host is not None else env.get("REDIS_HOST", "localhost")
+    port_s = str(port) if port is not None else env.get("REDIS_PORT", "6379")
+    db_s = str(db) if db is not None else env.get("REDIS_DB", "0")
+    password = password if password is not None else env.get("REDIS_PASSWORD")
     auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/{db}"
+    return f"redis://{auth}{host}:{port_s}/{db_s}"
+
+
+def hub_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """Where lab tools find a hub: ``HUB_URL``, else ``ws://HUB_HOST:HUB_PORT``
+    (default ``ws://127.0.0.1:8000``)."""
+    env = environ() if env is None else env
+    if env.get("HUB_URL"):
+        return env["HUB_URL"].rstrip("/")
+    return f"ws://{env.get('HUB_HOST', '127.0.0.1')}:{env.get('HUB_PORT', '8000')}"
 
 
 def safe_url(url: str) -> str:
@@ -53,6 +91,11 @@ class EngineLimits:
     max_params_bytes: int = 8 * 1024 * 1024
     max_result_bytes: int = 16 * 1024 * 1024
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineLimits:
+        """The limits the environment sets (see :data:`ENV`), then ``overrides``."""
+        return replace(cls(**_read(cls, env)), **overrides)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -75,24 +118,37 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read the environment (see :data:`ENV`), then apply ``overrides``."""
-        env = os.environ if env is None else env
-        limit_kw: dict[str, Any] = {}
-        hub_kw: dict[str, Any] = {"redis_url": redis_url_from_env(env)}
-        types = {f.name: f.type for f in fields(EngineLimits)} | {
-            f.name: f.type for f in fields(cls)
-        }
-        for var, (name, _default, _doc) in ENV.items():
-            if var in env and env[var] != "" and name != "redis_url":
-                target = limit_kw if name in EngineLimits.__dataclass_fields__ else hub_kw
-                target[name] = _coerce(types[name], env[var], var)
-        limits = replace(EngineLimits(), **limit_kw)
-        settings = cls(limits=limits, **hub_kw)
-        limit_over = {k: v for k, v in overrides.items() if k in EngineLimits.__dataclass_fields__}
+        """Read the environment (see :data:`ENV`), then apply ``overrides`` (fields of
+        Settings or of :class:`EngineLimits`)."""
+        env = environ() if env is None else env
+        limit_over = {k: v for k, v in overrides.items() if k in _fields(EngineLimits)}
         hub_over = {k: v for k, v in overrides.items() if k not in limit_over}
-        if limit_over:
-            hub_over["limits"] = replace(settings.limits, **limit_over)
+        settings = cls(
+            redis_url=redis_url_from_env(env),
+            limits=EngineLimits.from_env(env, **limit_over),
+            **_read(cls, env),
+        )
         return replace(settings, **hub_over)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return {f.name: f.type for f in fields(cls)}
+
+
+def _read(cls: type, env: Mapping[str, str] | None) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that variables in ``env`` set, coerced."""
+    env = environ() if env is None else env
+    types = _fields(cls)
+    out: dict[str, Any] = {}
+    for var, (name, _default, _doc) in ENV.items():
+        if name in types and name not in _NOT_SETTINGS and env.get(var, "") != "":
+            out[name] = _coerce(types[name], env[var], var)
+    return out
+
+
+#: ENV names that are no field of Settings: the Redis URL parts (folded into
+#: ``redis_url``) and the lab's hub address
+_NOT_SETTINGS: Final = frozenset({"redis_url", "hub_url"})
 
 
 def _coerce(type_name: Any, raw: str, var: str) -> Any:
@@ -123,6 +179,11 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
     "LOG_LEVEL": ("log_level", "INFO", "DEBUG, INFO, WARNING, ERROR"),
     "HUB_HOST": ("hub_host", "127.0.0.1", "address the hub listens on"),
     "HUB_PORT": ("hub_port", "8000", "port the hub listens on (0: pick a free one)"),
+    "HUB_URL": (
+        "hub_url",
+        "(from HUB_HOST/HUB_PORT)",
+        "where lab tools find a hub (ws://host:port)",
+    ),
     "HUB_ID": ("hub_id", "(random)", "this hub's id in worker records and events"),
     "HUB_DEBUG": ("debug", "0", "1 serves the debug page at /debug"),
     "REDISQ_NAMESPACE": ("namespace", "redisq", "key namespace; keys are {ns}:..."),

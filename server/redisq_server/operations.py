@@ -1,0 +1,362 @@
+"""The engine's operations as plain data: what to run and how to read the reply.
+
+Pure: nothing here talks to Redis. :class:`Operations` validates a call's
+arguments (through the protocol's field rules, so bad input is refused before
+anything is sent) and returns an :class:`Op`: a script name, its arguments and a
+parser of its reply. The result types (:class:`Assignment`, :class:`SubmitResult`,
+...) and the parsing of stats and events live here too. The two shells in
+:mod:`.redis_service` run the same operations, one blocking and one asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from redis.exceptions import ResponseError
+
+from . import protocol
+from .config import EngineLimits
+from .keys import Keys
+from .models import JobModel, JobStatus
+from .protocol import (
+    ErrorCode,
+    ProtocolError,
+    check_size,
+    dumps,
+    validate_attempt,
+    validate_capabilities,
+    validate_client_id,
+    validate_error_text,
+    validate_job_id,
+    validate_job_type,
+    validate_job_types,
+    validate_max_attempts,
+    validate_params,
+    validate_priority,
+    validate_progress,
+    validate_worker_id,
+)
+
+__all__ = [
+    "Assignment",
+    "CancelResult",
+    "Event",
+    "FinishResult",
+    "Op",
+    "Operations",
+    "SubmitResult",
+    "engine_error",
+    "event_from_entry",
+    "new_job_id",
+]
+
+T = TypeVar("T")
+
+
+def new_job_id() -> str:
+    """A fresh random job id (32 hex characters)."""
+    return secrets.token_hex(16)
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A job given to a worker; the hub that owns ``worker_id``'s socket pushes it."""
+
+    job_id: str
+    attempt: int
+    job_type: str
+    priority: int
+    params: dict[str, Any]
+    worker_id: str
+    hub_id: str
+    session: str
+    n: int = 0  # this worker's assignment number: later assignments have larger n
+
+    @classmethod
+    def from_reply(cls, r: Sequence[Any]) -> Assignment:
+        return cls(
+            job_id=r[0],
+            attempt=int(r[1]),
+            job_type=r[2],
+            priority=int(r[3]),
+            params=json.loads(r[4]) if r[4] else {},
+            worker_id=r[5],
+            hub_id=r[6],
+            session=r[7],
+            n=int(r[8]),
+        )
+
+    def to_message(self) -> dict[str, Any]:
+        """The ``job_assigned`` frame for the worker."""
+        return protocol.job_assigned(
+            self.job_id, self.attempt, self.job_type, self.priority, self.params
+        )
+
+
+def _assignment(r: Any) -> Assignment | None:
+    return Assignment.from_reply(r) if r else None
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: str
+    status: JobStatus
+    position: int | None  # jobs ahead of it in its queue; None when assigned
+    assignment: Assignment | None
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """Outcome of complete/fail: ``completed``, ``retrying``, ``failed`` or ``cancelled``
+    (the job had been cancelled; the report was dropped), and the worker's next job."""
+
+    outcome: str
+    next: Assignment | None
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    job_id: str
+    status: JobStatus
+    worker_id: str | None  # set when a running worker must be told to stop
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the ``{ns}:events`` stream: its id and fields (``e`` is the name)."""
+
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.fields.get("e", "")
+
+    def to_message(self) -> dict[str, Any]:
+        return protocol.event(self.id, self.fields)
+
+
+# ------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class Op(Generic[T]):
+    """One script call: what to run and how to read its reply. Pure data."""
+
+    script: str
+    args: tuple[str, ...]
+    parse: Callable[[Any], T]
+
+
+_ERROR_CODES = {
+    "DUPLICATE": ErrorCode.DUPLICATE,
+    "NOT_FOUND": ErrorCode.NOT_FOUND,
+    "STALE_ATTEMPT": ErrorCode.STALE_ATTEMPT,
+    "CANCELLED": ErrorCode.JOB_CANCELLED,
+    "BAD_STATE": ErrorCode.BAD_STATE,
+}
+
+
+def engine_error(exc: ResponseError) -> Exception:
+    """A script's ``error_reply('CODE text')`` as a typed ProtocolError; any other
+    Redis error as it is."""
+    code, _, message = str(exc).partition(" ")
+    if code in _ERROR_CODES:
+        return ProtocolError(_ERROR_CODES[code], message)
+    return exc
+
+
+def _status_reply(job_id: str, r: Any) -> JobModel | None:
+    if not r:
+        return None
+    flat, pos = r
+    h = dict(zip(flat[::2], flat[1::2], strict=True))
+    return JobModel.from_redis(job_id, h, position=int(pos) if int(pos) >= 0 else None)
+
+
+class Operations:
+    """Builds :class:`Op` values for one namespace and limits, validating inputs."""
+
+    def __init__(self, limits: EngineLimits) -> None:
+        self.limits = limits
+        self.keys = Keys(limits.namespace)
+        self.header = (
+            self.keys.prefix,
+            repr(float(limits.lease_s)),
+            str(int(limits.result_ttl_s)),
+            str(int(limits.events_maxlen)),
+            str(int(limits.max_lost)),
+            repr(float(limits.backoff_base_s)),
+            repr(float(limits.backoff_max_s)),
+        )
+
+    def submit(
+        self,
+        job_type: str,
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+        max_attempts: int | None = None,
+    ) -> Op[SubmitResult]:
+        job_type = validate_job_type(job_type)
+        priority = validate_priority(priority)
+        encoded = validate_params(
+            dict(params) if params is not None else {}, self.limits.max_params_bytes
+        )
+        jid = validate_job_id(job_id) if job_id is not None else new_job_id()
+        client = validate_client_id(client_id) if client_id is not None else ""
+        attempts = validate_max_attempts(
+            max_attempts if max_attempts is not None else self.limits.default_max_attempts
+        )
+
+        def parse(r: Any) -> SubmitResult:
+            status, pos, a = r
+            return SubmitResult(
+                jid, JobStatus(status), int(pos) if int(pos) >= 0 else None, _assignment(a)
+            )
+
+        args = (jid, job_type, str(priority), encoded, client, str(attempts))
+        return Op("submit", args, parse)
+
+    def register(
+        self,
+        worker_id: str,
+        job_types: Iterable[str],
+        capabilities: Mapping[str, Any] | None,
+        hub_id: str,
+        session: str,
+    ) -> Op[Assignment | None]:
+        validate_worker_id(worker_id)
+        types = validate_job_types(list(job_types))
+        caps = validate_capabilities(dict(capabilities or {}))
+        machine = worker_id.split(":", 1)[0]
+        args = (worker_id, machine, ",".join(types), caps, hub_id, session)
+        return Op("register", args, _assignment)
+
+    def _report(self, job_id: str, attempt: int, worker_id: str) -> tuple[str, str, str]:
+        validate_job_id(job_id)
+        validate_worker_id(worker_id)
+        return job_id, str(validate_attempt(attempt)), worker_id
+
+    def complete(
+        self, job_id: str, attempt: int, worker_id: str, result: Any = None
+    ) -> Op[FinishResult]:
+        head = self._report(job_id, attempt, worker_id)
+        encoded = dumps(result, "result")
+        check_size(encoded, self.limits.max_result_bytes, "result")
+
+        def parse(r: Any) -> FinishResult:
+            outcome = "completed" if r[0] == "ok" else r[0]
+            return FinishResult(outcome, _assignment(r[1]))
+
+        return Op("complete", (*head, encoded), parse)
+
+    def fail(
+        self, job_id: str, attempt: int, worker_id: str, error: str, retryable: bool = True
+    ) -> Op[FinishResult]:
+        head = self._report(job_id, attempt, worker_id)
+        return Op(
+            "fail",
+            (*head, validate_error_text(error), "1" if retryable else "0"),
+            lambda r: FinishResult(r[0], _assignment(r[1])),
+        )
+
+    def progress(
+        self, job_id: str, attempt: int, worker_id: str, progress: float, message: str | None
+    ) -> Op[str]:
+        head = self._report(job_id, attempt, worker_id)
+        value = validate_progress(progress)
+        return Op("progress", (*head, repr(value), message or ""), str)
+
+    def touch(self, workers: Iterable[tuple[str, str]]) -> Op[list[str]]:
+        flat = tuple(x for pair in workers for x in pair)
+        return Op("touch", flat, list)
+
+    def lost(self, worker_id: str, session: str, count: bool = True) -> Op[bool]:
+        return Op("lost", (worker_id, session, "1" if count else "0"), lambda r: bool(r))
+
+    def reap(self, limit: int = 100) -> Op[int]:
+        return Op("reap", (str(limit),), int)
+
+    def promote(self, limit: int = 100) -> Op[tuple[int, float | None, list[Assignment]]]:
+        def parse(r: Any) -> tuple[int, float | None, list[Assignment]]:
+            nxt = float(r[1])
+            return int(r[0]), (nxt if nxt >= 0 else None), [Assignment.from_reply(a) for a in r[2:]]
+
+        return Op("promote", (str(limit),), parse)
+
+    def cancel(self, job_id: str, client_id: str | None = None) -> Op[CancelResult]:
+        validate_job_id(job_id)
+        client = validate_client_id(client_id) if client_id is not None else ""
+
+        def parse(r: Any) -> CancelResult:
+            return CancelResult(job_id, JobStatus(r[0]), r[1] or None, int(r[2] or 0))
+
+        return Op("cancel", (job_id, client), parse)
+
+    def status(self, job_id: str) -> Op[JobModel | None]:
+        validate_job_id(job_id)
+        return Op("status", (job_id,), partial(_status_reply, job_id))
+
+    def stats(self, window_s: float = 60.0) -> Op[dict[str, Any]]:
+        return Op("stats", (repr(float(window_s)),), _parse_stats)
+
+    def hub(self, action: str, *args: str) -> Op[int]:
+        """The calling hub's presence (see hub.lua): start, alive, join, leave, stop."""
+        return Op("hub", (action, *args), int)
+
+    @property
+    def hub_ttl(self) -> str:
+        """How long a hub stays listed without renewing: three leases."""
+        return repr(3.0 * float(self.limits.lease_s))
+
+
+def _parse_stats(r: Any) -> dict[str, Any]:
+    counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r
+    counters = {k: int(v) for k, v in zip(counters_flat[::2], counters_flat[1::2], strict=True)}
+    by_type: dict[str, Any] = {}
+    for entry in types_flat:
+        jt, queued, depth_flat, idle_n = entry
+        depth = {int(p): int(n) for p, n in zip(depth_flat[::2], depth_flat[1::2], strict=True)}
+        by_type[jt] = {
+            "queued": int(queued),
+            "by_priority": dict(sorted(depth.items(), reverse=True)),
+            "idle_workers": int(idle_n),
+            "submitted": counters.get(f"submitted:{jt}", 0),
+            "completed": counters.get(f"completed:{jt}", 0),
+            "failed": counters.get(f"failed:{jt}", 0),
+            "cancelled": counters.get(f"cancelled:{jt}", 0),
+        }
+    totals = {k: v for k, v in counters.items() if ":" not in k}
+    n_workers, n_idle = int(workers), int(idle)
+    return {
+        "time": float(now),
+        "queued": sum(t["queued"] for t in by_type.values()),
+        "running": int(running),
+        "retrying": int(retrying),
+        "workers": n_workers,
+        "workers_idle": n_idle,
+        "workers_busy": n_workers - n_idle,
+        "throughput_per_s": int(done_window) / float(window),
+        "totals": {
+            k: totals.get(k, 0)
+            for k in ("submitted", "completed", "failed", "cancelled", "retried", "requeued")
+        },
+        "job_types": by_type,
+    }
+
+
+def event_from_entry(entry: Sequence[Any]) -> Event:
+    """A stream entry ``(id, fields)`` as an :class:`Event`."""
+    return Event(entry[0], dict(entry[1]))

@@ -1,0 +1,496 @@
+"""RedisService: the only code that talks to Redis.
+
+Every state change is one Lua script (:mod:`.scripts`), so each transition of the
+job state machine is atomic. Each call is built as a plain
+:class:`~redisq_server.operations.Op` (validated first: bad input raises
+:class:`~redisq_server.protocol.ProtocolError` and writes nothing) and run by one
+of two thin shells with the same method names: :class:`AsyncRedisService` (the
+hub, async tools) and :class:`RedisService` (the blocking facade used by monitors,
+scripts and the seed's example; ``add_job`` is the seed's name for
+``submit_job``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Final, TypeVar
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import EngineLimits
+from .keys import Keys
+from .models import TERMINAL_STATUSES, JobModel, WorkerModel
+from .operations import (
+    Assignment,
+    CancelResult,
+    Event,
+    FinishResult,
+    Op,
+    Operations,
+    SubmitResult,
+    engine_error,
+    event_from_entry,
+)
+from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_id
+from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
+from .scripts import SCRIPT_NAMES, script_source
+
+__all__ = ["EVENTS_LIMIT", "AsyncRedisService", "RedisService"]
+
+T = TypeVar("T")
+
+#: events one ``events_since`` call returns unless told otherwise
+EVENTS_LIMIT: Final = 10_000
+
+
+def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
+    """``limits`` (the environment's when None) with ``namespace`` if given."""
+    limits = limits or EngineLimits.from_env()
+    return replace(limits, namespace=namespace) if namespace is not None else limits
+
+
+def _after(since: str) -> tuple[str, str]:
+    """XRANGE bounds for the entries strictly after ``since`` (``0``: all)."""
+    return ("-" if since in ("0", "") else f"({since}"), "+"
+
+
+def _last_id(newest: Sequence[Any]) -> str:
+    return str(newest[0][0]) if newest else "0-0"
+
+
+class _Shell:
+    """What both shells share: the operations for one namespace and the scripts."""
+
+    ops: Operations
+    keys: Keys
+    limits: EngineLimits
+    _scripts: dict[str, Any]
+    #: the hub this service calls for ('' if none). A hub sets it with ``on_events``.
+    hub_id: str = ""
+    #: gets the events a call produced for the sockets of hub ``hub_id`` (the engine
+    #: writes them to no inbox); called before the call returns
+    on_events: Callable[[list[Event]], None] | None = None
+
+    def _setup(self, client: Any, limits: EngineLimits | None, namespace: str | None) -> None:
+        self.ops = Operations(_limits(limits, namespace))
+        self.keys = self.ops.keys
+        self.limits = self.ops.limits
+        self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
+
+    def _call(self, op: Op[Any]) -> dict[str, list[str]]:
+        """EVALSHA arguments for ``op``: the routing key and the common header."""
+        return {"keys": [self.keys.events], "args": [*self.ops.header, self.hub_id, *op.args]}
+
+    def _reply(self, op: Op[T], wrapped: Any) -> T:
+        """Hand the events for this hub to ``on_events``; parse the reply proper."""
+        reply, local = wrapped
+        if local and self.on_events is not None:
+            self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
+        return op.parse(reply)
+
+
+class AsyncRedisService(_Shell):
+    """The queue engine, asyncio flavour: what the hub and async tools call.
+
+    Connect from ``url`` (or ``host``/``port``/``db``/``password``; the environment
+    when none is given) or pass a ready ``client``. Call :meth:`aclose` when done.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        db: int | None = None,
+        password: str | None = None,
+        namespace: str | None = None,
+        limits: EngineLimits | None = None,
+        client: aredis.Redis | None = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
+        if client is None:
+            url, extra = resolve_url(url, host, port, db, password)
+            client = connect_async(url, **extra)
+        self.redis = client
+        self.call_timeout_s = call_timeout_s
+        self._setup(client, limits, namespace)
+
+    async def _run(self, op: Op[T]) -> T:
+        try:
+            reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+        except ResponseError as exc:
+            raise engine_error(exc) from None
+        return self._reply(op, reply)
+
+    async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
+        """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
+        (plus ``wait_s`` for a blocking read); redis-py drops the connection then."""
+        try:
+            async with asyncio.timeout(self.call_timeout_s + wait_s):
+                return await call
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"no reply from Redis within {self.call_timeout_s + wait_s:g} s ({what})"
+            ) from None
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self._bounded(self.redis.ping(), "ping"))
+
+    # -- jobs
+    async def submit_job(
+        self,
+        job_type: str,
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+        max_attempts: int | None = None,
+    ) -> SubmitResult:
+        """Queue a job, or assign it at once to an idle worker that accepts its type.
+
+        If ``result.assignment`` is set, the caller (a hub) must deliver it to that
+        worker; the ``assigned`` event tells the worker's hub as well.
+        """
+        return await self._run(
+            self.ops.submit(
+                job_type,
+                priority,
+                params,
+                job_id=job_id,
+                client_id=client_id,
+                max_attempts=max_attempts,
+            )
+        )
+
+    async def get_job(self, job_id: str) -> JobModel | None:
+        """The job with its queue position, or None if unknown or expired."""
+        return await self._run(self.ops.status(job_id))
+
+    async def cancel_job(self, job_id: str, client_id: str | None = None) -> CancelResult:
+        """Cancel a job (only ``client_id``'s own, when given). If the result names a
+        worker, its hub must push ``cancel_job`` to it (the ``cancelled`` event does)."""
+        return await self._run(self.ops.cancel(job_id, client_id))
+
+    # -- workers
+    async def register_worker(
+        self,
+        worker_id: str,
+        job_types: Iterable[str],
+        capabilities: Mapping[str, Any] | None = None,
+        *,
+        hub_id: str = "",
+        session: str | None = None,
+    ) -> Assignment | None:
+        """Register (or re-register) a worker and claim its first job, if any.
+
+        ``session`` identifies this connection; pass the same one to
+        :meth:`worker_lost` and :meth:`touch` so that a stale connection cannot
+        affect a newer one.
+        """
+        return await self._run(
+            self.ops.register(
+                worker_id, job_types, capabilities, hub_id, session or secrets.token_hex(8)
+            )
+        )
+
+    async def complete_job(
+        self, job_id: str, attempt: int, worker_id: str, result: Any = None
+    ) -> FinishResult:
+        """Record a result (fenced on ``attempt``) and claim the worker's next job."""
+        return await self._run(self.ops.complete(job_id, attempt, worker_id, result))
+
+    async def fail_job(
+        self, job_id: str, attempt: int, worker_id: str, error: str, retryable: bool = True
+    ) -> FinishResult:
+        """Record a failure (retry with backoff or fail for good) and claim the next job."""
+        return await self._run(self.ops.fail(job_id, attempt, worker_id, error, retryable))
+
+    async def update_progress(
+        self,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        progress: float,
+        message: str | None = None,
+    ) -> str:
+        """Record progress (0-100); marks the job running and extends its lease."""
+        return await self._run(self.ops.progress(job_id, attempt, worker_id, progress, message))
+
+    async def touch(self, workers: Iterable[tuple[str, str]]) -> list[str]:
+        """Extend liveness for ``(worker_id, session)`` pairs; returns stale worker ids."""
+        pairs = list(workers)
+        if not pairs:
+            return []
+        return await self._run(self.ops.touch(pairs))
+
+    async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
+        """The worker's socket closed: requeue its job now. ``count=False`` for a
+        deliberate shutdown, which does not count against the job's ``max_lost``."""
+        return await self._run(self.ops.lost(worker_id, session, count))
+
+    async def reap(self, limit: int = 100) -> int:
+        """Requeue jobs of workers and leases past their deadline (dead hubs)."""
+        return await self._run(self.ops.reap(limit))
+
+    async def promote(self, limit: int = 100) -> tuple[int, float | None, list[Assignment]]:
+        """Move due retries back; returns (moved, seconds to the next due, assignments)."""
+        return await self._run(self.ops.promote(limit))
+
+    # -- reading
+    async def get_stats(self, window_s: float = 60.0) -> dict[str, Any]:
+        """Queue depth by type and priority, running, workers, totals: one round trip."""
+        return await self._run(self.ops.stats(window_s))
+
+    async def read_events(
+        self, last_id: str, count: int = 1000, block_ms: int | None = None
+    ) -> list[Event]:
+        """Events after ``last_id`` (``$``: only new ones), waiting up to ``block_ms``."""
+        return await self._xread(self.keys.events, last_id, count, block_ms)
+
+    async def _xread(self, key: str, last_id: str, count: int, block_ms: int | None) -> list[Event]:
+        """The entries of stream ``key`` after ``last_id``, waiting up to ``block_ms``."""
+        r: Any = self.redis
+        read = r.xread({key: last_id}, count=count, block=block_ms)
+        reply = await self._bounded(read, "xread", (block_ms or 0) / 1000)
+        if not reply:
+            return []
+        entries = reply[0][1] if isinstance(reply, list) else reply[key][0]
+        return [event_from_entry(e) for e in entries]
+
+    async def events_since(self, since: str = "0", limit: int = EVENTS_LIMIT) -> list[Event]:
+        """Up to ``limit`` events strictly after ``since``, oldest first."""
+        r: Any = self.redis
+        xrange = r.xrange(self.keys.events, *_after(since), limit)
+        return [event_from_entry(e) for e in await self._bounded(xrange, "xrange")]
+
+    async def last_event_id(self) -> str:
+        """The id of the newest event (``0-0`` when there is none)."""
+        r: Any = self.redis
+        return _last_id(
+            await self._bounded(r.xrevrange(self.keys.events, "+", "-", 1), "xrevrange")
+        )
+
+    async def job_payloads(self, job_ids: Iterable[str]) -> dict[str, list[str | None]]:
+        """``[params, result, error]`` of each of ``job_ids``, in one round trip."""
+        ids = list(job_ids)
+        r: Any = self.redis
+
+        async def read() -> list[Any]:
+            async with r.pipeline(transaction=False) as p:
+                for job in ids:
+                    p.hmget(self.keys.job(job), ["params", "result", "error"])
+                return list(await p.execute())
+
+        return dict(zip(ids, await self._bounded(read(), "hmget"), strict=True))
+
+    # -- a hub's presence and inbox (only a hub calls these, with ``hub_id`` set)
+    async def hub_start(self) -> None:
+        """List this hub as live, with no clients and an empty inbox."""
+        await self._run(self.ops.hub("start", self.ops.hub_ttl))
+
+    async def hub_alive(self) -> bool:
+        """Extend this hub's listing. True if it had lapsed: the caller must list its
+        clients again with :meth:`clients_here`."""
+        relisted: int = await self._run(self.ops.hub("alive", self.ops.hub_ttl))
+        return relisted > 0
+
+    async def clients_here(self, client_ids: Iterable[str]) -> None:
+        """These client ids now have a socket on this hub: route their jobs' events here."""
+        await self._run(self.ops.hub("join", *client_ids))
+
+    async def clients_gone(self, client_ids: Iterable[str]) -> None:
+        """These client ids have no socket on this hub any more."""
+        await self._run(self.ops.hub("leave", *client_ids))
+
+    async def hub_stop(self) -> None:
+        """Unlist this hub and drop its client list and inbox."""
+        await self._run(self.ops.hub("stop"))
+
+    async def read_inbox(
+        self, last_id: str, count: int = 1000, block_ms: int = 1000
+    ) -> list[Event]:
+        """Events for this hub's sockets that other callers caused, after ``last_id``
+        (``0-0`` after :meth:`hub_start`), waiting up to ``block_ms``."""
+        return await self._xread(self.keys.inbox(self.hub_id), last_id, count, block_ms)
+
+
+class RedisService(_Shell):
+    """The queue engine, blocking flavour: the seed's API for scripts and notebooks.
+
+    >>> svc = RedisService(host="localhost", port=6379, db=0)        # doctest: +SKIP
+    >>> svc.add_job(job_id="j1", job_type="image_generation", priority=5,
+    ...             params={"prompt": "a sunset"}, client_id="me")  # doctest: +SKIP
+    >>> svc.get_job_status("j1")["status"]                           # doctest: +SKIP
+    'queued'
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        db: int | None = None,
+        password: str | None = None,
+        *,
+        url: str | None = None,
+        namespace: str | None = None,
+        limits: EngineLimits | None = None,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if client is None:
+            url, extra = resolve_url(url, host, port, db, password)
+            client = connect_sync(url, **extra)
+        self.redis = client
+        self._setup(client, limits, namespace)
+
+    def _run(self, op: Op[T]) -> T:
+        try:
+            reply = self._scripts[op.script](**self._call(op))
+        except ResponseError as exc:
+            raise engine_error(exc) from None
+        return self._reply(op, reply)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> RedisService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def submit_job(
+        self,
+        job_type: str,
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+        max_attempts: int | None = None,
+    ) -> SubmitResult:
+        """Queue a job, or assign it at once to an idle worker that accepts its type
+        (that worker's hub pushes it). Raises ProtocolError for bad input."""
+        return self._run(
+            self.ops.submit(
+                job_type,
+                priority,
+                params,
+                job_id=job_id,
+                client_id=client_id,
+                max_attempts=max_attempts,
+            )
+        )
+
+    def add_job(
+        self,
+        job_id: str | None = None,
+        job_type: str = "default",
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        client_id: str | None = None,
+        max_attempts: int | None = None,
+    ) -> SubmitResult:
+        """:meth:`submit_job` under the seed's name and argument order."""
+        return self.submit_job(
+            job_type,
+            priority,
+            params,
+            job_id=job_id,
+            client_id=client_id,
+            max_attempts=max_attempts,
+        )
+
+    def get_job(self, job_id: str) -> JobModel | None:
+        """The job with its queue position, or None if unknown or expired."""
+        return self._run(self.ops.status(job_id))
+
+    def get_job_status(self, job_id: str) -> dict[str, Any] | None:
+        """The job as a dict (status, position, timestamps, ...) or None if unknown."""
+        job = self.get_job(job_id)
+        return job.to_dict() if job else None
+
+    def cancel_job(self, job_id: str, client_id: str | None = None) -> CancelResult:
+        """Cancel a job (only ``client_id``'s own, when given); a running worker is
+        told to stop by its hub."""
+        return self._run(self.ops.cancel(job_id, client_id))
+
+    def get_stats(self, window_s: float = 60.0) -> dict[str, Any]:
+        """Queue depth by type and priority, running, workers, totals: one round trip."""
+        return self._run(self.ops.stats(window_s))
+
+    # -- bulk reads for monitors (pipelined; no KEYS, no SCAN)
+    def job_ids(self, status: str, limit: int = 1000) -> list[str]:
+        """Ids of jobs in ``status``: ``queued`` (queue order), ``active`` (assigned,
+        running, retrying), or a finished status (newest first)."""
+        validate_limit(limit, most=1 << 62)
+        k = self.keys
+        r: Any = self.redis
+        if status == "queued":
+            types = sorted(r.smembers(k.types))
+            with r.pipeline(transaction=False) as p:
+                for jt in types:
+                    p.zrange(k.queue(jt), 0, limit - 1, withscores=True)
+                per_type = p.execute()
+            merged = sorted(
+                ((score, jid) for rows in per_type for jid, score in rows), key=lambda x: x[0]
+            )
+            return [jid for _, jid in merged[:limit]]
+        if status == "active":
+            with r.pipeline(transaction=False) as p:
+                p.zrange(k.leases, 0, limit - 1)
+                p.zrange(k.delayed, 0, limit - 1)
+                running, delayed = p.execute()
+            return [*running, *delayed][:limit]
+        if status in {s.value for s in TERMINAL_STATUSES}:
+            return list(r.zrevrange(k.done(status), 0, limit - 1))
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD,
+            "status: expected queued, active, completed, failed or cancelled",
+        )
+
+    def get_jobs(self, job_ids: Sequence[str]) -> list[JobModel]:
+        """The jobs that still exist among ``job_ids``, in order (one pipeline)."""
+        with self.redis.pipeline(transaction=False) as p:
+            for jid in job_ids:
+                p.hgetall(self.keys.job(jid))
+            rows = p.execute()
+        return [JobModel.from_redis(jid, h) for jid, h in zip(job_ids, rows, strict=True) if h]
+
+    def get_worker(self, worker_id: str) -> WorkerModel | None:
+        r: Any = self.redis
+        h = r.hgetall(self.keys.worker(validate_worker_id(worker_id)))
+        return WorkerModel.from_redis(h) if h else None
+
+    def get_workers(self) -> list[WorkerModel]:
+        """Every live worker (one ZRANGE and one pipeline)."""
+        r: Any = self.redis
+        ids = r.zrange(self.keys.workers, 0, -1)
+        with r.pipeline(transaction=False) as p:
+            for w in sorted(ids):
+                p.hgetall(self.keys.worker(w))
+            rows = [dict(h) for h in p.execute() if h]
+        return [WorkerModel.from_redis(h) for h in rows]
+
+    def events_since(self, since: str = "0", limit: int = EVENTS_LIMIT) -> list[Event]:
+        """Up to ``limit`` events strictly after ``since``, oldest first."""
+        r: Any = self.redis
+        return [event_from_entry(e) for e in r.xrange(self.keys.events, *_after(since), limit)]
+
+    def last_event_id(self) -> str:
+        """The id of the newest event (``0-0`` when there is none)."""
+        r: Any = self.redis
+        return _last_id(r.xrevrange(self.keys.events, "+", "-", 1))

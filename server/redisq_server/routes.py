@@ -1,0 +1,329 @@
+"""Request handlers: one per inbound message type.
+
+Each handler is a thin call into :class:`AsyncRedisService` that replies with a
+result or a typed ``error`` (built by :mod:`.protocol`). Events the call produced
+are routed by the hub's :class:`~redisq_server.routing.EventRouter` before the
+handler yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from . import protocol
+from .config import Settings
+from .connections import Connection, Registry
+from .models import TERMINAL_STATUSES, JobModel
+from .operations import FinishResult, new_job_id
+from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError, Role
+from .redis_service import AsyncRedisService
+from .routing import EventRouter
+
+__all__ = ["Routes"]
+
+log = logging.getLogger("redisq.hub")
+
+#: worker requests after which the worker moves on whatever the reply says
+_WORKER_COMMITS = frozenset(
+    {MessageType.REGISTER_WORKER, MessageType.COMPLETE_JOB, MessageType.FAIL_JOB}
+)
+
+#: event fields that describe hub internals, not the client's job
+_PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
+
+Handler = Callable[[Connection, Message], Awaitable[None]]
+
+
+def _final_message(job: JobModel) -> dict[str, Any] | None:
+    """The frame a follower gets for a job that has already finished (the same as
+    the live one), or None if it has not finished."""
+    if job.status not in TERMINAL_STATUSES:
+        return None
+    f = {
+        "job": job.job_id,
+        "attempt": str(job.attempt),
+        "worker": job.worker_id or "",
+        "status": job.status.value,
+    }
+    return protocol.client_frame(job.status.value, job.job_id, f, job.result, job.error)
+
+
+class Routes:
+    """Dispatches one socket's frames to their handlers (see :meth:`handle`)."""
+
+    def __init__(
+        self,
+        service: AsyncRedisService,
+        registry: Registry,
+        events: EventRouter,
+        settings: Settings,
+        hub_id: str,
+    ) -> None:
+        self.svc = service
+        self.registry = registry
+        self.events = events
+        self.settings = settings
+        self.hub_id = hub_id
+        self.handlers: dict[MessageType, Handler] = {
+            MessageType.SUBMIT_JOB: self.submit_job,
+            MessageType.GET_JOB_STATUS: self.get_job_status,
+            MessageType.SUBSCRIBE_JOB: self.subscribe_job,
+            MessageType.CANCEL_JOB: self.cancel_job,
+            MessageType.GET_STATS: self.get_stats,
+            MessageType.GET_EVENTS: self.get_events,
+            MessageType.REGISTER_WORKER: self.register_worker,
+            MessageType.WORKER_HEARTBEAT: self.worker_heartbeat,
+            MessageType.UPDATE_JOB_PROGRESS: self.update_progress,
+            MessageType.COMPLETE_JOB: self.complete_job,
+            MessageType.FAIL_JOB: self.fail_job,
+            MessageType.SUBSCRIBE_STATS: self.subscribe_stats,
+            MessageType.SUBSCRIBE_EVENTS: self.subscribe_events,
+        }
+
+    def welcome(self, conn: Connection) -> dict[str, Any]:
+        """The first frame for ``conn``."""
+        return protocol.welcome(conn.role, conn.id, self.hub_id, self.settings.max_frame_bytes)
+
+    async def handle(self, conn: Connection, raw: str | bytes) -> None:
+        """Validate and dispatch one inbound frame; every failure becomes an ``error``
+        reply on this socket and nothing else."""
+        ref = None
+        kind: MessageType | None = None
+        try:
+            msg = protocol.decode_message(raw, conn.role)
+            ref, kind = msg.id, msg.type
+            await self.handlers[msg.type](conn, msg)
+            self.events.flush_local()
+        except ProtocolError as err:
+            err.ref = ref if err.ref is None else err.ref
+            conn.send(err.to_message())
+        except RedisError as exc:
+            log.warning("%r: Redis error: %s", conn, exc)
+            if kind in _WORKER_COMMITS:
+                # The worker moves on whatever the reply; had its report not reached
+                # Redis, this live socket would hold the job for ever (the sweep renews
+                # its lease). Closing (instead of an `unavailable` reply) requeues the
+                # job, now or by the reaper once Redis is back; the worker registers
+                # afresh.
+                conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
+            else:
+                conn.send(protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
+        except Exception:
+            log.exception("%r: handler failed", conn)
+            conn.send(protocol.error(ErrorCode.INTERNAL, "internal error", ref))
+
+    # ------------------------------------------------------------- clients
+
+    async def _own_job(self, conn: Connection, job_id: str) -> JobModel:
+        job = await self.svc.get_job(job_id)
+        if job is None or (conn.role is Role.CLIENT and job.client_id != conn.id):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no job {job_id} for this client")
+        return job
+
+    def _check_room(self, conn: Connection) -> None:
+        if len(conn.jobs) >= self.settings.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"this socket follows {len(conn.jobs)} unfinished jobs, the limit; "
+                "wait for some to finish or open another socket",
+            )
+
+    async def submit_job(self, conn: Connection, msg: Message) -> None:
+        f = msg.fields
+        self._check_room(conn)
+        job_id = f["job_id"] or new_job_id()
+        if job_id in conn.jobs:
+            raise ProtocolError(ErrorCode.DUPLICATE, f"job {job_id} already exists")
+        self.registry.subscribe(conn, job_id, pending=True)
+        try:
+            result = await self.svc.submit_job(
+                f["job_type"],
+                f["priority"],
+                f["params"],
+                job_id=job_id,
+                client_id=conn.id,
+                max_attempts=f["max_attempts"],
+            )
+        except BaseException:
+            self.registry.unsubscribe(conn, job_id)
+            raise
+        if result.assignment is not None:
+            self.events.push(result.assignment)  # first: the GPU waits, the client only learns
+        with conn.batch():  # the reply and the job's first update in one write
+            conn.send(protocol.job_accepted(msg.id, job_id, result.status.value, result.position))
+            self.events.flush_local()
+            conn.release_pending(job_id, keep=True)
+
+    async def get_job_status(self, conn: Connection, msg: Message) -> None:
+        job = await self._own_job(conn, msg.fields["job_id"])
+        conn.send(protocol.job_status(msg.id, job.to_dict()))
+
+    async def subscribe_job(self, conn: Connection, msg: Message) -> None:
+        job_id = msg.fields["job_id"]
+        self._check_room(conn)
+        self.registry.subscribe(conn, job_id, pending=True)
+        try:
+            job = await self._own_job(conn, job_id)
+        except BaseException:
+            self.registry.unsubscribe(conn, job_id)
+            raise
+        conn.send(protocol.subscribed_job(msg.id, job_id, job.status.value))
+        final = _final_message(job)
+        if final is not None:
+            self.registry.unsubscribe(conn, job_id)
+            conn.send(final)
+        else:
+            conn.release_pending(job_id, keep=True)
+
+    async def cancel_job(self, conn: Connection, msg: Message) -> None:
+        job_id = msg.fields["job_id"]
+        await self.svc.cancel_job(job_id, client_id=conn.id)
+        job = await self._own_job(conn, job_id)
+        conn.send(protocol.job_status(msg.id, job.to_dict()))
+
+    async def get_stats(self, conn: Connection, msg: Message) -> None:
+        conn.send(await self._stats(msg.id))
+
+    async def _stats(self, ref: Any = None) -> dict[str, Any]:
+        stats = await self.svc.get_stats()
+        r = self.registry
+        stats["hub"] = {
+            "id": self.hub_id,
+            "clients": sum(len(c) for c in r.clients.values()),
+            "workers": len(r.workers),
+            "monitors": len(r.monitors),
+        }
+        return protocol.stats(ref, stats)
+
+    async def get_events(self, conn: Connection, msg: Message) -> None:
+        since, limit = msg.fields["since"], msg.fields["limit"]
+        events = await self.svc.events_since(since, limit)
+        last = events[-1].id if events else since
+        more = len(events) == limit
+        frames = [e.to_message() for e in events]
+        if conn.role is Role.CLIENT:
+            frames = [
+                {k: v for k, v in m.items() if k not in _PRIVATE_EVENT_FIELDS}
+                for m in frames
+                if m.get("client") == conn.id
+            ]
+        conn.send(protocol.events(msg.id, frames, last, more))
+
+    # ------------------------------------------------------------- workers
+
+    def _require_registered(self, conn: Connection) -> None:
+        if not conn.registered:
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, "send register_worker first")
+
+    async def register_worker(self, conn: Connection, msg: Message) -> None:
+        if conn.registered:
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, "this socket is already registered")
+        old = self.registry.add_worker(conn)
+        if old is not None:
+            old.close(CloseCode.REPLACED, "replaced by a newer connection for this worker id")
+        conn.job_types = msg.fields["job_types"]
+        try:
+            assignment = await self.svc.register_worker(
+                conn.id,
+                conn.job_types,
+                msg.fields["capabilities"],
+                hub_id=self.hub_id,
+                session=conn.session,
+            )
+        except BaseException:
+            self.registry.remove_worker(conn)
+            raise
+        if assignment is not None:
+            self.events.push(assignment)  # held in conn.early until the reply below is sent
+        lease_s = self.svc.limits.lease_s
+        conn.send(
+            protocol.worker_registered(msg.id, conn.id, conn.job_types, lease_s, bool(conn.early))
+        )
+        conn.registered = True
+        for frame in conn.early:
+            conn.send(frame)
+        conn.early.clear()
+
+    def _ack(self, conn: Connection, msg: Message, **extra: Any) -> None:
+        if msg.id is not None:
+            conn.send(protocol.ack(msg.id, **extra))
+
+    async def worker_heartbeat(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        if await self.svc.touch([(conn.id, conn.session)]):
+            conn.close(CloseCode.SESSION_EXPIRED, "worker record expired; reconnect")
+            return
+        self._ack(conn, msg)
+
+    async def update_progress(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        await self.svc.update_progress(
+            f["job_id"], f["attempt"], conn.id, f["progress"], f["message"]
+        )
+        self._ack(conn, msg, job_id=f["job_id"])
+
+    def _finished(self, conn: Connection, msg: Message, res: FinishResult) -> None:
+        conn.delivered = None
+        # has_next tells the worker whether a job_assigned follows right away (so a
+        # burst-mode worker knows, without waiting, that its queue is empty)
+        with conn.batch():  # the ack and the next job in one write
+            self._ack(
+                conn,
+                msg,
+                job_id=msg.fields["job_id"],
+                outcome=res.outcome,
+                has_next=res.next is not None,
+            )
+            if res.next is not None:
+                self.events.push(res.next)
+
+    async def complete_job(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
+        if res.outcome == "completed":  # first: the result is what its client waits for
+            self.events.tell_final(
+                "completed", f["job_id"], f["attempt"], conn.id, result=f["result"]
+            )
+        self._finished(conn, msg, res)
+
+    async def fail_job(self, conn: Connection, msg: Message) -> None:
+        self._require_registered(conn)
+        f = msg.fields
+        res = await self.svc.fail_job(
+            f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
+        )
+        if res.outcome == "retrying":
+            self.events.retry_scheduled()  # the promoter moves it back when it is due
+        if res.outcome == "failed":
+            self.events.tell_final("failed", f["job_id"], f["attempt"], conn.id, error=f["error"])
+        self._finished(conn, msg, res)
+
+    # ------------------------------------------------------------ monitors
+
+    async def subscribe_stats(self, conn: Connection, msg: Message) -> None:
+        if conn.stats_task is not None:
+            conn.stats_task.cancel()
+        interval = msg.fields["interval_ms"] / 1000
+        conn.send(await self._stats(msg.id))
+        conn.stats_task = asyncio.create_task(self._stats_loop(conn, interval))
+
+    async def _stats_loop(self, conn: Connection, interval: float) -> None:
+        while not conn.closing:
+            await asyncio.sleep(interval)
+            try:
+                conn.send(await self._stats())
+            except RedisError as exc:
+                log.warning("stats for %r: %s", conn, exc)
+
+    async def subscribe_events(self, conn: Connection, msg: Message) -> None:
+        last = await self.svc.last_event_id()
+        conn.events = True
+        self.events.tap_from(last)
+        conn.send(protocol.subscribed_events(msg.id, last))
