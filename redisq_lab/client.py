@@ -27,11 +27,14 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from redisq_server import JobStatus, protocol
+from redisq_server.protocol import MessageType
+
 from ._source import hub_url_of
 
 __all__ = ["JobFailed", "JobTrace", "QueueClient", "RequestError"]
 
-FINAL = {"job_completed", "job_failed"}
+_FOLLOWED = frozenset({*protocol.FINAL_MESSAGES, MessageType.JOB_UPDATE})
 
 
 class RequestError(Exception):
@@ -153,11 +156,11 @@ class QueueClient:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            await self.ws.send(json.dumps({**message, "id": rid}))
+            await self.ws.send(protocol.encode({**message, "id": rid}))
             reply = await asyncio.wait_for(fut, self.request_timeout)
         finally:
             self._replies.pop(rid, None)
-        if reply.get("type") == "error":
+        if reply.get("type") == MessageType.ERROR:
             raise RequestError(reply)
         return reply
 
@@ -176,15 +179,9 @@ class QueueClient:
         """
         job_id = job_id or secrets.token_hex(16)
         trace = self.traces[job_id] = JobTrace(job_id, submitted=time.monotonic())
-        msg: dict[str, Any] = {
-            "type": "submit_job",
-            "job_type": job_type,
-            "priority": priority,
-            "params": dict(params or {}),
-            "job_id": job_id,
-        }
-        if max_attempts is not None:
-            msg["max_attempts"] = max_attempts
+        msg = protocol.submit_job(
+            job_type, priority, params, job_id=job_id, max_attempts=max_attempts
+        )
         try:
             reply = await self.request(msg)
         except BaseException:
@@ -218,7 +215,7 @@ class QueueClient:
     async def subscribe(self, job_id: str) -> dict[str, Any]:
         """Follow a job this client owns (submitted from any socket)."""
         self.traces.setdefault(job_id, JobTrace(job_id))
-        return await self.request({"type": "subscribe_job", "job_id": job_id})
+        return await self.request(protocol.subscribe_job(job_id))
 
     async def follow(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """Yield every update of ``job_id`` from now on, ending with its final one."""
@@ -233,7 +230,10 @@ class QueueClient:
             while True:
                 update = await queue.get()
                 yield update
-                if update["type"] in FINAL or update.get("status") == "cancelled":
+                if (
+                    update["type"] in protocol.FINAL_MESSAGES
+                    or update.get("status") == JobStatus.CANCELLED
+                ):
                     return
         finally:
             self._followers[job_id].remove(queue)
@@ -241,17 +241,17 @@ class QueueClient:
                 del self._followers[job_id]
 
     async def status(self, job_id: str) -> dict[str, Any]:
-        return await self.request({"type": "get_job_status", "job_id": job_id})
+        return await self.request(protocol.get_job_status(job_id))
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await self.request({"type": "cancel_job", "job_id": job_id})
+        return await self.request(protocol.cancel_job(job_id))
 
     async def stats(self) -> dict[str, Any]:
-        return await self.request({"type": "get_stats"})
+        return await self.request(protocol.get_stats())
 
     async def events_since(self, since: str = "0", limit: int = 1000) -> dict[str, Any]:
         """This client's events after ``since`` (for catching up after a reconnect)."""
-        return await self.request({"type": "get_events", "since": since, "limit": limit})
+        return await self.request(protocol.get_events(since, limit))
 
     # -------------------------------------------------------------- reader
 
@@ -274,22 +274,23 @@ class QueueClient:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         ref = msg.get("ref")
-        if msg.get("type") == "job_accepted":
+        kind = msg.get("type")
+        if kind == MessageType.JOB_ACCEPTED:
             # stamped on arrival: updates that follow may be read before the
             # submitting coroutine resumes
             trace = self.traces.get(msg.get("job_id", ""))
             if trace is not None:
                 trace.accepted = time.monotonic()
-                if msg.get("status") == "assigned" and trace.assigned is None:
+                if msg.get("status") == JobStatus.ASSIGNED and trace.assigned is None:
                     trace.assigned = trace.accepted
         if ref is not None and ref in self._replies:
             fut = self._replies[ref]
             if not fut.done():
                 fut.set_result(msg)
-            if msg.get("type") != "subscribed":
+            if kind != MessageType.SUBSCRIBED:
                 return
         job_id = msg.get("job_id")
-        if not isinstance(job_id, str) or msg.get("type") not in {*FINAL, "job_update"}:
+        if not isinstance(job_id, str) or kind not in _FOLLOWED:
             return
         trace = self.traces.get(job_id)
         if trace is not None:
@@ -302,14 +303,14 @@ class QueueClient:
         now = time.monotonic()
         trace.updates += 1
         kind = msg["type"]
-        if kind == "job_update":
+        if kind == MessageType.JOB_UPDATE:
             status = msg.get("status")
             trace.status = status
-            if status == "assigned" and trace.assigned is None:
+            if status == JobStatus.ASSIGNED and trace.assigned is None:
                 trace.assigned = now
-            elif status == "running" and trace.running is None:
+            elif status == JobStatus.RUNNING and trace.running is None:
                 trace.running = now
-            elif status == "cancelled" and not trace.done.done():
+            elif status == JobStatus.CANCELLED and not trace.done.done():
                 trace.finished = now
                 trace.done.set_exception(JobFailed(trace.job_id, "cancelled", "cancelled"))
                 trace.done.exception()
@@ -317,7 +318,7 @@ class QueueClient:
         trace.finished = now
         if trace.done.done():
             return
-        if kind == "job_completed":
+        if kind == MessageType.JOB_COMPLETED:
             trace.status = "completed"
             trace.result = msg.get("result")
             trace.done.set_result(trace.result)

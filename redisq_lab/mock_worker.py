@@ -29,6 +29,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from redisq_server import protocol
+from redisq_server.protocol import MessageType
+
 from ._source import hub_url_of
 
 __all__ = ["DEFAULT_JOB_TYPES", "JobRecord", "MockWorker", "RunTime", "sample_run_time"]
@@ -292,18 +295,9 @@ class MockWorker:
 
     async def _serve(self, ws: ClientConnection, worker_id: str) -> bool:
         """Speak the protocol on one GPU socket. True when a burst has finished."""
+        caps = {**self.capabilities, "gpu_index": worker_id.rsplit("gpu", 1)[-1]}
         await ws.send(
-            json.dumps(
-                {
-                    "type": "register_worker",
-                    "id": "register",
-                    "job_types": self.job_types,
-                    "capabilities": {
-                        **self.capabilities,
-                        "gpu_index": worker_id.rsplit("gpu", 1)[-1],
-                    },
-                }
-            )
+            protocol.encode(protocol.register_worker(self.job_types, caps, id="register"))
         )
         current: asyncio.Task[None] | None = None
         holding: tuple[str, int] | None = None
@@ -311,49 +305,37 @@ class MockWorker:
             async for raw in ws:
                 m = json.loads(raw)
                 kind = m.get("type")
-                if kind == "job_assigned":
+                if kind == MessageType.JOB_ASSIGNED:
                     holding = (m["job_id"], m["attempt"])
                     current = asyncio.create_task(self._run(ws, worker_id, m))
-                elif kind == "cancel_job" and holding == (m["job_id"], m["attempt"]):
+                elif kind == MessageType.CANCEL_JOB and holding == (m["job_id"], m["attempt"]):
                     if current is not None:
                         current.cancel()
                     self.cancelled += 1
                     self._mark(m["job_id"], m["attempt"], "cancelled")
                     await self._send(
-                        ws,
-                        "fail_job",
-                        m["job_id"],
-                        m["attempt"],
-                        error="cancelled",
-                        retryable=False,
+                        ws, protocol.fail_job(m["job_id"], m["attempt"], "cancelled", False)
                     )
-                elif kind == "worker_registered":
+                elif kind == MessageType.WORKER_REGISTERED:
                     self._registered[worker_id].set()
                     if self.burst and not m.get("has_next"):
                         return True
-                elif kind == "ack" and "outcome" in m:
+                elif kind == MessageType.ACK and "outcome" in m:
                     if holding is not None and m.get("job_id") == holding[0]:
                         holding = None
                     if self.burst and holding is None and not m.get("has_next"):
                         return True
-                elif kind == "error":
+                elif kind == MessageType.ERROR:
                     self.errors.append(m)
         finally:
             if current is not None and not current.done():
                 current.cancel()
         return False
 
-    async def _send(
-        self, ws: ClientConnection, kind: str, job_id: str, attempt: int, **fields: Any
-    ) -> None:
-        msg = {
-            "type": kind,
-            "id": f"{kind}:{job_id}:{attempt}",
-            "job_id": job_id,
-            "attempt": attempt,
-            **fields,
-        }
-        await ws.send(json.dumps(msg))
+    async def _send(self, ws: ClientConnection, report: dict[str, Any]) -> None:
+        """Send a report on a job, with an ``id`` so that the hub acknowledges it."""
+        report["id"] = f"{report['type']}:{report['job_id']}:{report['attempt']}"
+        await ws.send(protocol.encode(report))
 
     def _mark(self, job_id: str, attempt: int, outcome: str) -> None:
         for rec in reversed(self.history):
@@ -375,31 +357,16 @@ class MockWorker:
         roll = self.rng.random()
         try:
             rec.started = time.time()
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "update_job_progress",
-                        "job_id": job_id,
-                        "attempt": attempt,
-                        "progress": 0,
-                    }
-                )
-            )
+            await ws.send(protocol.encode(protocol.update_job_progress(job_id, attempt, 0)))
             steps = max(1, self.progress_steps)
             for step in range(1, steps + 1):
                 await asyncio.sleep(duration / steps)
                 if step < steps and self.progress_steps:
-                    await ws.send(
-                        json.dumps(
-                            {
-                                "type": "update_job_progress",
-                                "job_id": job_id,
-                                "attempt": attempt,
-                                "progress": round(100 * step / steps, 2),
-                                "message": f"step {step}/{steps}",
-                            }
-                        )
+                    done = round(100 * step / steps, 2)
+                    update = protocol.update_job_progress(
+                        job_id, attempt, done, f"step {step}/{steps}"
                     )
+                    await ws.send(protocol.encode(update))
             if roll < self.disconnect_rate:
                 self.disconnects += 1
                 rec.outcome, rec.finished = "disconnected", time.time()
@@ -409,14 +376,12 @@ class MockWorker:
             if roll < self.disconnect_rate + self.failure_rate:
                 self.failed += 1
                 rec.outcome = "failed"
-                await self._send(
-                    ws, "fail_job", job_id, attempt, error="mock failure", retryable=True
-                )
+                await self._send(ws, protocol.fail_job(job_id, attempt, "mock failure", True))
             else:
                 self.completed += 1
                 rec.outcome = "completed"
                 result = {"worker_id": worker_id, "run_s": round(rec.finished - rec.started, 6)}
-                await self._send(ws, "complete_job", job_id, attempt, result=result)
+                await self._send(ws, protocol.complete_job(job_id, attempt, result))
         except ConnectionClosed:
             if rec.outcome == "running":
                 rec.outcome, rec.finished = "disconnected", time.time()

@@ -23,8 +23,9 @@ import pytest
 
 from redisq_lab.client import QueueClient
 from redisq_lab.mock_worker import MockWorker
-from redisq_server import EngineLimits, Settings
+from redisq_server import EngineLimits, Settings, protocol
 from redisq_server.main import Hub
+from redisq_server.protocol import MessageType as T
 
 from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
 
@@ -178,14 +179,14 @@ async def test_page_as_client_submits_a_job_a_mock_worker_completes(
         await expect(row.locator("td").nth(2)).to_have_text("5")
         # every frame in and out is in the log
         for direction, kind in [
-            ("out", "submit_job"),
-            ("in", "job_accepted"),
-            ("in", "job_update"),
-            ("in", "job_completed"),
+            ("out", T.SUBMIT_JOB),
+            ("in", T.JOB_ACCEPTED),
+            ("in", T.JOB_UPDATE),
+            ("in", T.JOB_COMPLETED),
         ]:
             await expect(dp.log_entry(direction, kind).first).to_be_visible()
-        sent = json.loads(await dp.log_entry("out", "submit_job").locator(".j").inner_text())
-        assert sent["type"] == "submit_job" and isinstance(sent["id"], str)
+        sent = json.loads(await dp.log_entry("out", T.SUBMIT_JOB).locator(".j").inner_text())
+        assert sent["type"] == T.SUBMIT_JOB and isinstance(sent["id"], str)
         assert sent["job_type"] == "render" and sent["priority"] == 5
         assert sent["params"] == {"prompt": "a red fox", "steps": 2}
         # the stats panel counts the completion; the worker is idle again with one job done
@@ -278,18 +279,18 @@ async def test_page_cancels_a_queued_job_and_sends_raw_frames(
         await dp.page.fill("#params", "[1, 2]")
         await dp.page.click("#submit")
         await expect(dp.loc("#last-error")).to_contain_text("expected a JSON object")
-        await expect(dp.log_entry("out", "submit_job")).to_have_count(3)
+        await expect(dp.log_entry("out", T.SUBMIT_JOB)).to_have_count(3)
 
         # raw frames: an unknown type is answered with an error that quotes our id
         await dp.page.fill("#raw", '{"type": "launch_missiles", "id": "raw-1"}')
         await dp.page.click("#raw-send")
         await expect(dp.loc("#last-error")).to_contain_text("unknown_type")
-        error = json.loads(await dp.log_entry("in", "error").last.locator(".j").inner_text())
+        error = json.loads(await dp.log_entry("in", T.ERROR).last.locator(".j").inner_text())
         assert error["code"] == "unknown_type" and error["ref"] == "raw-1"
-        await dp.page.fill("#raw", '{"type": "get_stats"}')
+        await dp.page.fill("#raw", json.dumps(protocol.get_stats()))
         await dp.page.click("#raw-send")
-        await expect(dp.log_entry("out", "get_stats")).to_have_count(1)
-        sent = json.loads(await dp.log_entry("out", "get_stats").locator(".j").inner_text())
+        await expect(dp.log_entry("out", T.GET_STATS)).to_have_count(1)
+        sent = json.loads(await dp.log_entry("out", T.GET_STATS).locator(".j").inner_text())
         await expect(
             dp.loc('#log .entry[data-dir="in"][data-type="stats"][data-sock="main"]')
         ).to_have_count(1)
@@ -328,11 +329,11 @@ async def test_page_as_monitor_with_tokens(
         await dp.job_row(job_id).click()  # fills the job id fields
         await expect(dp.loc("#mon-job")).to_have_value(job_id)
         await dp.page.click("#mon-job-status")
-        status = dp.log_entry("in", "job_status")
+        status = dp.log_entry("in", T.JOB_STATUS)
         await expect(status).to_have_count(1)
         assert json.loads(await status.locator(".j").inner_text())["priority"] == 4
         # a monitor may not cancel: the hub says so
-        await dp.page.fill("#raw", json.dumps({"type": "cancel_job", "job_id": job_id}))
+        await dp.page.fill("#raw", json.dumps(protocol.cancel_job(job_id)))
         await dp.page.click("#raw-send")
         await expect(dp.loc("#last-error")).to_contain_text("not_allowed")
         await expect(dp.job_row(job_id)).to_have_attribute("data-status", "queued")
@@ -363,7 +364,7 @@ async def test_screenshot_of_a_busy_page(
             await expect(dp.loc("#last-job-id")).to_have_text(re.compile(r"^[0-9a-f]{32}$"))
             job_id = await dp.loc("#last-job-id").inner_text()
             await expect(dp.job_row(job_id)).to_have_attribute("data-status", "completed")
-            await dp.page.fill("#raw", '{"type": "get_job_status", "job_id": "nope"}')
+            await dp.page.fill("#raw", json.dumps(protocol.get_job_status("nope")))
             await dp.page.click("#raw-send")
             await expect(dp.loc("#last-error")).to_contain_text("not_found")
             await expect(dp.loc('#queue-depth tr[data-job-type="train"]')).to_have_attribute(
