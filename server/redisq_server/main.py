@@ -7,12 +7,10 @@ one hub; any number may share one Redis. In code::
         print(hub.url)          # ws://127.0.0.1:<port>
         await hub.wait_stopped()  # or leave the block to stop it
 
-Background tasks: the inbox fan-in (XREAD on this hub's inbox: the events other
-callers produced for its sockets), the local router (the events its own calls
-produced, handed back with their replies), the monitors' tap (the whole event
-stream, read only while a monitor asked for events), the liveness sweep (extends
-this hub, its workers and their leases), the reaper (requeues what dead hubs left
-behind), the retry promoter, and the monitors' stats loops.
+Background tasks: the liveness sweep (extends this hub, its workers and their
+leases), the reaper (requeues what dead hubs left behind) and the monitors' stats
+loops here; the event loops (inbox fan-in, local events, the monitors' tap, the
+retry promoter) belong to :class:`~redisq_server.routing.EventRouter`.
 """
 
 from __future__ import annotations
