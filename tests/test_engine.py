@@ -17,6 +17,7 @@ from redisq_server import (
     ProtocolError,
     RedisService,
 )
+from redisq_server.main import Hub
 from redisq_server.models import queue_score
 
 from .helpers import invariant_violations, namespace_keys, wait_for
@@ -588,3 +589,34 @@ async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_throughput_covers_only_the_time_since_the_first_hub_started(
+    hub: Hub, svc: AsyncRedisService
+) -> None:
+    """A burst right after start is not averaged over a 60 s window that the namespace
+    has not lived yet; without a hub start the full window is used."""
+    before = await svc.get_stats(60)
+    assert before["since"] is not None and before["window_s"] < 60
+    jobs = [await svc.submit_job("burst") for _ in range(24)]
+    token = "burst-worker"
+    first = await svc.register_worker(f"{token}:g0", ["burst"], session="s1")
+    assert first is not None
+    current = first
+    for _ in range(len(jobs) - 1):
+        res = await svc.complete_job(current.job_id, current.attempt, current.worker_id)
+        assert res.next is not None
+        current = res.next
+    await svc.complete_job(current.job_id, current.attempt, current.worker_id)
+    s = await svc.get_stats(60)
+    covered = s["time"] - s["since"]
+    assert s["window_s"] == pytest.approx(covered, abs=1e-6) and covered < 60
+    assert s["throughput_per_s"] == pytest.approx(24 / covered, rel=1e-6)
+    assert s["throughput_per_s"] > 24 / 60
+    short = await svc.get_stats(0.5)
+    assert short["window_s"] == pytest.approx(min(0.5, short["time"] - short["since"]))
+
+
+def test_without_a_hub_the_rate_window_is_the_one_asked_for(sync_svc: RedisService) -> None:
+    s = sync_svc.get_stats(60)
+    assert s["since"] is None and s["window_s"] == 60.0

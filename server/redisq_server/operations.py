@@ -324,7 +324,12 @@ class Operations:
 
 def _parse_stats(r: Any) -> dict[str, Any]:
     counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r
-    counters = {k: int(v) for k, v in zip(counters_flat[::2], counters_flat[1::2], strict=True)}
+    fields = dict(zip(counters_flat[::2], counters_flat[1::2], strict=True))
+    since = float(fields.pop("since")) if "since" in fields else None
+    counters = {k: int(v) for k, v in fields.items()}
+    t = float(now)
+    # the window covers no time before the namespace's first hub started
+    covered = float(window) if since is None else max(1e-3, min(float(window), t - since))
     by_type: dict[str, Any] = {}
     for entry in types_flat:
         jt, queued, depth_flat, idle_n = entry
@@ -341,14 +346,16 @@ def _parse_stats(r: Any) -> dict[str, Any]:
     totals = {k: v for k, v in counters.items() if ":" not in k}
     n_workers, n_idle = int(workers), int(idle)
     return {
-        "time": float(now),
+        "time": t,
+        "since": since,
         "queued": sum(t["queued"] for t in by_type.values()),
         "running": int(running),
         "retrying": int(retrying),
         "workers": n_workers,
         "workers_idle": n_idle,
         "workers_busy": n_workers - n_idle,
-        "throughput_per_s": int(done_window) / float(window),
+        "throughput_per_s": int(done_window) / covered,
+        "window_s": covered,
         "totals": {
             k: totals.get(k, 0)
             for k in ("submitted", "completed", "failed", "cancelled", "retried", "requeued")

@@ -1,7 +1,8 @@
 -- The calling hub's presence: which hubs are live and which client ids have a
 -- socket on each, so that events about a client's jobs reach the hubs it is on.
 -- A(1) action:
---   'start'  forget what an earlier run under this hub id left; A(2) lease seconds
+--   'start'  forget what an earlier run under this hub id left; A(2) lease seconds;
+--            the first start of the namespace records its time (stats 'since')
 --   'alive'  extend the hub's deadline by A(2) seconds; returns 1 if the hub had
 --            been given up for dead (its client list is gone: list them again)
 --   'join'   A(2), A(3), ...: client ids now with a socket here
@@ -12,6 +13,10 @@ if h == '' then return redis.error_reply('INVALID_FIELD hub id required') end
 if action == 'start' or action == 'stop' then
   redis.call('DEL', K.clients(h), K.inbox(h))
   if action == 'stop' then return redis.call('ZREM', K.hubs(), h) end
+end
+if action == 'start' then
+  -- the namespace's first hub start: rates never average over time before it
+  redis.call('HSETNX', K.stats(), 'since', ts(now()))
 end
 if action == 'start' or action == 'alive' then
   local added = redis.call('ZADD', K.hubs(), ts(now() + tonumber(A(2))), h)
