@@ -109,3 +109,22 @@ def test_every_message_the_debug_page_sends_is_a_protocol_message() -> None:
     sent = set(re.findall(r"""type:\s*["']([a-z_]+)["']""", page))
     assert sent, "no message literals found in the debug page"
     assert sent <= MESSAGE_TYPES
+
+
+def test_the_two_engine_shells_name_their_shared_calls_alike() -> None:
+    """What both shells can do has one name and one signature in both; the seed's
+    ``add_job`` and ``get_job_status`` stay on the blocking one."""
+    import inspect
+
+    from redisq_server import AsyncRedisService, RedisService
+
+    shared = ["submit_job", "get_job", "cancel_job", "get_stats", "events_since"]
+    shared += ["last_event_id", "ping"]
+    for name in shared:
+        a = inspect.signature(getattr(AsyncRedisService, name))
+        s = inspect.signature(getattr(RedisService, name))
+        assert list(a.parameters) == list(s.parameters), name
+        assert [p.default for p in a.parameters.values()] == [
+            p.default for p in s.parameters.values()
+        ], name
+    assert callable(RedisService.add_job) and callable(RedisService.get_job_status)
