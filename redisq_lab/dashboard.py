@@ -28,21 +28,19 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import pandas as pd
 
 from redisq_server import JobModel, RedisService
 
-from .monitors import (
-    JobMonitor,
-    RedisMonitor,
-    RedisTarget,
-    WorkerMonitor,
-    _Monitor,
-    _service,
+from .connect import NamespaceReader, RedisTarget
+from .frames import (
+    depth_by_priority,
+    job_spans,
+    percentiles,
+    server_time,
     workers_frame,
 )
 
@@ -54,6 +52,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "MIN_INTERVAL",
     "Dashboard",
+    "QueueStatsReader",
     "jobs_widget",
     "queue_widget",
     "workers_widget",
@@ -65,10 +64,6 @@ MIN_INTERVAL: Final = 0.25
 #: Samples kept (at one a second: the last five minutes).
 DEFAULT_WINDOW: Final = 300
 
-_QUANTILES: Final = (50, 95, 99)
-_LATENCY_FIELDS: Final = tuple(
-    f"{kind}_p{q}" for kind in ("wait", "run", "total") for q in _QUANTILES
-)
 _COUNTERS: Final = ("submitted", "completed", "failed", "cancelled", "retried", "requeued")
 _OTHER: Final = "other"
 _FIG_HEIGHT: Final = 260
@@ -89,25 +84,15 @@ def _finite(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _percentiles(values: Sequence[float], prefix: str) -> dict[str, float]:
-    clean = np.array([v for v in values if v is not None and math.isfinite(v)], dtype="float64")
-    if clean.size == 0:
-        return {f"{prefix}_p{q}": math.nan for q in _QUANTILES}
-    got = np.percentile(clean, _QUANTILES)
-    return {f"{prefix}_p{q}": float(v) for q, v in zip(_QUANTILES, got, strict=True)}
-
-
 def _latency(jobs: Sequence[JobModel]) -> dict[str, Any]:
-    """p50/p95/p99 of wait (queued -> assigned), run (started -> finished) and total
-    (created -> finished) seconds over ``jobs``; NaN when there are none."""
-
-    def span(a: float | None, b: float | None) -> float:
-        return math.nan if a is None or b is None or b < a else b - a
-
+    """``latency_n`` and p50/p95/p99 of the wait, run and total seconds of ``jobs``
+    (see :func:`~redisq_lab.frames.job_spans`), as ``wait_p50``, ...; NaN when there
+    are none."""
     out: dict[str, Any] = {"latency_n": len(jobs)}
-    out |= _percentiles([span(j.queued, j.assigned) for j in jobs], "wait")
-    out |= _percentiles([span(j.started, j.finished) for j in jobs], "run")
-    out |= _percentiles([span(j.created, j.finished) for j in jobs], "total")
+    for name, spans in job_spans(jobs).items():
+        kind = name.removesuffix("_s")
+        for p, v in percentiles(spans).items():
+            out[f"{kind}_{p}"] = math.nan if v is None else v
     return out
 
 
@@ -145,7 +130,8 @@ def _share(value: Any) -> str:
 
 
 def workers_table(workers: pd.DataFrame, limit: int = 16) -> str:
-    """An HTML table of a worker frame (see :func:`~redisq_lab.monitors.workers_frame`)."""
+    """An HTML table of the first ``limit`` rows of a worker frame (see
+    :func:`~redisq_lab.frames.workers_frame`)."""
     rows = [
         (
             wid,
@@ -193,14 +179,22 @@ def _jobs_html(service: RedisService, limit: int, now: float) -> str:
     )
 
 
-def _server_now(service: RedisService) -> float:
-    r: Any = service.redis
-    sec, usec = r.time()
-    return float(sec) + float(usec) / 1e6
+def _workers_html(service: RedisService, limit: int, now: float) -> str:
+    """The live workers (``now``: server time), as :func:`workers_table`."""
+    return workers_table(workers_frame(service.get_workers(), now), limit)
+
+
+class QueueStatsReader(Protocol):
+    """What :func:`queue_widget` reads from: a
+    :class:`~redisq_lab.monitors.RedisMonitor`, or anything with its
+    ``get_queue_stats``."""
+
+    def get_queue_stats(self, window_s: float = ..., sample: int = ...) -> dict[str, Any]: ...
 
 
 def _queue_html(stats: Mapping[str, Any]) -> str:
-    """A summary of :meth:`RedisMonitor.get_queue_stats`: depth, workers, rates."""
+    """A summary of a :meth:`QueueStatsReader.get_queue_stats` reply: depth,
+    workers, rates."""
     lat = stats["latency"]
 
     def ms(d: Mapping[str, float | None]) -> str:
@@ -230,21 +224,30 @@ def _live(render: Callable[[], str], interval: float) -> LiveHTML:
     return LiveHTML(render, _interval(interval))
 
 
-def jobs_widget(monitor: JobMonitor, interval: float = DEFAULT_INTERVAL, limit: int = 20) -> Any:
-    """A live HTML table of the monitor's active and next queued jobs (``.stop()`` it)."""
+def jobs_widget(
+    monitor: NamespaceReader, interval: float = DEFAULT_INTERVAL, limit: int = 20
+) -> Any:
+    """A live HTML table of up to ``limit`` active jobs and the next ``limit`` queued
+    ones, read through ``monitor.service`` (any monitor); ``.stop()`` it when done,
+    before closing the monitor."""
     svc = monitor.service
-    return _live(lambda: _jobs_html(svc, limit, _server_now(svc)), interval)
+    return _live(lambda: _jobs_html(svc, limit, server_time(svc)), interval)
 
 
 def workers_widget(
-    monitor: WorkerMonitor, interval: float = DEFAULT_INTERVAL, limit: int = 32
+    monitor: NamespaceReader, interval: float = DEFAULT_INTERVAL, limit: int = 32
 ) -> Any:
-    """A live HTML table of the monitor's workers (``.stop()`` it)."""
-    return _live(lambda: workers_table(monitor.get_all_workers(), limit), interval)
+    """A live HTML table of the live workers (the first ``limit`` shown), read through
+    ``monitor.service`` (any monitor); ``.stop()`` it when done, before closing the
+    monitor."""
+    svc = monitor.service
+    return _live(lambda: _workers_html(svc, limit, server_time(svc)), interval)
 
 
-def queue_widget(monitor: RedisMonitor, interval: float = DEFAULT_INTERVAL) -> Any:
-    """A live summary of :meth:`RedisMonitor.get_queue_stats` (``.stop()`` it)."""
+def queue_widget(monitor: QueueStatsReader, interval: float = DEFAULT_INTERVAL) -> Any:
+    """A live summary of ``monitor.get_queue_stats(sample=200)`` (a
+    :class:`~redisq_lab.monitors.RedisMonitor`, say); ``.stop()`` it when done, before
+    closing the monitor."""
     return _live(lambda: _queue_html(monitor.get_queue_stats(sample=200)), interval)
 
 
@@ -270,15 +273,18 @@ _PLOT_LAYOUT: Final[dict[str, Any]] = {
 }
 
 
-class Dashboard:
+class Dashboard(NamespaceReader):
     """Live charts and tables of one namespace; see the module docstring.
 
     ``source`` is what a monitor accepts (a local stack, a Redis URL, ...) or a
-    monitor, whose connection the dashboard then shares. ``interval`` is seconds
+    monitor (any :class:`~redisq_lab.connect.NamespaceReader`), whose connection the
+    dashboard then shares; ``service=`` shares a service. ``interval`` is seconds
     between samples (at least 0.25), ``window`` the number of samples kept.
     Latency percentiles cover the ``latency_sample`` most recently completed jobs
     that finished in the last ``latency_window_s`` seconds. ``start=False`` takes
-    one sample and leaves refreshing to :meth:`refresh`.
+    one sample and leaves refreshing to :meth:`refresh`. Call :meth:`stop` to end
+    the refreshing, and :meth:`close` (or leave a ``with`` block) to also close a
+    connection the dashboard opened.
 
     Attributes: ``figures`` (``{"depth", "throughput", "latency", "workers"}`` ->
     ``FigureWidget``), ``widget`` (the box to display), ``task`` (the refresh task,
@@ -287,7 +293,7 @@ class Dashboard:
 
     def __init__(
         self,
-        source: str | RedisTarget | _Monitor | None = None,
+        source: str | RedisTarget | NamespaceReader | None = None,
         *,
         interval: float = DEFAULT_INTERVAL,
         window: int = DEFAULT_WINDOW,
@@ -302,14 +308,12 @@ class Dashboard:
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"window: expected an integer of at least 2, got {window!r}")
         self.interval = _interval(interval)
-        if isinstance(source, _Monitor):
+        if isinstance(source, NamespaceReader):
             if service is not None or namespace is not None:
                 raise TypeError("pass a monitor, or service=/namespace=, not both")
-            self.service, self._owns_service = source.service, False
-        else:
-            self.service, self._owns_service = _service(
-                source, namespace=namespace, service=service
-            )
+            service = source.service
+            source = None
+        super().__init__(source, namespace=namespace, service=service)
         self.window = window
         self.latency_sample = latency_sample
         self.latency_window_s = float(latency_window_s)
@@ -330,10 +334,6 @@ class Dashboard:
             self.task = loop.create_task(self._run(), name="redisq dashboard")
 
     @property
-    def namespace(self) -> str:
-        return self.service.limits.namespace
-
-    @property
     def running(self) -> bool:
         """True while the refresh task is alive."""
         return self.task is not None and not self.task.done() and not self._stopped
@@ -350,8 +350,7 @@ class Dashboard:
             for j in svc.get_jobs(svc.job_ids("completed", self.latency_sample))
             if j.finished is not None and j.finished >= now - self.latency_window_s
         ]
-        workers = workers_frame(svc.get_workers(), now)
-        table = workers_table(workers, 2 * self.table_rows) + _jobs_html(svc, self.table_rows, now)
+        table = _workers_html(svc, 2 * self.table_rows, now) + _jobs_html(svc, self.table_rows, now)
         return _Snapshot(stats, _latency(recent), table)
 
     def refresh(self) -> dict[str, Any]:
@@ -409,11 +408,7 @@ class Dashboard:
                 delta = sample[name] - prev[name]
                 sample[rate] = delta / dt if delta >= 0 else math.nan  # counters reset
         sample |= snap.latency
-        depth: dict[int, int] = {}
-        for jt in s["job_types"].values():
-            for priority, n in jt["by_priority"].items():
-                depth[int(priority)] = depth.get(int(priority), 0) + int(n)
-        sample["depth"] = depth
+        sample["depth"] = depth_by_priority(s["job_types"])
         self._samples.append(sample)
         self._redraw()
         self._table_text = self._table.value = snap.table
@@ -618,17 +613,4 @@ class Dashboard:
     def close(self) -> None:
         """Stop, and close the connection unless it was shared. Idempotent."""
         self.stop()
-        if self._owns_service:
-            self._owns_service = False
-            self.service.close()
-
-    def __enter__(self) -> Dashboard:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        super().close()

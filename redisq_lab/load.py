@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .client import JobFailed, JobTrace, QueueClient
+from .frames import percentiles
 
 __all__ = ["LoadGenerator", "summarize"]
 
@@ -148,14 +150,20 @@ class LoadGenerator:
 
 
 def summarize(rows: list[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
-    """Throughput, latency percentiles (ms) and per-priority wait for a run's rows."""
+    """Throughput, latency percentiles (ms) and per-priority wait for a run's rows.
+
+    Pass the rows of :meth:`LoadGenerator.rows` and the run's wall time in seconds.
+    ``latency_ms`` (``p50``/``p95``/``p99`` of ``total_s`` over completed jobs) is
+    empty when no job completed."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     if df.empty:
         return {"jobs": 0, "elapsed_s": elapsed_s, "throughput_per_s": 0.0}
     ok = df[df["status"] == "completed"]
-    q = ok["total_s"].quantile([0.5, 0.95, 0.99]) * 1000 if len(ok) else None
+    latency_ms = {
+        p: math.nan if v is None else v * 1000 for p, v in percentiles(ok["total_s"]).items()
+    }
     by_prio = (
         df.groupby("priority")["assign_s"]
         .agg(["count", "median", "max"])
@@ -167,7 +175,7 @@ def summarize(rows: list[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
         "failed": int((df["status"] == "failed").sum()),
         "elapsed_s": elapsed_s,
         "throughput_per_s": len(ok) / elapsed_s if elapsed_s > 0 else 0.0,
-        "latency_ms": {} if q is None else {"p50": q[0.5], "p95": q[0.95], "p99": q[0.99]},
+        "latency_ms": latency_ms if len(ok) else {},
         "wait_by_priority_s": {
             int(str(p)): {
                 "jobs": int(r["count"]),
