@@ -271,7 +271,9 @@ class RedisMonitor(NamespaceReader):
         ``depth_by_type`` (``{job_type: queued}``), ``depth_by_priority``
         (``{priority: queued}`` over all types, highest first), ``workers``,
         ``workers_idle``, ``workers_busy``, ``throughput_per_s`` (jobs completed per
-        second over the last ``window_s``), ``window_s``, ``totals`` (counters since
+        second over the last ``window_s`` seconds, or since the namespace's first hub
+        started when that is shorter), ``window_s`` (the time the rate really
+        covers), ``totals`` (counters since
         the namespace began), ``job_types`` (per type: queued, by_priority,
         idle_workers and its counters), and ``latency``: ``{"sample": n, "wait_s":
         {"p50", "p95", "p99"}, "run_s": {...}}`` over the ``sample`` most recently
@@ -291,7 +293,7 @@ class RedisMonitor(NamespaceReader):
             "workers_idle": stats["workers_idle"],
             "workers_busy": stats["workers_busy"],
             "throughput_per_s": stats["throughput_per_s"],
-            "window_s": float(window_s),
+            "window_s": stats["window_s"],
             "totals": stats["totals"],
             "job_types": dict(sorted(stats["job_types"].items())),
             "latency": {
