@@ -1,7 +1,7 @@
-"""Throughput of the queue engine against raw Redis, on a private redis-server.
+"""The queue engine without the hub, against raw Redis baselines.
 
-What is measured (all against one redis-server this script starts on a free
-loopback port, never the Redis on 6379):
+What is measured (against the Redis it is given; the runner gives its private
+redis-server), for each concurrency in turn:
 
 * ``submit``: N ``submit_job`` calls with no workers registered, so every job is
   queued (one Lua script each).
@@ -14,31 +14,27 @@ loopback port, never the Redis on 6379):
 
 Every phase runs ``concurrency`` coroutines sharing one ``redis.asyncio`` client,
 i.e. one connection pool (each in-flight coroutine holds its own connection),
-``decode_responses=True``, on the default asyncio event loop.
+``decode_responses=True``, on the runner's event loop. No WebSocket is involved:
+this is the ceiling one hub process could reach. Run it with::
 
-Run from the repository root::
-
-    python -m benchmarks.engine [--jobs 20000] [--concurrency 8] [--json out.json]
+    python -m benchmarks --only engine --peers none
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import platform
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
 from redis.utils import HIREDIS_AVAILABLE
 
-from redisq_lab.redis_process import RedisProcess
+from benchmarks.common import JOB_TYPE
 from redisq_server import AsyncRedisService, EngineLimits
 
-JOB_TYPE = "bench"
+#: the operations measured, in the order the tables show them
+OPERATIONS = ("submit", "complete+claim", "PING", "ZADD+ZPOPMIN")
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -55,15 +51,13 @@ async def _timed(
     return total / (time.perf_counter() - start)
 
 
-async def run_benchmark(
-    url: str, jobs: int = 20_000, concurrency: int = 8, namespace: str = "bench"
-) -> dict[str, Any]:
-    """Measure every operation against the Redis at ``url``; return the results."""
+async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> dict[str, float]:
+    """Every operation, ``jobs`` times, in ``concurrency`` coroutines against the Redis
+    at ``url`` (the engine's keys under ``namespace``); ops/s by operation."""
     svc = AsyncRedisService(url, limits=EngineLimits(namespace=namespace))
     raw: aredis.Redis = svc.redis  # same client and pool for the baselines
     zkey = f"{namespace}:bench:zset"
     try:
-        info = await raw.info("server")
         await raw.ping()
 
         async def ping_loop(_i: int, n: int) -> None:
@@ -107,46 +101,20 @@ async def run_benchmark(
     finally:
         await raw.delete(zkey)
         await svc.aclose()
-    return {
-        "redis_version": info["redis_version"],
-        "python_version": platform.python_version(),
-        "hiredis": HIREDIS_AVAILABLE,
-        "jobs": jobs,
-        "concurrency": concurrency,
-        "clients": "one shared redis.asyncio client and connection pool",
-        "ops_per_s": ops,
-    }
+    return {name: ops[name] for name in OPERATIONS}
 
 
-def format_table(res: dict[str, Any]) -> str:
-    """The results as an aligned text table with a header."""
-    ops: dict[str, float] = res["ops_per_s"]
-    ping, pair = ops["PING"], ops["ZADD+ZPOPMIN"]
-    lines = [
-        f"Redis {res['redis_version']}, Python {res['python_version']}, "
-        f"hiredis={res['hiredis']}, jobs={res['jobs']}, concurrency={res['concurrency']} "
-        f"- {res['clients']}",
-        f"{'operation':<16}{'ops/s':>12}{'vs PING':>10}{'vs ZADD+ZPOPMIN':>18}",
+async def measure(
+    url: str, namespace: str, jobs: int, concurrencies: Sequence[int]
+) -> dict[str, Any]:
+    """:func:`ops_per_s` at each concurrency (a namespace of its own each)."""
+    runs = [
+        {"concurrency": c, "ops_per_s": await ops_per_s(url, f"{namespace}-c{c}", jobs, c)}
+        for c in concurrencies
     ]
-    for name in ("submit", "complete+claim", "PING", "ZADD+ZPOPMIN"):
-        v = ops[name]
-        lines.append(f"{name:<16}{v:>12,.0f}{v / ping:>10.2f}{v / pair:>18.2f}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--jobs", type=int, default=20_000, help="N (default 20000)")
-    parser.add_argument("--concurrency", type=int, default=8, help="coroutines (default 8)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    args = parser.parse_args(argv)
-    with RedisProcess() as proc:
-        res = asyncio.run(run_benchmark(proc.url, args.jobs, args.concurrency))
-    print(format_table(res))
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-    return res
-
-
-if __name__ == "__main__":
-    main()
+    return {
+        "jobs": jobs,
+        "hiredis": HIREDIS_AVAILABLE,
+        "clients": "one shared redis.asyncio client and connection pool",
+        "runs": runs,
+    }

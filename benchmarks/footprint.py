@@ -26,18 +26,25 @@ from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
-from benchmarks.hub import JOB_TYPE, TIMEOUT_S, _percentiles
-from benchmarks.ours import (
-    hub_process,
+from benchmarks.common import (
+    JOB_TYPE,
+    complete_frame,
+    hub_at,
+    ms,
+    one_at_a_time,
+    open_client,
     open_connections,
+    open_worker,
     raise_nofile,
     rss_mb,
     spawn,
     used_memory,
 )
+from redisq_lab.frames import percentiles
 from redisq_server import AsyncRedisService, EngineLimits
+from redisq_server.protocol import MessageType
 
 WARM = 10  # worker and client sockets opened before the baseline reading
 
@@ -115,34 +122,25 @@ async def _opener(
     async def serve(ws: ClientConnection) -> None:
         async for raw in ws:
             m = json.loads(raw)
-            if m["type"] == "job_assigned":
+            if m["type"] == MessageType.JOB_ASSIGNED:
                 assigned[m["job_id"]] = time.monotonic_ns()
-                reply = {"type": "complete_job", "job_id": m["job_id"], "attempt": m["attempt"]}
-                await ws.send(json.dumps({**reply, "result": {}}))
+                await ws.send(complete_frame(m))
 
-    async def open_worker(i: int) -> ClientConnection:
-        ws = await connect(
-            f"{hub_url}/ws/worker/m{i // 8}:gpu{i % 8}", compression=None, open_timeout=30
-        )
-        await ws.recv()  # welcome
-        await ws.send(json.dumps({"type": "register_worker", "job_types": [JOB_TYPE]}))
-        reply = json.loads(await ws.recv())
-        if reply["type"] != "worker_registered":
-            raise RuntimeError(f"register_worker failed: {reply}")
+    async def worker_socket(i: int) -> ClientConnection:
+        ws = await open_worker(hub_url, f"m{i // 8}:gpu{i % 8}")
         tasks.append(asyncio.create_task(serve(ws)))
         return ws
 
-    async def open_client(i: int) -> ClientConnection:
-        ws = await connect(f"{hub_url}/ws/client/idle{i}", compression=None, open_timeout=30)
-        await ws.recv()  # welcome
-        return ws
+    async def client_socket(i: int) -> ClientConnection:
+        return await open_client(hub_url, f"idle{i}")
 
     deadline = time.monotonic() + budget_s
-    sockets, _ = await _open_many(open_worker, 0, WARM, deadline, WARM)
-    more, _ = await _open_many(open_client, 0, WARM, deadline, WARM)
+    sockets, _ = await _open_many(worker_socket, 0, WARM, deadline, WARM)
+    more, _ = await _open_many(client_socket, 0, WARM, deadline, WARM)
     sockets += more
     conn.send("warm")
-    for step, fn, count in (("workers", open_worker, workers), ("clients", open_client, clients)):
+    steps = (("workers", worker_socket, workers), ("clients", client_socket, clients))
+    for step, fn, count in steps:
         if await command() != step:
             return
         t0 = time.perf_counter()
@@ -157,27 +155,6 @@ async def _opener(
         t.cancel()
 
 
-async def _dispatch(hub_url: str, samples: int) -> tuple[dict[str, int], dict[str, int]]:
-    """Jobs one at a time from a client socket here; (sent, completed) times by id."""
-    sent: dict[str, int] = {}
-    done: dict[str, int] = {}
-    async with connect(f"{hub_url}/ws/client/probe", compression=None, max_size=None) as ws:
-        await ws.recv()  # welcome
-        for i in range(samples):
-            job_id = f"probe-{i}"
-            msg = {"type": "submit_job", "id": i, "job_id": job_id, "job_type": JOB_TYPE}
-            frame = json.dumps({**msg, "priority": 0, "params": {}})
-            sent[job_id] = time.monotonic_ns()
-            await ws.send(frame)
-            while job_id not in done:
-                m = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
-                if m["type"] == "error":
-                    raise RuntimeError(f"hub error: {m}")
-                if m["type"] == "job_completed":
-                    done[m["job_id"]] = time.monotonic_ns()
-    return sent, done
-
-
 async def hub_sockets(
     redis_url: str,
     namespace: str,
@@ -188,7 +165,7 @@ async def hub_sockets(
     settle_s: float = 1.0,
 ) -> dict[str, Any]:
     async with (
-        hub_process(redis_url, namespace) as hub,
+        hub_at("process", redis_url, namespace) as hub,
         spawn(_opener, hub.url, workers, clients, budget_s) as op,
     ):
         if await op.recv() != "warm":
@@ -201,7 +178,7 @@ async def hub_sockets(
             steps[step] = await op.recv()
             await asyncio.sleep(settle_s)
             rss[f"with_{step}"] = rss_mb(hub.pid)
-        sent, done = await _dispatch(hub.url, samples)
+        sent, done = await one_at_a_time(hub.url, samples, "probe")
         op.send("report")
         assigned = (await op.recv())["assigned"]
         rss["after_dispatch"] = rss_mb(hub.pid)
@@ -216,6 +193,6 @@ async def hub_sockets(
         "mb_per_1000_workers": per_w,
         "mb_per_1000_clients": per_c,
         "dispatch_samples": samples,
-        "submit->job_assigned": _percentiles([assigned[j] - t for j, t in sent.items()]),
-        "submit->job_completed": _percentiles([done[j] - t for j, t in sent.items()]),
+        "submit->job_assigned": percentiles(ms(assigned[j] - t for j, t in sent.items())),
+        "submit->job_completed": percentiles(ms(done[j] - t for j, t in sent.items())),
     }

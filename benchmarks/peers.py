@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.hub import _percentiles
+from benchmarks.common import ms
 from benchmarks.peer_apps import AMQP_URL
+from redisq_lab.frames import percentiles
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("fast", "default")
@@ -404,8 +405,8 @@ def _drive_latency(args: argparse.Namespace, adapter: Any) -> dict[str, Any]:
         _stop(proc)
     return {
         "samples": len(result_ns),
-        "submit->start": _percentiles(start_ns),
-        "submit->result": _percentiles(result_ns),
+        "submit->start": percentiles(ms(start_ns)),
+        "submit->result": percentiles(ms(result_ns)),
     }
 
 
@@ -442,7 +443,10 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.peers",
+        description="The subprocesses of the peers part; `python -m benchmarks` starts them.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("drive", help="measure one peer and setting (runs a worker)")
     w = sub.add_parser("work", help="run one peer's worker")
@@ -464,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """A peer's driver or worker subprocess (see :func:`_drive`, :func:`_spawn_worker`)."""
     args = _parser().parse_args(argv)
     if args.cmd == "work":
         from benchmarks.peer_apps import ADAPTERS

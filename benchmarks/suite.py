@@ -2,14 +2,17 @@
 
 Starts its own redis-server (a free loopback port, never the Redis on 6379), runs
 the selected parts of our system (:mod:`benchmarks.ours`,
-:mod:`benchmarks.footprint`) and the peer queues (:mod:`benchmarks.peers`), prints
-tables, checks the issue's targets, and writes JSON (default
-``benchmarks/results/latest.json``) and a plotly HTML plot next to it (PNG too when
-kaleido is installed). Every load is bounded in count and in time.
+:mod:`benchmarks.footprint`, :mod:`benchmarks.engine`) and the peer queues
+(:mod:`benchmarks.peers`), prints tables, checks the issue's targets, and writes
+JSON (default ``benchmarks/results/latest.json``) and a plotly HTML plot next to it
+(PNG too when kaleido is installed). Every load is bounded in count and in time.
+What they share is in :mod:`benchmarks.common`.
 
     python -m benchmarks                         # everything (~10 min on 2 cores)
     python -m benchmarks --quick                 # tiny N, seconds per part
     python -m benchmarks --only drain,latency --peers none
+    python -m benchmarks --only drain,latency --hub-place main  # hub in this process
+    python -m benchmarks --only engine           # the engine alone, no hub
     python -m benchmarks --only peers --peers rq,arq
     python -m benchmarks --only drain --profile  # + a pyinstrument profile of the hub
 """
@@ -26,18 +29,19 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import footprint, ours, peers
+from benchmarks import engine, footprint, ours, peers
+from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
 from redisq_server.main import served_loop
 
-PARTS = ("drain", "latency", "enqueue", "memory", "growth", "peers")
+PARTS = ("drain", "latency", "enqueue", "memory", "growth", "engine", "peers")
 RESULTS = Path(__file__).resolve().parent / "results"
 DB_OURS, DB_SCRATCH = 0, 1  # peers get databases 2, 3, ...
 
@@ -71,6 +75,8 @@ class Sizes:
     peer_samples: int = 300
     peer_drain_budget_s: float = 15.0
     peer_latency_budget_s: float = 10.0
+    engine_jobs: int = 20_000  # each operation of the engine part, per concurrency
+    engine_concurrency: tuple[int, ...] = (8, 1)
 
 
 QUICK = Sizes(
@@ -96,6 +102,7 @@ QUICK = Sizes(
     peer_samples=20,
     peer_drain_budget_s=5.0,
     peer_latency_budget_s=3.0,
+    engine_jobs=500,
 )
 
 
@@ -188,7 +195,7 @@ class Background:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         ours_s = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
         with contextlib.suppress(OSError):
-            ours_s += ours.cpu_s(self.redis_pid)
+            ours_s += cpu_s(self.redis_pid)
         return time.monotonic(), busy, ours_s, steal / tick
 
     def part(self, name: str) -> None:
@@ -232,7 +239,7 @@ async def _ours(
     assert proc.proc is not None
     pid = proc.proc.pid
     run = f"b{os.getpid()}"
-    loop = args.hub_loop
+    loop, place = args.hub_loop, args.hub_place
     res: dict[str, Any] = {}
 
     async def flush_scratch() -> None:
@@ -242,7 +249,9 @@ async def _ours(
 
     async def drain() -> Any:
         _log(f"drain: {sz.jobs:,} queued jobs, 1 worker process x {sz.gpus} GPU sockets")
-        r = await ours.drain_median(url, f"{run}-drain", sz.jobs, sz.gpus, pid, sz.reps, loop=loop)
+        r = await ours.drain_median(
+            url, f"{run}-drain", sz.jobs, sz.gpus, pid, sz.reps, place=place, loop=loop
+        )
         runs = ", ".join(f"{x:,.0f}" for x in r["runs_per_s"])
         _log(f"  {r['jobs_per_s']:,.0f} jobs/s (median of {runs})")
         return r
@@ -267,6 +276,7 @@ async def _ours(
             loads=sz.loads,
             load_seconds=sz.load_seconds,
             load_max_jobs=sz.load_max_jobs,
+            place=place,
             loop=loop,
         )
 
@@ -274,7 +284,9 @@ async def _ours(
         _log(
             f"enqueue: {sz.enqueue_jobs:,} submits one at a time and {sz.enqueue_window} in flight"
         )
-        return await ours.enqueue(url, f"{run}-enq", sz.enqueue_jobs, sz.enqueue_window, loop=loop)
+        return await ours.enqueue(
+            url, f"{run}-enq", sz.enqueue_jobs, sz.enqueue_window, place=place, loop=loop
+        )
 
     async def memory() -> Any:
         _log(f"memory: Redis bytes for {sz.memory_jobs:,} queued jobs")
@@ -304,16 +316,33 @@ async def _ours(
         await flush_scratch()
         try:
             depth = await ours.growth_depth(
-                scratch, "depth", list(sz.depths), sz.depth_samples, sz.depth_budget_s, _log
+                scratch,
+                "depth",
+                list(sz.depths),
+                sz.depth_samples,
+                sz.depth_budget_s,
+                _log,
+                place=place,
             )
         finally:
             await flush_scratch()
         bg.part("growth: depth")
         _log(f"growth: drain with {', '.join(map(str, sz.gpus_list))} GPU sockets")
         gpus = await ours.growth_gpus(
-            url, f"{run}-gpus", sz.jobs, list(sz.gpus_list), pid, sz.reps, loop
+            url, f"{run}-gpus", sz.jobs, list(sz.gpus_list), pid, sz.reps, place=place, loop=loop
         )
         return {"depth": depth, "gpus": gpus}
+
+    async def engine_alone() -> Any:
+        counts = ", ".join(map(str, sz.engine_concurrency))
+        _log(f"engine: {sz.engine_jobs:,} of each operation, no hub, concurrency {counts}")
+        await flush_scratch()
+        try:
+            return await engine.measure(
+                scratch, "engine", sz.engine_jobs, list(sz.engine_concurrency)
+            )
+        finally:
+            await flush_scratch()
 
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
@@ -322,6 +351,7 @@ async def _ours(
         "enqueue": enqueue,
         "memory": memory,
         "growth": growth,
+        "engine": engine_alone,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -332,6 +362,16 @@ async def _ours(
             res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:1000]
         bg.part(name if name != "growth" else "growth: sockets")
     return res
+
+
+def _run_loop(args: argparse.Namespace, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run our parts on the runner's event loop: asyncio's own, or uvloop when the hub
+    runs in this process (``--hub-place main``) and ``--hub-loop`` names it."""
+    if args.hub_place == "main" and args.hub_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,10 +398,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["machine"] = machine(asyncio.run(info()))
         result["load_average_at_start"] = os.getloadavg()
         bg = Background(proc.proc.pid)
-        result["sizes"] = asdict(sz) | {"quick": args.quick, "hub_loop": args.hub_loop}
+        result["sizes"] = asdict(sz) | {
+            "quick": args.quick,
+            "hub_loop": args.hub_loop,
+            "hub_place": args.hub_place,
+        }
         ours_parts = [p for p in parts if p != "peers"]
         if ours_parts or args.profile:
-            result["ours"] = asyncio.run(_ours(args, sz, proc, ours_parts, bg))
+            result["ours"] = _run_loop(args, _ours(args, sz, proc, ours_parts, bg))
         if "peers" in parts and args.peers:
             _log(
                 f"peers: {', '.join(args.peers)} ({sz.peer_jobs:,} jobs, <= {sz.peer_samples} samples)"
@@ -482,8 +526,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- table
 
 
-def _ms(p: dict[str, float] | None, key: str) -> str:
-    return f"{p[key]:.2f}" if p else "-"
+def _ms(p: dict[str, float | None] | None, key: str) -> str:
+    x = p.get(key) if p else None
+    return f"{x:.2f}" if x is not None else "-"
 
 
 def format_tables(result: dict[str, Any]) -> str:
@@ -491,7 +536,12 @@ def format_tables(result: dict[str, Any]) -> str:
     lines = [
         f"{m['nproc']} cores ({m['cpu_model']}), {m['mem_total_gib']:.0f} GiB, Python {m['python']}, "
         f"Redis {m['redis_server']}, websockets {m['packages']['websockets']}"
-        + (" - QUICK sizes" if result["sizes"]["quick"] else ""),
+        + (" - QUICK sizes" if result["sizes"]["quick"] else "")
+        + (
+            " - our hub in the runner's process"
+            if result["sizes"].get("hub_place") == "main"
+            else ""
+        ),
     ]
     o = result.get("ours", {})
     sz = result["sizes"]
@@ -600,6 +650,8 @@ def format_tables(result: dict[str, Any]) -> str:
             "Drain by GPU sockets (one worker process): "
             + ", ".join(f"{r['gpus']}: {r['jobs_per_s']:,.0f}/s" for r in g["gpus"])
         )
+    if "engine" in o:
+        lines += ["", *_engine_lines(o["engine"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
@@ -653,6 +705,30 @@ def format_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _engine_lines(e: dict[str, Any]) -> list[str]:
+    """The engine part: ops/s by operation and concurrency, and each against the raw
+    Redis baselines of the same concurrency."""
+    runs = e["runs"]
+    head = f"{'operation':<16}" + "".join(
+        f"{'c=' + str(r['concurrency']) + ' ops/s':>14}{'vs PING':>9}{'vs ZADD+ZPOPMIN':>17}"
+        for r in runs
+    )
+    lines = [
+        f"The engine without the hub: {e['jobs']:,} of each operation at concurrency "
+        f"{', '.join(str(r['concurrency']) for r in runs)}, hiredis={e['hiredis']} - "
+        f"{e['clients']}",
+        head,
+    ]
+    for name in engine.OPERATIONS:
+        row = f"{name:<16}"
+        for r in runs:
+            ops = r["ops_per_s"]
+            v = ops[name]
+            row += f"{v:>14,.0f}{v / ops['PING']:>9.2f}{v / ops['ZADD+ZPOPMIN']:>17.2f}"
+        lines.append(row)
+    return lines
+
+
 SIDE_HEADER = (
     f"{'system':<22}{'setting':<9}{'drain/s':>9}{'enqueue/s':>10}{'B/job':>7}"
     f"{'start p50':>10}{'p99':>9}{'result p50':>11}{'p95':>9}{'p99':>9}{'n':>5}"
@@ -665,8 +741,8 @@ def _side_row(
     drain: str,
     enqueue: float | None,
     bpj: float | None,
-    start: dict[str, float] | None,
-    res: dict[str, float] | None,
+    start: dict[str, float | None] | None,
+    res: dict[str, float | None] | None,
     n: int | None,
 ) -> str:
     def num(x: float | None, w: int) -> str:
@@ -686,9 +762,10 @@ def _side_by_side(result: dict[str, Any]) -> list[str]:
     if "drain" in o or "latency" in o:
         d, e, lat = o.get("drain"), o.get("enqueue"), o.get("latency")
         idle = lat["idle"] if lat else {}
+        main = result["sizes"].get("hub_place") == "main"
         rows.append(
             _side_row(
-                "redisq (hub)",
+                "redisq (hub: main)" if main else "redisq (hub)",
                 f"{result['sizes']['gpus']} GPUs",
                 f"{d['jobs_per_s']:,.0f}" if d else "-",
                 e["one_at_a_time_per_s"] if e else None,
@@ -852,7 +929,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=served_loop(),
         help="the hub's event loop (default: uvloop when installed, as redisq-server runs)",
     )
-    p.add_argument("--profile", action="store_true", help="also profile the hub during a drain")
+    p.add_argument(
+        "--hub-place",
+        choices=HUB_PLACES,
+        default="process",
+        help="where the hub of drain, latency, enqueue and growth runs: a process of its "
+        "own (default) or this runner's process, sharing its event loop with the client "
+        "(memory and --profile always use a process of their own)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the hub (in a process of its own) during a drain",
+    )
     args = p.parse_args(argv)
     if args.peers == ["all"]:
         args.peers = list(peers.PEERS)

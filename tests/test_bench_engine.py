@@ -1,13 +1,19 @@
-"""Smoke test: the engine benchmark runs end to end on a tiny N."""
+"""Smoke test: the engine part of ``python -m benchmarks`` runs end to end on a tiny N."""
 
 from __future__ import annotations
 
-from benchmarks.engine import format_table, run_benchmark
+from benchmarks import engine, suite
 
 
 async def test_engine_benchmark_smoke(redis_url: str, namespace: str) -> None:
-    res = await run_benchmark(redis_url, jobs=200, concurrency=2, namespace=namespace)
-    ops = res["ops_per_s"]
+    res = await engine.measure(redis_url, namespace, jobs=200, concurrencies=[2])
+    ops = res["runs"][0]["ops_per_s"]
     assert set(ops) == {"PING", "ZADD+ZPOPMIN", "submit", "complete+claim"}
     assert all(v > 0 for v in ops.values())
-    assert "complete+claim" in format_table(res)
+    result = {
+        "machine": suite.machine("test"),
+        "sizes": {"quick": True},
+        "ours": {"engine": res},
+        "wall_s": 0.0,
+    }
+    assert "complete+claim" in suite.format_tables(result)
