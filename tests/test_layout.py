@@ -71,6 +71,11 @@ def test_the_hub_spells_messages_only_in_the_protocol_module() -> None:
     assert {name: found for name, found in spelled.items() if found} == {}
 
 
+def test_the_benchmarks_speak_through_the_protocol_module() -> None:
+    spelled = {p.name: spelled_message_types(p) for p in sorted((ROOT / "benchmarks").glob("*.py"))}
+    assert {name: found for name, found in spelled.items() if found} == {}
+
+
 def test_the_checker_sees_a_spelled_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text(
