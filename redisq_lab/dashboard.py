@@ -6,9 +6,10 @@
     dash.samples                             # what it collected, as a DataFrame
     dash.stop()
 
-A :class:`Dashboard` shows four plotly ``FigureWidget`` charts (queue depth by
-priority, throughput, latency percentiles, worker utilisation) and a table of
-workers and jobs. It samples the namespace every ``interval`` seconds (at least
+A :class:`Dashboard` shows one plotly ``FigureWidget`` (so the page loads plotly.js
+once) whose panels chart queue depth by priority, throughput, latency percentiles
+and worker utilisation, and a table of workers and jobs. The figure is as wide as
+its output area. It samples the namespace every ``interval`` seconds (at least
 0.25 s) from a task on the running event loop (a Jupyter kernel has one): the
 Redis reads run in a thread, the widgets are updated on the loop by setting
 traits. It keeps the last ``window`` samples only. Without a running loop (a plain
@@ -66,7 +67,7 @@ DEFAULT_WINDOW: Final = 300
 
 _COUNTERS: Final = ("submitted", "completed", "failed", "cancelled", "retried", "requeued")
 _OTHER: Final = "other"
-_FIG_HEIGHT: Final = 260
+_FIG_HEIGHT: Final = 640
 _TABLE_STYLE: Final = "border-collapse:collapse;font-size:12px;margin-right:1.5em"
 
 
@@ -263,14 +264,47 @@ class _Snapshot:
     table: str
 
 
+#: The time series panels of the dashboard's figure: key, title, y axis title, row,
+#: column (the x axes are seconds since the first sample, by the server clock).
+_PANELS: Final = (
+    ("depth", "Queue depth by priority", "queued jobs", 1, 1),
+    ("throughput", "Throughput", "jobs/s over the sample interval", 1, 2),
+    ("latency", "Latency, submit to finish (recent jobs)", "seconds", 2, 1),
+    ("workers", "Workers", "GPUs", 2, 2),
+)
+_X_TITLE: Final = "time since start (s, server clock)"
 _PLOT_LAYOUT: Final[dict[str, Any]] = {
+    "autosize": True,  # the width follows the output area; no fixed width
     "height": _FIG_HEIGHT,
-    "margin": {"l": 50, "r": 10, "t": 36, "b": 36},
-    "legend": {"orientation": "h", "y": -0.25, "font": {"size": 10}, "traceorder": "normal"},
-    "xaxis": {"title": {"text": "seconds"}},
+    "margin": {"l": 60, "r": 20, "t": 40, "b": 50},
     "uirevision": "keep",
     "template": "plotly_white",
+    "font": {"size": 11},
 }
+_LEGEND: Final[dict[str, Any]] = {
+    "orientation": "h",
+    "xanchor": "left",
+    "yanchor": "top",
+    "bgcolor": "rgba(255,255,255,0.7)",
+    "font": {"size": 10},
+    "traceorder": "normal",
+}
+
+
+class _Panel:
+    """The traces of one panel of the dashboard's figure (``.data``, in the order
+    they were added), so that callers can read a panel as they would a figure."""
+
+    def __init__(self, figure: Any, indices: list[int]) -> None:
+        self.figure = figure
+        self.indices = indices
+
+    @property
+    def data(self) -> tuple[Any, ...]:
+        return tuple(self.figure.data[i] for i in self.indices)
+
+    def __repr__(self) -> str:
+        return f"<panel of {len(self.indices)} traces>"
 
 
 class Dashboard(NamespaceReader):
@@ -286,8 +320,9 @@ class Dashboard(NamespaceReader):
     the refreshing, and :meth:`close` (or leave a ``with`` block) to also close a
     connection the dashboard opened.
 
-    Attributes: ``figures`` (``{"depth", "throughput", "latency", "workers"}`` ->
-    ``FigureWidget``), ``widget`` (the box to display), ``task`` (the refresh task,
+    Attributes: ``figure`` (the one ``FigureWidget``), ``figures`` (``{"depth",
+    "throughput", "latency", "workers"}`` -> that panel's traces, as ``.data``),
+    ``widget`` (the box to display), ``task`` (the refresh task,
     or None), ``error`` (what stopped it, if anything).
     """
 
@@ -420,51 +455,67 @@ class Dashboard(NamespaceReader):
     def _build_widgets(self) -> None:
         import ipywidgets
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
 
-        def figure(title: str, ytitle: str, traces: Sequence[dict[str, Any]]) -> Any:
-            fig = go.FigureWidget(layout={**_PLOT_LAYOUT, "title": {"text": title}})
-            fig.update_yaxes(title_text=ytitle, rangemode="tozero")
-            for tr in traces:
-                fig.add_scatter(x=[], y=[], mode="lines", **tr)
-            return fig
-
-        self.figures: dict[str, Any] = {
-            "depth": figure("Queue depth by priority", "queued jobs", []),
-            "throughput": figure(
-                "Throughput",
-                "jobs/s",
-                [
-                    {"name": "completed/s"},
-                    {"name": "submitted/s", "line": {"dash": "dot"}},
-                ],
-            ),
-            "latency": figure(
-                "Latency, submit to finish (recent jobs)",
-                "seconds",
-                [
-                    {"name": "p50"},
-                    {"name": "p95"},
-                    {"name": "p99"},
-                    {"name": "wait p50", "line": {"dash": "dot"}},
-                ],
-            ),
-            "workers": figure(
-                "Workers",
-                "GPUs",
-                [
-                    {"name": "busy", "stackgroup": "w", "line": {"color": "#2a7ab9"}},
-                    {"name": "idle", "stackgroup": "w", "line": {"color": "#b8c4ce"}},
-                ],
-            ),
+        grid = make_subplots(
+            rows=2,
+            cols=2,
+            subplot_titles=[title for _, title, *_ in _PANELS],
+            horizontal_spacing=0.09,
+            vertical_spacing=0.16,
+        )
+        fig = self.figure = go.FigureWidget(grid)
+        fig.update_layout(_PLOT_LAYOUT)
+        fig.update_xaxes(title_text=_X_TITLE, matches="x")
+        fig.update_yaxes(rangemode="tozero")
+        # window resizes redraw at the new width (each sample also re-measures it)
+        fig._config = {**fig._config, "responsive": True}
+        traces: dict[str, list[dict[str, Any]]] = {
+            "depth": [],
+            "throughput": [
+                {"name": "completed/s"},
+                {"name": "submitted/s", "line": {"dash": "dot"}},
+            ],
+            "latency": [
+                {"name": "p50"},
+                {"name": "p95"},
+                {"name": "p99"},
+                {"name": "wait p50", "line": {"dash": "dot"}},
+            ],
+            "workers": [
+                {"name": "busy", "stackgroup": "w", "line": {"color": "#2a7ab9"}},
+                {"name": "idle", "stackgroup": "w", "line": {"color": "#b8c4ce"}},
+            ],
         }
+        self._legends: dict[str, str] = {}
+        self.figures: dict[str, _Panel] = {}
+        for n, (key, _, ytitle, row, col) in enumerate(_PANELS, start=1):
+            suffix = "" if n == 1 else str(n)
+            legend = self._legends[key] = f"legend{suffix}"
+            xdomain = fig.layout[f"xaxis{suffix}"].domain
+            ydomain = fig.layout[f"yaxis{suffix}"].domain
+            fig.update_layout({legend: {**_LEGEND, "x": xdomain[0] + 0.005, "y": ydomain[1]}})
+            fig.update_yaxes(title_text=ytitle, row=row, col=col)
+            self.figures[key] = _Panel(fig, [])
+            for tr in traces[key]:
+                self._add_trace(key, tr)
         self._status_html = ipywidgets.HTML()
         self._table = ipywidgets.HTML()
         self._status_text = self._table_text = ""
-        grid = ipywidgets.GridBox(
-            list(self.figures.values()),
-            layout=ipywidgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))"),
+        chart = ipywidgets.VBox([fig], layout=ipywidgets.Layout(width="100%"))
+        self.widget = ipywidgets.VBox(
+            [self._status_html, chart, self._table], layout=ipywidgets.Layout(width="100%")
         )
-        self.widget = ipywidgets.VBox([self._status_html, grid, self._table])
+
+    def _add_trace(self, key: str, trace: Mapping[str, Any]) -> Any:
+        """Add a line to panel ``key`` (not inside a batch update: plotly forbids it)."""
+        row, col = next((r, c) for k, _, _, r, c in _PANELS if k == key)
+        fig = self.figure
+        fig.add_scatter(
+            x=[], y=[], mode="lines", legend=self._legends[key], row=row, col=col, **trace
+        )
+        self.figures[key].indices.append(len(fig.data) - 1)
+        return fig.data[-1]
 
     def _depth_traces(self) -> list[tuple[str, int, Callable[[dict[int, int]], int]]]:
         """(name, legend rank, depth -> queued) per depth trace. The first
@@ -488,10 +539,9 @@ class Dashboard(NamespaceReader):
         samples = list(self._samples)
         new = set(samples[-1]["depth"]) - set(self._priorities)
         self._priorities.extend(sorted(new, reverse=True))
-        depth_fig = self.figures["depth"]
         wanted = self._depth_traces()
-        while len(depth_fig.data) < len(wanted):  # traces may not be added in a batch
-            depth_fig.add_scatter(x=[], y=[], mode="lines", stackgroup="depth")
+        while len(self.figures["depth"].indices) < len(wanted):
+            self._add_trace("depth", {"stackgroup": "depth"})
         x = [round(s["elapsed_s"], 3) for s in samples]
 
         def col(name: str) -> list[float | None]:
@@ -502,14 +552,13 @@ class Dashboard(NamespaceReader):
             "latency": [col("total_p50"), col("total_p95"), col("total_p99"), col("wait_p50")],
             "workers": [col("workers_busy"), col("workers_idle")],
         }
-        with depth_fig.batch_update():
-            for trace, (name, rank, count) in zip(depth_fig.data, wanted, strict=True):
+        with self.figure.batch_update():  # one message to the page per sample
+            depth = self.figures["depth"].data
+            for trace, (name, rank, count) in zip(depth, wanted, strict=True):
                 trace.name, trace.legendrank = name, rank
                 trace.x, trace.y = x, [count(s["depth"]) for s in samples]
-        for key, ys in series.items():
-            fig = self.figures[key]
-            with fig.batch_update():
-                for trace, y in zip(fig.data, ys, strict=True):
+            for key, ys in series.items():
+                for trace, y in zip(self.figures[key].data, ys, strict=True):
                     trace.x, trace.y = x, y
 
     def _state(self) -> str:
@@ -552,15 +601,12 @@ class Dashboard(NamespaceReader):
 
     def to_html(self, include_plotlyjs: bool | str = True, full_html: bool = True) -> str:
         """The current charts and tables as static HTML. ``include_plotlyjs`` goes to
-        plotly's ``to_html`` for the first chart (``True`` inlines plotly.js, so the
+        plotly's ``to_html`` for the figure (``True`` inlines plotly.js once, so the
         page opens offline; ``False`` when the page already loads it)."""
         import plotly.graph_objects as go
 
-        charts = "".join(
-            go.Figure(fig).to_html(
-                full_html=False, include_plotlyjs=include_plotlyjs if i == 0 else False
-            )
-            for i, fig in enumerate(self.figures.values())
+        charts = go.Figure(self.figure).to_html(
+            full_html=False, include_plotlyjs=include_plotlyjs, default_width="100%"
         )
         body = f"<div>{self._status_text}</div>{charts}<div>{self._table_text}</div>"
         if not full_html:

@@ -23,6 +23,24 @@ def _points(fig: Any, name: str | None = None) -> list[float]:
     return [0.0 if v is None else float(v) for v in trace.y]
 
 
+def _figure_widgets(widget: Any) -> list[Any]:
+    """Every plotly FigureWidget in a widget tree (the widget itself and its children,
+    recursively)."""
+    import plotly.graph_objects as go
+
+    found = [widget] if isinstance(widget, go.FigureWidget) else []
+    for child in getattr(widget, "children", ()):
+        found += _figure_widgets(child)
+    return found
+
+
+def _plotlyjs_copies(page: str) -> int:
+    """How many copies of plotly.js a page inlines (each starts with its banner)."""
+    import plotly.offline
+
+    return page.count(f"* plotly.js v{plotly.offline.get_plotlyjs_version()}")
+
+
 def _queued_points(dash: Dashboard) -> list[float]:
     """Queued jobs per sample, summed over the per-priority depth traces."""
     traces = dash.figures["depth"].data
@@ -132,12 +150,44 @@ def test_without_a_loop_refresh_by_hand_and_the_window_is_bounded() -> None:
         assert samples["elapsed_s"].is_monotonic_increasing
         assert len(dash.figures["depth"].data[0].y) == 3
         page = dash.to_html()
-        assert page.startswith("<!doctype html>") and "plotly" in page
-        assert "Queue depth by priority" in dash.to_html(include_plotlyjs=False, full_html=False)
+        assert page.startswith("<!doctype html>") and _plotlyjs_copies(page) == 1
+        part = dash.to_html(include_plotlyjs=False, full_html=False)
+        assert "Queue depth by priority" in part and _plotlyjs_copies(part) == 0
         static = dash._repr_html_()
         assert "<script" not in static and "Next in queue" in static
         dash.close()
         dash.close()
+
+
+def test_one_figure_as_wide_as_its_output_area() -> None:
+    """The four panels are one FigureWidget (plotly.js is sent to the page once) that
+    takes the width of its output area, and every axis says its unit."""
+    with LocalStack(namespace="onefig") as stack:
+        dash = Dashboard(stack, start=False)
+        try:
+            figures = _figure_widgets(dash.widget)
+            assert figures == [dash.figure]
+            fig = dash.figure
+            assert fig.layout.autosize is True and fig.layout.width is None
+            boxes = [w for w in _boxes(dash.widget) if fig in getattr(w, "children", ())]
+            assert [b.layout.width for b in boxes] == ["100%"]
+            for key in ("depth", "throughput", "latency", "workers"):
+                assert all(t in fig.data for t in dash.figures[key].data)
+            x_titles = {a.title.text for a in fig.select_xaxes()}
+            y_titles = {a.title.text for a in fig.select_yaxes()}
+            assert x_titles == {"time since start (s, server clock)"}
+            assert {"queued jobs", "jobs/s over the sample interval", "seconds", "GPUs"} <= (
+                y_titles
+            )
+        finally:
+            dash.close()
+
+
+def _boxes(widget: Any) -> list[Any]:
+    found = [widget]
+    for child in getattr(widget, "children", ()):
+        found += _boxes(child)
+    return found
 
 
 def test_rejects_a_bad_window_or_interval() -> None:
