@@ -515,10 +515,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--machines", type=int, default=2)
-    p.add_argument("--gpus", type=int, default=4, help="GPUs per machine")
-    p.add_argument("--jobs", type=_positive_int, default=2000)
+    p.add_argument("--machines", type=_positive_int, default=2)
+    p.add_argument("--gpus", type=_positive_int, default=4, help="GPUs per machine")
+    p.add_argument("--jobs", type=_positive_int, default=1200)
     p.add_argument("--rate", type=float, help="jobs/s, Poisson arrivals (default: all at once)")
+    p.add_argument("--seed", type=int, default=7, help="workload and run-time seed")
     p.add_argument(
         "--report", default="reports/redisq-demo.html", help="HTML report path ('' for none)"
     )
@@ -528,14 +529,24 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     "demo",
     "local stack + mock GPUs + a mixed workload, with a summary and a report",
     configure=_demo_args,
-    formats=False,
 )
 def _demo(args: argparse.Namespace) -> int:
+    """With ``--format json`` the progress and the text summary go to stderr and the
+    summary is the last line on stdout, one JSON object."""
     from .demo import run_demo
 
-    run_demo(
-        args.machines, args.gpus, args.jobs, args.rate, Path(args.report) if args.report else None
+    as_json = args.format == "json"
+    summary = run_demo(
+        args.machines,
+        args.gpus,
+        args.jobs,
+        args.rate,
+        Path(args.report) if args.report else None,
+        seed=args.seed,
+        out=sys.stderr if as_json else sys.stdout,
     )
+    if as_json:
+        print(json.dumps(jsonable(summary), ensure_ascii=False))
     return 0
 
 

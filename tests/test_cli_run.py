@@ -96,5 +96,6 @@ def test_demo_prints_a_summary_and_writes_a_report(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "150/150 jobs completed" in r.stdout
     assert "p50" in r.stdout and "priority  10" in r.stdout
+    assert "server clock: queued -> assigned" in r.stdout and "client clock" in r.stdout
     html = report.read_text()
     assert "Wait for a GPU by priority" in html and "plotly" in html
