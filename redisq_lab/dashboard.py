@@ -560,6 +560,17 @@ class Dashboard(NamespaceReader):
             for key, ys in series.items():
                 for trace, y in zip(self.figures[key].data, ys, strict=True):
                     trace.x, trace.y = x, y
+            # the window, ending at the newest sample (an autorange the page computed
+            # once would stay behind); setting it each sample also re-measures the width
+            self.figure.update_xaxes(range=self._x_range(x))
+
+    def _x_range(self, x: Sequence[float]) -> list[float]:
+        """[max(0, newest - span), newest], ``span`` the time the kept samples cover
+        (at least one interval, so that the first sample gets a range too)."""
+        newest = x[-1]
+        span = max(newest - x[0], self.interval)
+        low = max(0.0, newest - span)
+        return [low, max(newest, round(low + self.interval, 3))]
 
     def _state(self) -> str:
         if self.error is not None:

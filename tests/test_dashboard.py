@@ -82,6 +82,10 @@ async def test_dashboard_updates_while_jobs_run_and_stops_cleanly() -> None:
         assert (samples["throughput_per_s"].dropna() >= 0).all()
         assert samples["total_p50"].dropna().gt(0).any()
         assert {"depth_p10", "depth_p5", "depth_p0"} <= set(samples.columns)
+        newest = samples["elapsed_s"].iloc[-1]
+        assert all(
+            a.range[1] == pytest.approx(newest, abs=1e-3) for a in dash.figure.select_xaxes()
+        )
 
         dash.stop()
         assert not dash.running
@@ -134,6 +138,27 @@ async def test_monitor_widgets_refresh_on_the_running_loop() -> None:
         finally:
             for w in widgets:
                 w.stop()
+
+
+async def test_the_x_axes_end_at_the_newest_sample_as_the_window_rolls() -> None:
+    with LocalStack(namespace="xrange") as stack:
+        dash = Dashboard(stack, interval=INTERVAL, window=4)
+        try:
+
+            async def rolled() -> bool:  # the first samples have left the window
+                return bool(dash.samples["elapsed_s"].iloc[0] >= 2 * INTERVAL)
+
+            await wait_for(rolled, timeout=10, what="the window to roll")
+            elapsed = dash.samples["elapsed_s"]  # read between two samples
+            ranges = [tuple(a.range) for a in dash.figure.select_xaxes()]
+            assert len(ranges) == 4
+            for low, high in ranges:
+                assert high == pytest.approx(elapsed.iloc[-1], abs=1e-3)
+                assert low == pytest.approx(elapsed.iloc[0], abs=1e-3)
+            x = dash.figures["throughput"].data[0].x
+            assert x[-1] == pytest.approx(elapsed.iloc[-1], abs=1e-3)
+        finally:
+            dash.close()
 
 
 def test_without_a_loop_refresh_by_hand_and_the_window_is_bounded() -> None:
