@@ -8,8 +8,10 @@
 
 A :class:`Dashboard` shows one plotly ``FigureWidget`` (so the page loads plotly.js
 once) whose panels chart queue depth by priority, throughput, latency percentiles
-and worker utilisation, and a table of workers and jobs. The figure is as wide as
-its output area. It samples the namespace every ``interval`` seconds (at least
+and worker utilisation, and a task stream (a row per GPU, a bar per recent job: its
+wait in the queue, then its run, coloured by priority), and a table of workers and
+jobs. The figure is as wide as its output area; its time axes end at the newest
+sample. It samples the namespace every ``interval`` seconds (at least
 0.25 s) from a task on the running event loop (a Jupyter kernel has one): the
 Redis reads run in a thread, the widgets are updated on the loop by setting
 traits. It keeps the last ``window`` samples only. Without a running loop (a plain
@@ -67,7 +69,7 @@ DEFAULT_WINDOW: Final = 300
 
 _COUNTERS: Final = ("submitted", "completed", "failed", "cancelled", "retried", "requeued")
 _OTHER: Final = "other"
-_FIG_HEIGHT: Final = 640
+_FIG_HEIGHT: Final = 960
 _TABLE_STYLE: Final = "border-collapse:collapse;font-size:12px;margin-right:1.5em"
 
 
@@ -262,6 +264,10 @@ class _Snapshot:
     stats: dict[str, Any]
     latency: dict[str, Any]
     table: str
+    #: the jobs of the task stream (active ones first, then the newest finished)
+    jobs: list[JobModel]
+    #: the live workers' ids
+    workers: list[str]
 
 
 #: The time series panels of the dashboard's figure: key, title, y axis title, row,
@@ -273,6 +279,26 @@ _PANELS: Final = (
     ("workers", "Workers", "GPUs", 2, 2),
 )
 _X_TITLE: Final = "time since start (s, server clock)"
+_TASKS_TITLE: Final = (
+    "Task stream: recent jobs by GPU (thin hatched: waiting in the queue,"
+    " solid: running; colour: priority)"
+)
+#: Priority colours (depth traces and task bars), in the order priorities are first
+#: seen; priorities beyond ``max_priorities`` share the last one.
+_PRIORITY_COLOURS: Final = (
+    "#636efa",
+    "#ef553b",
+    "#00cc96",
+    "#ab63fa",
+    "#ffa15a",
+    "#19d3f3",
+    "#ff6692",
+    "#b6e880",
+    "#ff97ff",
+    "#fecb52",
+)
+_OTHER_COLOUR: Final = "#999999"
+_RUNNING: Final = frozenset({"assigned", "running"})
 _PLOT_LAYOUT: Final[dict[str, Any]] = {
     "autosize": True,  # the width follows the output area; no fixed width
     "height": _FIG_HEIGHT,
@@ -315,13 +341,17 @@ class Dashboard(NamespaceReader):
     dashboard then shares; ``service=`` shares a service. ``interval`` is seconds
     between samples (at least 0.25), ``window`` the number of samples kept.
     Latency percentiles cover the ``latency_sample`` most recently completed jobs
-    that finished in the last ``latency_window_s`` seconds. ``start=False`` takes
+    that finished in the last ``latency_window_s`` seconds. The task stream draws
+    the ``stream_jobs`` most recent jobs (those on a GPU now, then the newest
+    completed ones). ``start=False`` takes
     one sample and leaves refreshing to :meth:`refresh`. Call :meth:`stop` to end
     the refreshing, and :meth:`close` (or leave a ``with`` block) to also close a
     connection the dashboard opened.
 
     Attributes: ``figure`` (the one ``FigureWidget``), ``figures`` (``{"depth",
-    "throughput", "latency", "workers"}`` -> that panel's traces, as ``.data``),
+    "throughput", "latency", "workers", "tasks"}`` -> that panel's traces, as
+    ``.data``; ``tasks`` holds the waiting and the running bars, ``customdata``
+    their job ids),
     ``widget`` (the box to display), ``task`` (the refresh task,
     or None), ``error`` (what stopped it, if anything).
     """
@@ -334,6 +364,7 @@ class Dashboard(NamespaceReader):
         window: int = DEFAULT_WINDOW,
         latency_sample: int = 200,
         latency_window_s: float = 30.0,
+        stream_jobs: int = 200,
         table_rows: int = 8,
         max_priorities: int = 8,
         start: bool = True,
@@ -352,6 +383,7 @@ class Dashboard(NamespaceReader):
         self.window = window
         self.latency_sample = latency_sample
         self.latency_window_s = float(latency_window_s)
+        self.stream_jobs = stream_jobs
         self.table_rows = table_rows
         self.max_priorities = max_priorities
         self.error: BaseException | None = None
@@ -359,6 +391,7 @@ class Dashboard(NamespaceReader):
         self._samples: deque[dict[str, Any]] = deque(maxlen=window)
         self._t0: float | None = None
         self._priorities: list[int] = []  # in the order first seen
+        self._stream: tuple[list[JobModel], float, list[str]] = ([], 0.0, [])
         self._stopped = False
         self._build_widgets()
         self.refresh()
@@ -380,13 +413,19 @@ class Dashboard(NamespaceReader):
         svc = self.service
         stats = svc.get_stats(self.interval)
         now = float(stats["time"])
+        done = svc.get_jobs(svc.job_ids("completed", max(self.latency_sample, self.stream_jobs)))
         recent = [
             j
-            for j in svc.get_jobs(svc.job_ids("completed", self.latency_sample))
+            for j in done[: self.latency_sample]
             if j.finished is not None and j.finished >= now - self.latency_window_s
         ]
-        table = _workers_html(svc, 2 * self.table_rows, now) + _jobs_html(svc, self.table_rows, now)
-        return _Snapshot(stats, _latency(recent), table)
+        active = svc.get_jobs(svc.job_ids("active", self.stream_jobs))
+        workers = svc.get_workers()
+        table = workers_table(workers_frame(workers, now), 2 * self.table_rows) + _jobs_html(
+            svc, self.table_rows, now
+        )
+        jobs = [*active, *done][: self.stream_jobs]
+        return _Snapshot(stats, _latency(recent), table, jobs, [w.worker_id for w in workers])
 
     def refresh(self) -> dict[str, Any]:
         """Take one sample now and update the charts and tables; returns the sample.
@@ -445,6 +484,7 @@ class Dashboard(NamespaceReader):
         sample |= snap.latency
         sample["depth"] = depth_by_priority(s["job_types"])
         self._samples.append(sample)
+        self._stream = (snap.jobs, t, snap.workers)
         self._redraw()
         self._table_text = self._table.value = snap.table
         self._status()
@@ -458,11 +498,13 @@ class Dashboard(NamespaceReader):
         from plotly.subplots import make_subplots
 
         grid = make_subplots(
-            rows=2,
+            rows=3,
             cols=2,
-            subplot_titles=[title for _, title, *_ in _PANELS],
+            specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+            subplot_titles=[*(title for _, title, *_ in _PANELS), _TASKS_TITLE],
+            row_heights=[0.34, 0.34, 0.32],
             horizontal_spacing=0.09,
-            vertical_spacing=0.16,
+            vertical_spacing=0.1,
         )
         fig = self.figure = go.FigureWidget(grid)
         fig.update_layout(_PLOT_LAYOUT)
@@ -499,6 +541,38 @@ class Dashboard(NamespaceReader):
             self.figures[key] = _Panel(fig, [])
             for tr in traces[key]:
                 self._add_trace(key, tr)
+        # the task stream: a row per GPU, a bar per job (waiting, then running)
+        fig.update_yaxes(
+            title_text="GPU (worker id)",
+            type="category",
+            categoryorder="array",
+            automargin=True,
+            row=3,
+            col=1,
+        )
+        bars: dict[str, Any] = {
+            "orientation": "h",
+            "showlegend": False,
+            "hoverinfo": "text",
+            "row": 3,
+            "col": 1,
+        }
+        fig.add_bar(
+            name="waiting",
+            width=0.2,
+            offset=-0.45,
+            marker={"opacity": 0.6, "pattern": {"shape": "/", "solidity": 0.4}},
+            **bars,
+        )
+        fig.add_bar(
+            name="running",
+            width=0.6,
+            offset=-0.2,
+            marker={"line": {"color": "white", "width": 1}},  # a gap between jobs
+            **bars,
+        )
+        self.figures["tasks"] = _Panel(fig, [len(fig.data) - 2, len(fig.data) - 1])
+        fig.update_layout(barmode="overlay")
         self._status_html = ipywidgets.HTML()
         self._table = ipywidgets.HTML()
         self._status_text = self._table_text = ""
@@ -537,8 +611,9 @@ class Dashboard(NamespaceReader):
 
     def _redraw(self) -> None:
         samples = list(self._samples)
-        new = set(samples[-1]["depth"]) - set(self._priorities)
-        self._priorities.extend(sorted(new, reverse=True))
+        jobs, now, workers = self._stream
+        seen = set(samples[-1]["depth"]) | {j.priority for j in jobs}
+        self._priorities.extend(sorted(seen - set(self._priorities), reverse=True))
         wanted = self._depth_traces()
         while len(self.figures["depth"].indices) < len(wanted):
             self._add_trace("depth", {"stackgroup": "depth"})
@@ -556,13 +631,63 @@ class Dashboard(NamespaceReader):
             depth = self.figures["depth"].data
             for trace, (name, rank, count) in zip(depth, wanted, strict=True):
                 trace.name, trace.legendrank = name, rank
+                trace.line.color = self._colour(name)
                 trace.x, trace.y = x, [count(s["depth"]) for s in samples]
             for key, ys in series.items():
                 for trace, y in zip(self.figures[key].data, ys, strict=True):
                     trace.x, trace.y = x, y
+            self._draw_tasks(jobs, now, workers)
             # the window, ending at the newest sample (an autorange the page computed
             # once would stay behind); setting it each sample also re-measures the width
             self.figure.update_xaxes(range=self._x_range(x))
+
+    def _colour(self, priority: int | str) -> str:
+        """The colour of a priority (or of the depth trace named ``priority ...``)."""
+        named = self._priorities[: self.max_priorities]
+        if isinstance(priority, str):
+            _, _, p = priority.partition(" ")
+            priority = int(p) if p.lstrip("-").isdigit() else _OTHER
+        if priority not in named:
+            return _OTHER_COLOUR
+        return _PRIORITY_COLOURS[named.index(priority) % len(_PRIORITY_COLOURS)]
+
+    def _draw_tasks(self, jobs: Sequence[JobModel], now: float, workers: Sequence[str]) -> None:
+        """The task stream: per job on a worker, its wait (queued -> assigned) and its
+        run (started, or assigned, -> finished, or -> ``now`` while it runs), in
+        seconds since the first sample, on the row of its worker."""
+        t0 = self._t0 if self._t0 is not None else now
+        wait: dict[str, list[Any]] = {k: [] for k in ("y", "base", "x", "color", "id", "text")}
+        run: dict[str, list[Any]] = {k: [] for k in wait}
+
+        def bar(to: dict[str, list[Any]], j: JobModel, start: float, end: float, what: str) -> None:
+            b, e = round(start - t0, 3), round(end - t0, 3)
+            to["y"].append(j.worker_id)
+            to["base"].append(b)
+            to["x"].append(round(e - b, 3))
+            to["color"].append(self._colour(j.priority))
+            to["id"].append(j.job_id)
+            to["text"].append(
+                f"job {_short(j.job_id)} ({j.job_type}, priority {j.priority}, {j.status.value})"
+                f"<br>{what} {b:.2f} to {e:.2f} s ({e - b:.3f} s)"
+            )
+
+        for j in jobs:
+            if j.worker_id is None:
+                continue
+            if j.queued is not None and j.assigned is not None and j.assigned >= j.queued:
+                bar(wait, j, j.queued, j.assigned, "waited")
+            start = j.started if j.started is not None else j.assigned
+            end = j.finished if j.finished is not None else None
+            if end is None and j.status.value in _RUNNING:
+                end = max(now, start or now)
+            if start is not None and end is not None and end >= start:
+                bar(run, j, start, end, "ran")
+        rows = sorted({*workers, *wait["y"], *run["y"]}, reverse=True)  # first at the top
+        self.figure.update_yaxes(categoryarray=rows, row=3, col=1)
+        for trace, d in zip(self.figures["tasks"].data, (wait, run), strict=True):
+            trace.y, trace.base, trace.x = d["y"], d["base"], d["x"]
+            trace.marker.color = d["color"]
+            trace.customdata, trace.hovertext = d["id"], d["text"]
 
     def _x_range(self, x: Sequence[float]) -> list[float]:
         """[max(0, newest - span), newest], ``span`` the time the kept samples cover

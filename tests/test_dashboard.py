@@ -12,7 +12,7 @@ import pytest
 from redisq_lab import Dashboard, JobMonitor, LocalStack, RedisMonitor, WorkerMonitor
 from redisq_lab.dashboard import MIN_INTERVAL
 
-from .helpers import wait_for
+from .helpers import wait_for, wait_sync
 
 INTERVAL = 0.25
 
@@ -151,12 +151,62 @@ async def test_the_x_axes_end_at_the_newest_sample_as_the_window_rolls() -> None
             await wait_for(rolled, timeout=10, what="the window to roll")
             elapsed = dash.samples["elapsed_s"]  # read between two samples
             ranges = [tuple(a.range) for a in dash.figure.select_xaxes()]
-            assert len(ranges) == 4
+            assert len(ranges) == 5  # four time series and the task stream
             for low, high in ranges:
                 assert high == pytest.approx(elapsed.iloc[-1], abs=1e-3)
                 assert low == pytest.approx(elapsed.iloc[0], abs=1e-3)
             x = dash.figures["throughput"].data[0].x
             assert x[-1] == pytest.approx(elapsed.iloc[-1], abs=1e-3)
+        finally:
+            dash.close()
+
+
+def test_the_task_stream_draws_a_job_on_the_row_of_its_gpu() -> None:
+    """A completed job: its wait bar starts at its queued time and its run bar ends
+    at its finished time (server clock, seconds since the first sample), both on the
+    row of the worker that ran it; a running job's bar reaches the newest sample."""
+    with LocalStack(namespace="stream") as stack:
+        stack.add_workers(machines=1, gpus=2, run_time=0.05, progress_steps=1)
+        dash = Dashboard(stack, start=False)
+        with stack.service() as svc:
+            job_id = stack.submit("inference", priority=4)
+
+            def finished() -> Any:
+                job = svc.get_job(job_id)
+                return job if job is not None and job.status.value == "completed" else None
+
+            job = wait_sync(finished, timeout=10, what="the job to complete")
+            stack.submit("inference", priority=2, params={"duration_s": 30})  # still running
+            wait_sync(lambda: svc.job_ids("active"), timeout=10, what="a job on a GPU")
+            running = svc.get_jobs(svc.job_ids("active"))[0]
+        try:
+            wait_sync(
+                lambda: (
+                    running.job_id in dash.figures["tasks"].data[1].customdata
+                    if dash.refresh()
+                    else False
+                ),
+                timeout=10,
+                what="the running job in the task stream",
+            )
+            samples = dash.samples
+            t0 = samples["time"].iloc[0].timestamp() - samples["elapsed_s"].iloc[0]
+            wait, run = dash.figures["tasks"].data
+            assert all(t in dash.figure.data for t in (wait, run))
+            i = list(wait.customdata).index(job_id)
+            assert wait.y[i] == job.worker_id
+            assert wait.base[i] == pytest.approx(job.queued - t0, abs=1e-3)
+            assert wait.base[i] + wait.x[i] == pytest.approx(job.assigned - t0, abs=2e-3)
+            i = list(run.customdata).index(job_id)
+            assert run.y[i] == job.worker_id
+            assert run.base[i] + run.x[i] == pytest.approx(job.finished - t0, abs=2e-3)
+            assert run.base[i] < run.base[i] + run.x[i]
+            i = list(run.customdata).index(running.job_id)
+            assert run.y[i] == running.worker_id
+            newest = samples["elapsed_s"].iloc[-1]
+            assert run.base[i] + run.x[i] == pytest.approx(newest, abs=2e-3)
+            rows = dash.figure.layout.yaxis5.categoryarray
+            assert set(rows) == {"machine1:gpu0", "machine1:gpu1"}
         finally:
             dash.close()
 
@@ -178,6 +228,7 @@ def test_without_a_loop_refresh_by_hand_and_the_window_is_bounded() -> None:
         assert page.startswith("<!doctype html>") and _plotlyjs_copies(page) == 1
         part = dash.to_html(include_plotlyjs=False, full_html=False)
         assert "Queue depth by priority" in part and _plotlyjs_copies(part) == 0
+        assert "Task stream" in part
         static = dash._repr_html_()
         assert "<script" not in static and "Next in queue" in static
         dash.close()
