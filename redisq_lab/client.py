@@ -32,9 +32,18 @@ from redisq_server.protocol import MessageType
 
 from ._source import hub_url_of
 
-__all__ = ["JobFailed", "JobTrace", "QueueClient", "RequestError"]
+__all__ = ["JobFailed", "JobTrace", "QueueClient", "RequestError", "progress_bar"]
 
 _FOLLOWED = frozenset({*protocol.FINAL_MESSAGES, MessageType.JOB_UPDATE})
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A ``tqdm.auto`` bar of ``total`` jobs: an ipywidgets bar in a notebook, a text
+    line on stderr elsewhere. Call ``update(n)`` as jobs advance and ``close()`` at
+    the end. Needs ``tqdm`` (the ``lab`` extra)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="job", leave=True, dynamic_ncols=True)
 
 
 class RequestError(Exception):
@@ -191,17 +200,60 @@ class QueueClient:
         return job_id
 
     async def submit_many(
-        self, jobs: Iterable[Mapping[str, Any]], *, concurrency: int = 64
+        self,
+        jobs: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 64,
+        progress: bool = False,
     ) -> list[str]:
         """Submit many jobs (dicts of :meth:`submit`'s arguments) with up to
-        ``concurrency`` requests in flight; returns their ids in order."""
+        ``concurrency`` requests in flight; returns their ids in order, once the hub
+        accepted them all. ``progress=True`` shows a bar of accepted jobs (see
+        :func:`progress_bar`). Then await :meth:`results` for their outcomes."""
+        specs = list(jobs)
         sem = asyncio.Semaphore(concurrency)
+        bar = progress_bar(len(specs), "submitted") if progress else None
 
         async def one(spec: Mapping[str, Any]) -> str:
             async with sem:
-                return await self.submit(**spec)
+                job_id = await self.submit(**spec)
+            if bar is not None:
+                bar.update(1)
+            return job_id
 
-        return list(await asyncio.gather(*(one(j) for j in jobs)))
+        try:
+            return list(await asyncio.gather(*(one(j) for j in specs)))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def results(
+        self,
+        job_ids: Iterable[str],
+        *,
+        timeout: float | None = None,
+        progress: bool = False,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Wait for every job of ``job_ids`` to finish; returns their results in order.
+
+        ``timeout`` bounds the whole wait (``TimeoutError``). A failed or cancelled
+        job raises its :class:`JobFailed` at once, unless ``return_exceptions=True``
+        (then the exception stands in the job's place and the wait goes on).
+        ``progress=True`` shows a bar of finished jobs (see :func:`progress_bar`)."""
+        tasks = [asyncio.ensure_future(self.result(j)) for j in job_ids]
+        bar = progress_bar(len(tasks), "finished") if progress else None
+        if bar is not None:
+            for task in tasks:
+                task.add_done_callback(lambda t: t.cancelled() or bar.update(1))
+        waiting = asyncio.gather(*tasks, return_exceptions=return_exceptions)
+        try:
+            return list(await asyncio.wait_for(waiting, timeout))
+        finally:
+            for task in tasks:  # still waiting after a failure or the timeout
+                task.cancel()
+            if bar is not None:
+                bar.close()
 
     async def result(self, job_id: str, timeout: float | None = None) -> Any:
         """Wait for the job's result. Raises :class:`JobFailed` if it failed or was

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .client import JobFailed, JobTrace, QueueClient
+from .client import JobFailed, JobTrace, QueueClient, progress_bar
 from .frames import percentiles
 
 __all__ = ["LoadGenerator", "summarize"]
@@ -40,7 +40,9 @@ class LoadGenerator:
     weight), wait for every outcome, and return per-job timings.
 
     ``params`` is a dict for every job or a function ``(rng, i) -> dict``.
-    ``on_progress(done, total)`` is called as jobs finish (for progress bars).
+    ``on_progress(done, total)`` is called as jobs finish; ``progress=True`` shows
+    a bar of finished jobs (``tqdm.auto``: a widget in a notebook, text on stderr
+    elsewhere).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LoadGenerator:
         seed: int | None = None,
         timeout: float = 600.0,
         on_progress: Callable[[int, int], None] | None = None,
+        progress: bool = False,
     ) -> None:
         self.source = source
         self.n_jobs = n_jobs
@@ -71,6 +74,7 @@ class LoadGenerator:
         self.rng = random.Random(seed)
         self.timeout = timeout
         self.on_progress = on_progress
+        self.progress = progress
         self.traces: list[tuple[str, int, JobTrace]] = []
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -100,6 +104,7 @@ class LoadGenerator:
             await c.connect()
         done = 0
         sem = asyncio.Semaphore(self.concurrency)
+        bar = progress_bar(self.n_jobs, "finished") if self.progress else None
 
         async def one(i: int, spec: dict[str, Any]) -> None:
             nonlocal done
@@ -110,6 +115,8 @@ class LoadGenerator:
             with contextlib.suppress(JobFailed):  # recorded in the trace
                 await client.result(job_id, timeout=self.timeout)
             done += 1
+            if bar is not None:
+                bar.update(1)
             if self.on_progress is not None:
                 self.on_progress(done, self.n_jobs)
 
@@ -123,6 +130,8 @@ class LoadGenerator:
             await asyncio.gather(*tasks)
         finally:
             self.finished_at = time.monotonic()
+            if bar is not None:
+                bar.close()
             for c in clients:
                 await c.close()
         return self.rows()

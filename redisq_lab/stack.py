@@ -8,8 +8,13 @@
 The hub runs on a private event loop in a daemon thread, so the same calls work in a
 script and in a notebook cell (where the kernel's own loop keeps running; use
 ``await stack.client()`` or ``MockWorker(hub=stack)`` there for async work). Every
-stack is closed at interpreter exit; ``close()`` is idempotent. In a notebook the
-stack shows a card with its URLs, workers, queue depth and throughput.
+stack is closed at interpreter exit; ``close()`` is idempotent. ``scale()`` adds or
+stops mock machines from a cell.
+
+In a notebook the stack shows a live card (refreshed twice a second until the stack
+closes): its URLs, a link to the hub's own dashboard page, workers, queue depth, the
+throughput now and since start, and a per-machine and per-GPU breakdown that folds
+open. Elsewhere (a saved page, nbconvert) the same card is static HTML.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import html
+import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -24,7 +31,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
-from redisq_server import EngineLimits, RedisService, Settings
+from redisq_server import EngineLimits, RedisService, Settings, WorkerModel
 from redisq_server.main import Hub
 
 from .client import QueueClient
@@ -37,6 +44,12 @@ T = TypeVar("T")
 
 #: seconds the card's "throughput now" averages over
 RATE_NOW_S = 5.0
+#: seconds between refreshes of the live card
+CARD_INTERVAL_S = 0.5
+#: GPU rows the card's breakdown lists before it says how many more there are
+CARD_GPU_ROWS = 64
+_TH = "<th style='text-align:left;padding-right:1em'>"
+_TD = "<td style='text-align:left;padding-right:1em'>"
 
 
 def _since_start(s: dict[str, Any]) -> str:
@@ -46,6 +59,72 @@ def _since_start(s: dict[str, Any]) -> str:
     elapsed = max(1e-3, s["time"] - s["since"])
     done = s["totals"]["completed"]
     return f"{done / elapsed:.1f} jobs/s ({done} in {elapsed:.1f} s)"
+
+
+def _rows(rows: list[tuple[str, str]]) -> str:
+    return "".join(f"<tr>{_TH}{k}</th>{_TD}{v}</td></tr>" for k, v in rows)
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    th = "".join(f"{_TH}{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"{_TD}{v}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _breakdown(workers: list[WorkerModel]) -> tuple[str, str]:
+    """The fold's title and body: workers per machine, then per GPU."""
+    if not workers:
+        return "Workers: none connected", "<p>No GPU worker is connected.</p>"
+    machines: dict[str, list[WorkerModel]] = {}
+    for w in workers:
+        machines.setdefault(w.machine_id, []).append(w)
+    title = f"Workers: {_count(len(machines), 'machine')}, {_count(len(workers), 'GPU')}"
+    per_machine = [
+        (
+            html.escape(m),
+            len(ws),
+            sum(w.status == "busy" for w in ws),
+            sum(w.status == "idle" for w in ws),
+            sum(w.jobs_done for w in ws),
+            sum(w.jobs_failed for w in ws),
+        )
+        for m, ws in sorted(machines.items())
+    ]
+    per_gpu = [
+        (
+            html.escape(w.worker_id),
+            w.status.value,
+            f"<code>{html.escape(w.current_job[:8])}</code>" if w.current_job else "-",
+            w.jobs_done,
+            w.jobs_failed,
+        )
+        for w in sorted(workers, key=lambda w: w.worker_id)[:CARD_GPU_ROWS]
+    ]
+    more = len(workers) - len(per_gpu)
+    return title, (
+        "<strong>By machine</strong>"
+        + _table(("machine", "GPUs", "busy", "idle", "jobs done", "jobs failed"), per_machine)
+        + "<strong>By GPU</strong>"
+        + _table(("GPU", "status", "job", "jobs done", "jobs failed"), per_gpu)
+        + (f"<p>... and {more} more GPUs</p>" if more > 0 else "")
+    )
+
+
+def _in_kernel() -> bool:
+    """True in a Jupyter kernel that is running a cell (it can show live widgets)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if getattr(shell, "kernel", None) is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 _live: weakref.WeakSet[LocalStack] = weakref.WeakSet()
@@ -80,6 +159,8 @@ class LocalStack:
         self.redis = RedisProcess(redis_port, appendonly=appendonly)
         self.namespace = namespace
         self.workers: list[MockWorker] = []
+        # prefix, GPUs and MockWorker options for machines that scale() adds
+        self._new_machines: tuple[str, int, dict[str, Any]] = ("machine", 2, {})
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -111,6 +192,17 @@ class LocalStack:
     @property
     def redis_url(self) -> str:
         return self.redis.url
+
+    @property
+    def dashboard_url(self) -> str:
+        """``http://host:port/dashboard``: the page the hub itself serves (it outlives
+        kernel restarts and page reloads)."""
+        host = self.settings.hub_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.hub.port}/dashboard"
 
     @property
     def closed(self) -> bool:
@@ -151,14 +243,44 @@ class LocalStack:
     ) -> list[MockWorker]:
         """Start ``machines`` MockWorkers with ``gpus`` GPUs each on the stack's loop
         (``mock`` goes to :class:`MockWorker`); they stop with the stack."""
-        start = len(self.workers)
+        self._new_machines = (prefix, gpus, dict(mock))
+        taken = {w.machine_id for w in self.workers}
+        names = (f"{prefix}{n}" for n in itertools.count(len(self.workers) + 1))
         new = [
-            MockWorker(f"{prefix}{start + i + 1}", gpus, hub=self, **mock) for i in range(machines)
+            MockWorker(name, gpus, hub=self, **mock)
+            for name in itertools.islice((n for n in names if n not in taken), machines)
         ]
         for w in new:
             self._call(w.start())
             self.workers.append(w)
         return new
+
+    def scale(
+        self, machines: int | None = None, gpus: int | None = None, **mock: Any
+    ) -> list[MockWorker]:
+        """Add or stop mock machines until ``machines`` of them run with ``gpus`` GPUs
+        each; returns the running machines (also in :attr:`workers`).
+
+        ``machines`` defaults to the number running now, ``gpus`` and ``mock`` (the
+        :class:`MockWorker` options) to those of the last :meth:`add_workers` or
+        ``scale`` call. Machines with another GPU count are replaced, the newest
+        stopped first. Stopping a machine closes its GPU sockets: the hub requeues
+        their jobs at their old positions. Returns once every new GPU registered and
+        every stopped one closed its socket; the hub drops a stopped GPU from its
+        worker list as it sees the socket close (wait on ``WorkerMonitor`` to see it).
+        Only machines started by this stack count."""
+        prefix, last_gpus, last_mock = self._new_machines
+        gpus = last_gpus if gpus is None else gpus
+        machines = len(self.workers) if machines is None else machines
+        if machines < 0 or gpus < 1:
+            raise ValueError("machines must be >= 0 and gpus >= 1")
+        keep = [w for w in self.workers if w.gpu_count == gpus][:machines]
+        for w in reversed(self.workers):
+            if w not in keep:
+                self._call(w.stop(), 30)
+        self.workers = keep
+        self.add_workers(machines - len(keep), gpus, prefix=prefix, **(mock or last_mock))
+        return list(self.workers)
 
     def stop_workers(self) -> None:
         """Stop every MockWorker started with :meth:`add_workers`."""
@@ -213,21 +335,26 @@ class LocalStack:
         state = "closed" if self._closed else "running"
         return f"<LocalStack {state} hub={self.hub_url} redis={self.redis_url} namespace={self.namespace}>"
 
-    def _summary(self) -> dict[str, Any]:
+    def _read_card(self) -> tuple[dict[str, Any], list[WorkerModel]]:
+        """The stats and live workers the card shows ({} and [] once closed)."""
         if self._closed:
-            return {}
+            return {}, []
         try:
-            return self.stats(RATE_NOW_S)
+            with self.service() as svc:
+                return svc.get_stats(RATE_NOW_S), svc.get_workers()
         except Exception:  # a card must render even if Redis is gone
-            return {}
+            return {}, []
 
-    def _repr_html_(self) -> str:
-        s = self._summary()
+    def _card_parts(self) -> tuple[str, str, str]:
+        """The card as (summary table, breakdown title, breakdown body)."""
+        s, workers = self._read_card()
+        link = html.escape(self.dashboard_url)
         rows = [
             ("Hub", f"<code>{html.escape(self.hub_url)}</code>"),
             ("Redis", f"<code>{html.escape(self.redis_url)}</code>"),
             ("Namespace", html.escape(self.namespace)),
             ("State", "closed" if self._closed else "running"),
+            ("Dashboard", f"<a href='{link}' target='_blank'>{link}</a>"),
         ]
         if s:
             rows += [
@@ -241,19 +368,37 @@ class LocalStack:
                 ),
                 ("Since start", _since_start(s)),
             ]
-        body = "".join(
-            f"<tr><th style='text-align:left;padding-right:1em'>{k}</th><td style='text-align:left'>{v}</td></tr>"
-            for k, v in rows
-        )
+        summary = f"<strong>redisq LocalStack</strong><table>{_rows(rows)}</table>"
+        title, body = _breakdown(workers)
+        return summary, title, body
+
+    def _repr_html_(self) -> str:
+        """The static card: the breakdown folds open as an HTML ``<details>``."""
+        summary, title, body = self._card_parts()
         return (
             "<div style='border:1px solid #ccc;border-radius:6px;padding:8px;display:inline-block'>"
-            f"<strong>redisq LocalStack</strong><table>{body}</table></div>"
+            f"{summary}<details><summary>{html.escape(title)}</summary>{body}</details></div>"
         )
 
-    def card(self, interval: float = 0.5) -> Any:
-        """A live version of the card (an ipywidgets HTML) refreshed every
-        ``interval`` seconds from a task on the caller's running loop; call
-        ``.stop()`` on the returned widget to end the refresh."""
-        from .widgets import LiveHTML
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """In a Jupyter kernel: the live card (:meth:`card`) with the static card as
+        its ``text/html`` fallback; elsewhere the static card only."""
+        static = {"text/plain": repr(self), "text/html": self._repr_html_()}
+        if self._closed or not _in_kernel():
+            return static
+        bundle: dict[str, Any] = self.card()._repr_mimebundle_(**kwargs)
+        return {**bundle, **static}
 
-        return LiveHTML(self._repr_html_, interval)
+    def card(self, interval: float = CARD_INTERVAL_S) -> Any:
+        """The live card (an ipywidgets box) refreshed every ``interval`` seconds from
+        a task on the caller's running loop, until the stack closes; its worker
+        breakdown folds open and stays open across refreshes. Call ``.stop()`` on it
+        to end the refresh sooner. Displaying the stack in a notebook shows one."""
+        from .widgets import LiveCard
+
+        return LiveCard(
+            self._card_parts,
+            interval,
+            done=lambda: self._closed,
+            layout={"border": "1px solid #ccc", "padding": "4px 8px", "width": "fit-content"},
+        )
