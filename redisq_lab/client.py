@@ -37,12 +37,14 @@ __all__ = ["JobFailed", "JobTrace", "QueueClient", "RequestError", "progress_bar
 _FOLLOWED = frozenset({*protocol.FINAL_MESSAGES, MessageType.JOB_UPDATE})
 
 
-def progress_bar(total: int, desc: str) -> Any:
+def progress_bar(total: int, label: bool | str = True, default: str = "jobs") -> Any:
     """A ``tqdm.auto`` bar of ``total`` jobs: an ipywidgets bar in a notebook, a text
-    line on stderr elsewhere. Call ``update(n)`` as jobs advance and ``close()`` at
-    the end. Needs ``tqdm`` (the ``lab`` extra)."""
+    line on stderr elsewhere, labelled ``label`` when it is a string, else
+    ``default``. Call ``update(n)`` as jobs advance and ``close()`` at the end.
+    Needs ``tqdm`` (the ``lab`` extra)."""
     from tqdm.auto import tqdm
 
+    desc = label if isinstance(label, str) else default
     return tqdm(total=total, desc=desc, unit="job", leave=True, dynamic_ncols=True)
 
 
@@ -204,15 +206,15 @@ class QueueClient:
         jobs: Iterable[Mapping[str, Any]],
         *,
         concurrency: int = 64,
-        progress: bool = False,
+        progress: bool | str = False,
     ) -> list[str]:
         """Submit many jobs (dicts of :meth:`submit`'s arguments) with up to
         ``concurrency`` requests in flight; returns their ids in order, once the hub
-        accepted them all. ``progress=True`` shows a bar of accepted jobs (see
-        :func:`progress_bar`). Then await :meth:`results` for their outcomes."""
+        accepted them all. ``progress=True`` (or a label) shows a bar of accepted
+        jobs (see :func:`progress_bar`). Then await :meth:`results` for their outcomes."""
         specs = list(jobs)
         sem = asyncio.Semaphore(concurrency)
-        bar = progress_bar(len(specs), "submitted") if progress else None
+        bar = progress_bar(len(specs), progress, "submitted") if progress else None
 
         async def one(spec: Mapping[str, Any]) -> str:
             async with sem:
@@ -232,7 +234,7 @@ class QueueClient:
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Wait for every job of ``job_ids`` to finish; returns their results in order.
@@ -240,9 +242,10 @@ class QueueClient:
         ``timeout`` bounds the whole wait (``TimeoutError``). A failed or cancelled
         job raises its :class:`JobFailed` at once, unless ``return_exceptions=True``
         (then the exception stands in the job's place and the wait goes on).
-        ``progress=True`` shows a bar of finished jobs (see :func:`progress_bar`)."""
+        ``progress=True`` (or a label) shows a bar of finished jobs (see
+        :func:`progress_bar`)."""
         tasks = [asyncio.ensure_future(self.result(j)) for j in job_ids]
-        bar = progress_bar(len(tasks), "finished") if progress else None
+        bar = progress_bar(len(tasks), progress, "finished") if progress else None
         if bar is not None:
             for task in tasks:
                 task.add_done_callback(lambda t: t.cancelled() or bar.update(1))

@@ -40,9 +40,9 @@ class LoadGenerator:
     weight), wait for every outcome, and return per-job timings.
 
     ``params`` is a dict for every job or a function ``(rng, i) -> dict``.
-    ``on_progress(done, total)`` is called as jobs finish; ``progress=True`` shows
-    a bar of finished jobs (``tqdm.auto``: a widget in a notebook, text on stderr
-    elsewhere).
+    ``on_progress(done, total)`` is called as jobs finish; ``progress=True`` (or a
+    label) shows a bar of finished jobs (``tqdm.auto``: a widget in a notebook, text
+    on stderr elsewhere).
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class LoadGenerator:
         seed: int | None = None,
         timeout: float = 600.0,
         on_progress: Callable[[int, int], None] | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
     ) -> None:
         self.source = source
         self.n_jobs = n_jobs
@@ -104,7 +104,7 @@ class LoadGenerator:
             await c.connect()
         done = 0
         sem = asyncio.Semaphore(self.concurrency)
-        bar = progress_bar(self.n_jobs, "finished") if self.progress else None
+        bar = progress_bar(self.n_jobs, self.progress, "finished") if self.progress else None
 
         async def one(i: int, spec: dict[str, Any]) -> None:
             nonlocal done

@@ -221,7 +221,7 @@ async def test_submit_many_and_results_show_progress_and_keep_order(
         assert results == [client.traces[j].result for j in job_ids]  # in order
         assert all(r["worker_id"].startswith("machine1:") for r in results)
         assert isinstance(mixed[0], JobFailed) and mixed[1] == results[1]
-        gen = LoadGenerator(stack, n_jobs=25, seed=1, progress=True)
+        gen = LoadGenerator(stack, n_jobs=25, seed=1, progress="a load of 25")
         rows = await gen.run_rows()
         assert {r["status"] for r in rows} == {"completed"}
     finally:
@@ -229,4 +229,4 @@ async def test_submit_many_and_results_show_progress_and_keep_order(
     # tqdm's text bars (outside a notebook they go to stderr): each reached its total
     err = capsys.readouterr().err
     assert "submitted: 100%" in err and "40/40" in err
-    assert "finished: 100%" in err and "25/25" in err
+    assert "finished: 100%" in err and "a load of 25: 100%" in err and "25/25" in err
