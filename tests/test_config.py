@@ -42,6 +42,7 @@ def test_every_variable_is_read() -> None:
         "REDISQ_MAX_RESULT_BYTES": "200",
         "HUB_MAX_FRAME_BYTES": "300",
         "HUB_SEND_QUEUE": "10",
+        "HUB_SEND_QUEUE_BYTES": "4096",
         "HUB_MAX_SUBSCRIPTIONS": "11",
         "HUB_MAX_CONNECTIONS": "12",
         "REDISQ_CLIENT_TOKEN": "c",
@@ -80,6 +81,7 @@ def test_every_variable_is_read() -> None:
         12,
     )
     assert (s.client_token, s.worker_token, s.monitor_token) == ("c", "w", "m")
+    assert s.send_queue_bytes == 4096
 
 
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

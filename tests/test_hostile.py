@@ -187,8 +187,11 @@ JUNK = st.recursive(
     max_leaves=12,
 )
 NAME = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]{0,12}\Z")
-JOB_ID = st.one_of(st.sampled_from(KNOWN_IDS), NAME)
-JOB_TYPE = st.sampled_from(["t", "render", "x"]) | NAME
+#: a valid name with whitespace or a control character after it (``$`` matched before "\n")
+TRAILING = st.tuples(NAME, st.sampled_from(["\n", "\r\n", " ", "\t", "\x00", "\x85"])).map("".join)
+JOB_ID = st.one_of(st.sampled_from(KNOWN_IDS), NAME, TRAILING)
+JOB_TYPE = st.sampled_from(["t", "render", "x"]) | NAME | TRAILING
+ATTEMPT = st.integers(-2, 5) | st.sampled_from([2**53 - 1, 2**53, 2**63, 10**30])
 REQUEST_ID = st.one_of(st.from_regex(r"\Ah[0-9a-z]{1,8}\Z"), st.integers(-(2**60), 2**60))
 
 FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
@@ -204,7 +207,20 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "cancel_job": {"job_id": JOB_ID},
     "get_stats": {},
     "get_events": {
-        "since": st.sampled_from(["0", "0-0", "$", "-", "+", "99999999999999-0"])
+        "since": st.sampled_from(
+            [
+                "0",
+                "0-0",
+                "$",
+                "-",
+                "+",
+                "99999999999999-0",
+                "99999999999999999999-0",
+                "0-18446744073709551616",
+                "18446744073709551615-18446744073709551615",
+                "0\n",
+            ]
+        )
         | st.from_regex(r"\A\d{1,20}(-\d{1,20})?\Z"),
         "limit": st.integers(-5, 12_000),
     },
@@ -215,14 +231,14 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "worker_heartbeat": {},
     "update_job_progress": {
         "job_id": JOB_ID,
-        "attempt": st.integers(-2, 5),
+        "attempt": ATTEMPT,
         "progress": st.floats(-10, 110) | st.integers(-5, 105),
         "message": st.text(max_size=50),
     },
-    "complete_job": {"job_id": JOB_ID, "attempt": st.integers(-2, 5), "result": JUNK},
+    "complete_job": {"job_id": JOB_ID, "attempt": ATTEMPT, "result": JUNK},
     "fail_job": {
         "job_id": JOB_ID,
-        "attempt": st.integers(-2, 5),
+        "attempt": ATTEMPT,
         "error": st.text(max_size=50),
         "retryable": st.booleans(),
     },
@@ -642,3 +658,62 @@ async def test_connections_are_limited_per_hub(redis_url: str, namespace: str) -
 
 async def _count(hub: Hub, n: int) -> bool:
     return hub.registry.count == n
+
+
+# ------------------------------------------------------------------- ids and paths
+
+
+async def _status(url: str) -> int:
+    with pytest.raises(InvalidStatus) as err:
+        await connect(url, open_timeout=10)
+    return err.value.response.status_code
+
+
+async def test_paths_are_refused_as_documented(env: Env) -> None:
+    """docs/protocol.md, Refused handshakes: an invalid id (a trailing newline, a
+    space or a control character, percent-encoded or not; too long) is 400; a missing
+    or empty id is 404; a request line over 8 KiB is 414 (the WebSocket library)."""
+    url = env.hub.url
+    for path in (
+        "/ws/worker/m:g0%0A",
+        "/ws/worker/m%0A:g0",
+        "/ws/worker/m:g0%0D%0A",
+        "/ws/worker/m:g0%20",
+        "/ws/client/c1%0A",
+        "/ws/client/c1%00",
+        "/ws/monitor/mon%09",
+        "/ws/client/" + "c" * 65,
+        "/ws/client/" + "c" * 8000,
+    ):
+        assert await _status(url + path) == 400, path
+    for path in ("/ws/client/", "/ws/worker/", "/ws/monitor/", "/ws/client", "/ws/client/c1/x"):
+        assert await _status(url + path) == 404, path
+    assert await _status(url + "/ws/client/" + "c" * 10_000) == 414
+    # the valid forms still open
+    for path in ("/ws/worker/m:g0", "/ws/client/c1", "/ws/monitor/mon"):
+        peer = await Peer.open(url + path)
+        await peer.close()
+
+
+async def test_out_of_range_requests_are_invalid_fields(env: Env) -> None:
+    """``since`` past 2^64 - 1 and ``attempt`` past 2^53 - 1 are ``invalid_field``,
+    refused before any Redis call (no ``unavailable``, no warning in the log)."""
+    client = await Peer.open(env.hub.url + "/ws/client/range-c")
+    for since in ("99999999999999999999-0", "0-99999999999999999999", "18446744073709551616"):
+        err = await client.request({"type": "get_events", "since": since})
+        assert (err["type"], err["code"]) == ("error", "invalid_field"), err
+    ok = await client.request({"type": "get_events", "since": "18446744073709551615-0"})
+    assert ok["type"] == "events" and ok["events"] == []
+    worker = await Peer.open(env.hub.url + "/ws/worker/range-m:gpu0")
+    reg = await worker.request({"type": "register_worker", "job_types": [UNSERVED]})
+    assert reg["type"] == "worker_registered"
+    for attempt in (10**30, 2**63, 2**53):
+        for kind in ("complete_job", "fail_job", "update_job_progress"):
+            report = {"type": kind, "job_id": KNOWN_IDS[0], "attempt": attempt}
+            report |= {"error": "x", "progress": 1}
+            err = await worker.request(report)
+            assert (err["type"], err["code"]) == ("error", "invalid_field"), (kind, err)
+    await client.close()
+    await worker.close()
+    out = env.hub.output()
+    assert "Redis error" not in out and "Invalid stream ID" not in out, out[-2000:]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from redisq_server.keys import Keys, lua_prelude
+from redisq_server.keys import Keys, lua_prelude, validate_namespace
 from redisq_server.models import (
     MAX_SEQ,
     TERMINAL_STATUSES,
@@ -21,6 +21,7 @@ from redisq_server.models import (
     queue_score,
 )
 from redisq_server.protocol import (
+    MAX_ATTEMPT,
     MAX_PRIORITY,
     MIN_PRIORITY,
     ErrorCode,
@@ -29,9 +30,13 @@ from redisq_server.protocol import (
     Role,
     decode_message,
     parse_worker_id,
+    validate_attempt,
+    validate_client_id,
     validate_job_id,
+    validate_job_type,
     validate_params,
     validate_priority,
+    validate_worker_id,
 )
 
 
@@ -199,3 +204,80 @@ def test_fast_and_standard_encoders_agree() -> None:
     for m in messages:
         assert json.loads(protocol._encode_std(m)) == m
         assert json.loads(protocol.encode(m)) == m
+
+
+# ---------------------------------------------- ids: the whole string must match
+
+#: whitespace and control characters, the trailing newline that ``$`` lets through first
+_JUNK = st.sampled_from(
+    ["\n", "\r\n", "\r", " ", "\t", "\x00", "\x0b", "\x0c", "\x7f"]
+) | st.characters(categories=["Cc", "Zs", "Zl", "Zp"])
+_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,30}", fullmatch=True)
+_ID_RULES = [validate_job_id, validate_job_type, validate_client_id]
+
+
+@given(_NAMES, _JUNK, st.sampled_from(["end", "start", "middle"]))
+def test_ids_with_whitespace_or_control_characters_are_refused(
+    name: str, junk: str, where: str
+) -> None:
+    """A valid name stays valid; with a newline, whitespace or a control character
+    added anywhere (the end included) it is refused by every id rule, the path ids
+    and the namespace."""
+    for rule in _ID_RULES:
+        assert rule(name) == name
+    bad = {"end": name + junk, "start": junk + name, "middle": name[:1] + junk + name[1:]}[where]
+    for rule in _ID_RULES:
+        with pytest.raises(ProtocolError) as err:
+            rule(bad)
+        assert err.value.code == ErrorCode.INVALID_FIELD
+    assert validate_worker_id(f"{name}:gpu0") == f"{name}:gpu0"
+    for worker_id in (f"{bad}:gpu0", f"{name}:gpu0{junk}", f"{name}:{junk}gpu0"):
+        with pytest.raises(ProtocolError):
+            validate_worker_id(worker_id)
+    assert validate_namespace(name) == name
+    with pytest.raises(ValueError, match="namespace"):
+        validate_namespace(bad)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "submit_job", "job_type": "t", "job_id": "j1\\n"}',
+        '{"type": "submit_job", "job_type": "t\\n"}',
+        '{"type": "get_job_status", "job_id": "j1\\n"}',
+        '{"type": "get_events", "since": "0\\n"}',
+        '{"type": "get_events", "since": "1-0\\n"}',
+    ],
+)
+def test_a_trailing_newline_is_an_invalid_field(frame: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_message(frame, Role.CLIENT)
+    assert err.value.code == ErrorCode.INVALID_FIELD
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_event_ids_up_to_64_bits_are_accepted(ms: int, seq: int) -> None:
+    for since in (str(ms), f"{ms}-{seq}"):
+        msg = decode_message(json.dumps({"type": "get_events", "since": since}), Role.MONITOR)
+        assert msg.fields["since"] == since
+
+
+@pytest.mark.parametrize(
+    "since",
+    ["99999999999999999999-0", "18446744073709551616", "0-18446744073709551616", "$", "-1", ""],
+)
+def test_event_ids_out_of_range_are_invalid(since: str) -> None:
+    """Redis refuses stream ids over 2^64 - 1: the hub must refuse them first, as
+    ``invalid_field``, not pass them on and answer ``unavailable``."""
+    with pytest.raises(ProtocolError) as err:
+        decode_message(json.dumps({"type": "get_events", "since": since}), Role.CLIENT)
+    assert err.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_attempt_is_bounded() -> None:
+    assert validate_attempt(1) == 1
+    assert validate_attempt(MAX_ATTEMPT) == MAX_ATTEMPT
+    for bad in (0, -1, MAX_ATTEMPT + 1, 10**30, True, 1.0, "1"):
+        with pytest.raises(ProtocolError) as err:
+            validate_attempt(bad)
+        assert err.value.code == ErrorCode.INVALID_FIELD, bad

@@ -109,6 +109,7 @@ class Settings:
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_frame_bytes: int = 24 * 1024 * 1024
     send_queue_frames: int = 1024
+    send_queue_bytes: int = 16 * 1024 * 1024
     max_subscriptions: int = 10_000
     max_connections: int = 50_000
     client_token: str | None = None
@@ -202,6 +203,11 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
     "REDISQ_MAX_RESULT_BYTES": ("max_result_bytes", "16777216", "largest result JSON"),
     "HUB_MAX_FRAME_BYTES": ("max_frame_bytes", "25165824", "largest inbound frame (close 1009)"),
     "HUB_SEND_QUEUE": ("send_queue_frames", "1024", "frames queued per socket before it is closed"),
+    "HUB_SEND_QUEUE_BYTES": (
+        "send_queue_bytes",
+        "16777216",
+        "bytes queued per socket before it is closed (1008)",
+    ),
     "HUB_MAX_SUBSCRIPTIONS": ("max_subscriptions", "10000", "job subscriptions per client socket"),
     "HUB_MAX_CONNECTIONS": ("max_connections", "50000", "sockets per hub"),
     "REDISQ_CLIENT_TOKEN": ("client_token", "(off)", "bearer token clients must send"),

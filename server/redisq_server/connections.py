@@ -3,11 +3,18 @@
 
 An outbound frame is written to the socket at once while the socket keeps up (its
 transport is not paused and nothing waits before it). Otherwise it waits in the
-connection's bounded send queue, drained by one writer task per socket. When a
-reader stops reading and its queue fills, the socket is closed (code 1008, "send
-queue full"): a slow peer can neither grow the hub's memory nor stall the senders
-that fan events out to everyone else. A worker closed this way has its job requeued
-like any other dropped worker.
+connection's send queue, drained by one writer task per socket. The queue is bounded
+twice: in frames and in bytes. When a reader stops reading and either bound is
+reached, the socket is closed (code 1008, "send queue full"): a slow peer can neither
+grow the hub's memory nor stall the senders that fan events out to everyone else. A
+worker closed this way has its job requeued like any other dropped worker.
+
+What one socket can make the hub hold is therefore bounded: the queue's bytes, plus
+one frame in the transport's buffer (a write pauses the transport once its buffer is
+over the WebSocket library's high-water mark, 32 KiB, and nothing more is written to
+it until it drains), plus the kernel's socket buffer. One frame is always accepted
+into an empty queue, so a single frame larger than the byte bound (a large result)
+is delivered, not refused.
 """
 
 from __future__ import annotations
@@ -35,18 +42,28 @@ _STOP = object()
 
 
 class Connection:
-    """One socket: its role and id, its send queue, and what it is subscribed to.
+    """One socket: its role and id, its send queue (at most ``queue_size`` frames and
+    ``queue_bytes`` bytes beyond a first frame), and what it is subscribed to.
 
     Call :meth:`start` once the socket is open and :meth:`finish` when its handler
     ends; in between, :meth:`send` never blocks.
     """
 
-    def __init__(self, ws: ServerConnection, role: Role, ident: str, queue_size: int) -> None:
+    def __init__(
+        self,
+        ws: ServerConnection,
+        role: Role,
+        ident: str,
+        queue_size: int,
+        queue_bytes: int,
+    ) -> None:
         self.ws = ws
         self.role = role
         self.id = ident
         self.session = secrets.token_hex(8)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(queue_size)
+        self._queue_bytes = queue_bytes  # the most bytes queued (beyond a first frame)
+        self._queued = 0  # bytes of the frames now in the queue
         self._writer: asyncio.Task[None] | None = None
         self._batch = False  # inside batch(): frames wait for one write at its end
         self._unsent = False  # frames are waiting for that write
@@ -82,6 +99,7 @@ class Connection:
         """Like :meth:`send` for an already encoded frame."""
         if self.closing:
             return False
+        data = frame.encode()
         ws = self.ws
         if (
             not self._writing
@@ -92,18 +110,23 @@ class Connection:
         ):
             # The fast path: what `await ws.send(frame)` does when it need not wait,
             # without a hop through the writer task (order is kept: nothing is queued)
-            ws.protocol.send_text(frame.encode())
+            ws.protocol.send_text(data)
             if self._batch:
                 self._unsent = True
             else:
                 ws.send_data()
             return True
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("%r: send queue full (%d frames); closing", self, self._queue.maxsize)
+        if self._queue.full() or (self._queued and self._queued + len(data) > self._queue_bytes):
+            log.warning(
+                "%r: send queue full (%d frames, %d bytes); closing",
+                self,
+                self._queue.qsize(),
+                self._queued,
+            )
             self.close(CloseCode.SLOW_READER, "send queue full: reader too slow")
             return False
+        self._queue.put_nowait(data)
+        self._queued += len(data)
         return True
 
     @contextlib.contextmanager
@@ -144,8 +167,9 @@ class Connection:
                 frame = await self._queue.get()
                 if frame is _STOP:
                     return
+                self._queued -= len(frame)
                 self._writing = True
-                await self.ws.send(frame)
+                await self.ws.send(frame, text=True)
                 self._writing = False
         except ConnectionClosed:
             pass

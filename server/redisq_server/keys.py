@@ -34,12 +34,12 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "inbox": "inbox:{}",  # STREAM per hub: events for its sockets from others' calls
 }
 
-_NS_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NS_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def validate_namespace(namespace: str) -> str:
     """Return ``namespace`` if usable inside a hash tag, else raise ValueError."""
-    if not _NS_RE.match(namespace):
+    if not _NS_RE.fullmatch(namespace):
         raise ValueError(f"namespace {namespace!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     return namespace
 

@@ -74,9 +74,10 @@ def _json_response(status: http.HTTPStatus, data: Any) -> Response:
 
 
 def parse_path(path: str) -> tuple[Role, str]:
-    """``/ws/<role>/<id>`` -> (role, id), validating the id; raises ProtocolError."""
+    """``/ws/<role>/<id>`` -> (role, id), validating the id: raises ProtocolError for
+    an invalid id, ValueError for any other path (an empty id is a missing one)."""
     parts = urlsplit(path).path.split("/")
-    if len(parts) != 4 or parts[0] != "" or parts[1] != "ws":
+    if len(parts) != 4 or parts[0] != "" or parts[1] != "ws" or not parts[3]:
         raise ValueError("not a websocket path")
     try:
         role = Role(parts[2])
@@ -273,7 +274,9 @@ class Hub:
         assert task is not None and ws.request is not None
         self._handlers.add(task)
         role, ident = parse_path(ws.request.path)
-        conn = Connection(ws, role, ident, self.settings.send_queue_frames)
+        conn = Connection(
+            ws, role, ident, self.settings.send_queue_frames, self.settings.send_queue_bytes
+        )
         self.registry.add(conn)
         conn.start()
         if role is Role.CLIENT:

@@ -27,6 +27,7 @@ __all__ = [
     "ERROR_MAX_CHARS",
     "FINAL_EVENTS",
     "FINAL_MESSAGES",
+    "MAX_ATTEMPT",
     "MAX_PRIORITY",
     "MESSAGE_MAX_CHARS",
     "MIN_PRIORITY",
@@ -201,12 +202,18 @@ class ProtocolError(Exception):
 # ------------------------------------------------------------- field rules
 
 
+# Every rule is applied with ``fullmatch``: ``$`` would also match before a
+# trailing newline, letting "job-1\n" pass as a second, different id.
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]"
-_JOB_ID_RE: Final = re.compile(rf"^{_NAME}{{0,127}}$")
-_TYPE_RE: Final = re.compile(rf"^{_NAME}{{0,63}}$")
-_CLIENT_RE: Final = re.compile(rf"^{_NAME}{{0,63}}$")
-_WORKER_RE: Final = re.compile(rf"^({_NAME}{{0,63}}):([A-Za-z0-9_.\-]{{1,32}})$")
-_EVENT_ID_RE: Final = re.compile(r"^(0|[0-9]{1,20}(-[0-9]{1,20})?)$")
+_JOB_ID_RE: Final = re.compile(rf"{_NAME}{{0,127}}")
+_TYPE_RE: Final = re.compile(rf"{_NAME}{{0,63}}")
+_CLIENT_RE: Final = re.compile(rf"{_NAME}{{0,63}}")
+_WORKER_RE: Final = re.compile(rf"({_NAME}{{0,63}}):([A-Za-z0-9_.\-]{{1,32}})")
+_EVENT_ID_RE: Final = re.compile(r"0|([0-9]{1,20})(?:-([0-9]{1,20}))?")
+#: the largest part of a Redis stream id (an unsigned 64-bit integer)
+_EVENT_ID_PART_MAX: Final = 2**64 - 1
+#: the largest ``attempt`` a report may name (the largest integer JSON peers agree on)
+MAX_ATTEMPT: Final = 2**53 - 1
 
 
 def _invalid(name: str, why: str) -> ProtocolError:
@@ -216,7 +223,7 @@ def _invalid(name: str, why: str) -> ProtocolError:
 def _check_name(value: Any, name: str, pattern: re.Pattern[str], rule: str) -> str:
     if not isinstance(value, str):
         raise _invalid(name, f"expected a string, got {type(value).__name__}")
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise _invalid(name, f"{value[:80]!r} is not valid ({rule})")
     return value
 
@@ -243,7 +250,7 @@ def validate_worker_id(value: Any, name: str = "worker_id") -> str:
 
 def parse_worker_id(worker_id: str) -> tuple[str, str]:
     """Split ``machine1:gpu0`` into ``("machine1", "gpu0")`` (validating it)."""
-    m = _WORKER_RE.match(validate_worker_id(worker_id))
+    m = _WORKER_RE.fullmatch(validate_worker_id(worker_id))
     assert m is not None
     return m.group(1), m.group(2)
 
@@ -269,9 +276,9 @@ def validate_max_attempts(value: Any, name: str = "max_attempts") -> int:
 
 
 def validate_attempt(value: Any, name: str = "attempt") -> int:
-    """A positive integer: the attempt a worker's report is about."""
-    if not _is_int(value) or value < 1:
-        raise _invalid(name, "expected a positive integer")
+    """An integer from 1 to :data:`MAX_ATTEMPT`: the attempt a worker's report is about."""
+    if not _is_int(value) or not 1 <= value <= MAX_ATTEMPT:
+        raise _invalid(name, f"expected an integer from 1 to {MAX_ATTEMPT}")
     return int(value)
 
 
@@ -378,9 +385,11 @@ def _interval_ms(value: Any, name: str) -> int:
 
 
 def _event_id(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not _EVENT_ID_RE.match(value):
+    """A Redis stream id: ``0``, ``<ms>`` or ``<ms>-<seq>``, each part at most 2^64 - 1."""
+    m = _EVENT_ID_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or any(int(p) > _EVENT_ID_PART_MAX for p in m.groups() if p is not None):
         raise _invalid(name, "expected a stream id such as '1732752000000-0' or '0'")
-    return value
+    return m.string
 
 
 # ------------------------------------------------------------------ decoding
