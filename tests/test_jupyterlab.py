@@ -5,7 +5,8 @@ settings and workspace dirs in a temp dir, and a ``python3`` kernelspec installe
 there that points at this interpreter (the project's venv). The browser opens the
 notebook, runs every cell through JupyterLab's own ``notebook:run-all-cells``
 command, and the test checks that a live plotly chart in the page holds data
-points. Autosave is off, so a notebook of the repo is never rewritten. Everything
+points; for the dashboard notebook, that its one figure is drawn within (and across)
+its output area with every time axis ending at the newest sample. Autosave is off, so a notebook of the repo is never rewritten. Everything
 started is shut down at the end: the server, its kernels and what they started.
 """
 
@@ -287,6 +288,24 @@ PLOTLY_POINTS_JS = """() => {
   }
   return n;
 }"""
+# The page's plotly figures, and for the only one: where its drawn SVG lies against
+# its output area, the upper end of each x axis range, and the bars it draws.
+FIGURE_FIT_JS = """() => {
+  const plots = document.querySelectorAll('.js-plotly-plot');
+  if (plots.length !== 1) return { plots: plots.length };
+  const plot = plots[0];
+  const svg = plot.querySelector('.main-svg').getBoundingClientRect();
+  const area = plot.closest('.jp-OutputArea-output').getBoundingClientRect();
+  const layout = plot._fullLayout;
+  const axes = Object.keys(layout).filter((k) => /^xaxis[0-9]*$/.test(k)).sort();
+  return {
+    plots: 1,
+    svg: { left: svg.left, right: svg.right, width: svg.width },
+    area: { left: area.left, right: area.right, width: area.width },
+    x_ends: axes.map((k) => layout[k].range[1]),
+    bars: plot.querySelectorAll('.barlayer .point path').length,
+  };
+}"""
 # The largest FigureWidget the kernel holds in its globals: total points of its traces.
 KERNEL_FIGURE_POINTS = """
 import plotly.graph_objects as _go
@@ -509,9 +528,30 @@ async def test_mock_workers_dashboard_notebook_runs_in_jupyterlab(tmp_path: Path
             page = await open_notebook(context, lab, DASHBOARD)
             await run_all_cells(page, timeout_ms=75_000)
             await page.wait_for_function(f"() => ({PLOTLY_POINTS_JS})() > 0")
-            await page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+            # the notebook stopped the dashboard: its last sample is the newest
+            out = await page.evaluate(
+                KERNEL_EXEC_JS, "print('NEWEST=%.6f' % dash.samples['elapsed_s'].iloc[-1])"
+            )
+            newest = float(_grab(r"NEWEST=([\d.]+)", out))
+            # one figure (plotly.js loaded once), drawn within its output area and
+            # filling it, every x axis ending at the newest sample, task bars drawn
+            fits = (
+                f"() => {{ const f = ({FIGURE_FIT_JS})(); return f.plots === 1"
+                " && f.svg.right <= f.area.right + 1 && f.svg.width >= 0.9 * f.area.width"
+                f" && f.x_ends.every((x) => Math.abs(x - {newest}) < 2e-3) && f.bars > 0; }}"
+            )
+            try:
+                await page.wait_for_function(fits, timeout=15_000)
+            except playwright_api.TimeoutError:
+                raise AssertionError(await page.evaluate(FIGURE_FIT_JS)) from None
+            fit = await page.evaluate(FIGURE_FIT_JS)
+            assert len(fit["x_ends"]) == 5, fit
+            await page.set_viewport_size({"width": 1400, "height": 1300})
+            plot = page.locator(".js-plotly-plot").first
+            await plot.scroll_into_view_if_needed()
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "jupyterlab_dashboard.png"))
+            await plot.screenshot(path=str(ARTIFACTS / "jupyterlab_dashboard_figure.png"))
             pids = await kernel_processes(page)
             assert blocked == []
             assert writes == []  # opened and run, never saved
