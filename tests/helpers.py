@@ -50,9 +50,18 @@ local bad = {}
 local held = {}
 for _, jt in ipairs(redis.call('SMEMBERS', P .. 'types')) do
   local q = redis.call('ZCARD', P .. 'queue:' .. jt)
-  local i = redis.call('ZCARD', P .. 'idle:' .. jt)
-  if q > 0 and i > 0 then
-    bad[#bad + 1] = jt .. ': ' .. q .. ' queued while ' .. i .. ' workers idle'
+  if q > 0 then
+    -- an idle worker may wait next to queued jobs only while each of them avoids
+    -- its machine (requeued after a loss there)
+    for _, w in ipairs(redis.call('ZRANGE', P .. 'idle:' .. jt, 0, -1)) do
+      local avoiding = 0
+      for _, id in ipairs(redis.call('SMEMBERS', P .. 'avoided:' .. string.match(w, '^[^:]*'))) do
+        if redis.call('ZSCORE', P .. 'queue:' .. jt, id) then avoiding = avoiding + 1 end
+      end
+      if avoiding < q then
+        bad[#bad + 1] = jt .. ': ' .. q - avoiding .. ' queued while ' .. w .. ' is idle'
+      end
+    end
   end
 end
 for _, w in ipairs(redis.call('ZRANGE', P .. 'workers', 0, -1)) do

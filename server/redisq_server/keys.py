@@ -32,6 +32,8 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "hubs": "hubs",  # ZSET: live hubs by liveness deadline
     "clients": "clients:{}",  # SET per hub: client ids with a socket on that hub
     "inbox": "inbox:{}",  # STREAM per hub: events for its sockets from others' calls
+    "avoid": "avoid",  # ZSET: requeued jobs avoiding the machine that lost them, by end time
+    "avoided": "avoided:{}",  # SET per machine: the jobs avoiding it (while any do)
 }
 
 _NS_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -112,6 +114,13 @@ class Keys:
 
     def inbox(self, hub_id: str) -> str:
         return self.prefix + KEY_TEMPLATES["inbox"].format(hub_id)
+
+    @property
+    def avoid(self) -> str:
+        return self.prefix + KEY_TEMPLATES["avoid"]
+
+    def avoided(self, machine_id: str) -> str:
+        return self.prefix + KEY_TEMPLATES["avoided"].format(machine_id)
 
 
 def lua_prelude() -> str:

@@ -69,6 +69,8 @@ class Routes:
         self.events = events
         self.settings = settings
         self.hub_id = hub_id
+        # sessions of workers this hub closed because Redis failed their report
+        self._closed_for_outage: set[str] = set()
         self.handlers: dict[MessageType, Handler] = {
             MessageType.SUBMIT_JOB: self.submit_job,
             MessageType.GET_JOB_STATUS: self.get_job_status,
@@ -110,12 +112,23 @@ class Routes:
                 # its lease). Closing (instead of an `unavailable` reply) requeues the
                 # job, now or by the reaper once Redis is back; the worker registers
                 # afresh.
+                self._closed_for_outage.add(conn.session)
                 conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
             else:
                 conn.send(protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
         except Exception:
             log.exception("%r: handler failed", conn)
             conn.send(protocol.error(ErrorCode.INTERNAL, "internal error", ref))
+
+    def closed_for_outage(self, conn: Connection) -> bool:
+        """Whether this hub closed worker ``conn`` because Redis failed its report
+        (answers once per socket; the hub asks when the socket is gone). Such a loss
+        is not the worker's: it had finished its job (or had none yet), so it does
+        not count against the job it held."""
+        if conn.session in self._closed_for_outage:
+            self._closed_for_outage.discard(conn.session)
+            return True
+        return False
 
     # ------------------------------------------------------------- clients
 

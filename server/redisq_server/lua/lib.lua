@@ -21,6 +21,9 @@ local CALLER = ARGV[8]
 local function A(i) return ARGV[8 + i] end
 local LOCAL = {}
 
+-- A job whose worker was lost avoids that worker's machine this long, unless the
+-- machine proves alive first (see shun, prove): its other sockets may be dying too.
+local AVOID_S = math.min(5, LEASE)
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
@@ -92,6 +95,9 @@ local function emit(t, name, fields, to)
   return id
 end
 
+-- The machine of worker id `w` (`machine:gpu`).
+local function machine_of(w) return string.match(w, '^[^:]*') end
+
 local function unidle(w, types)
   for _, jt in ipairs(types) do redis.call('ZREM', K.idle(jt), w) end
 end
@@ -102,7 +108,43 @@ local function depth_add(jt, priority, n)
   end
 end
 
--- Give job `id` (`j`: its {type, priority, client, params}) to worker `w`. Returns
+-- Job `id`, lost by a worker of `machine`, avoids that machine until the machine
+-- proves alive (prove) or AVOID_S has passed (promote.lua): its other GPUs' sockets
+-- may be dying too, and a requeued job must not bounce through them.
+local function shun(id, machine, t)
+  if blank(machine) then return end
+  redis.call('HSET', K.job(id), 'avoid', machine)
+  redis.call('ZADD', K.avoid(), ts(t + AVOID_S), id)
+  local key = K.avoided(machine)
+  redis.call('SADD', key, id)
+  redis.call('EXPIRE', key, math.ceil(AVOID_S) + math.ceil(LEASE)) -- only if no hub lifts it
+end
+
+-- Job `id` no longer avoids `machine` (its `avoid` field).
+local function unshun(id, machine)
+  redis.call('HDEL', K.job(id), 'avoid')
+  redis.call('ZREM', K.avoid(), id)
+  redis.call('SREM', K.avoided(machine), id)
+end
+
+-- The longest-idle worker that accepts type `jt`, skipping machine `avoid` if set.
+-- Every worker skipped is a GPU of that one machine.
+local function idle_worker(jt, avoid)
+  local key = K.idle(jt)
+  if blank(avoid) then return redis.call('ZRANGE', key, 0, 0)[1] end
+  local prefix = avoid .. ':'
+  local from = 0
+  while true do
+    local ws = redis.call('ZRANGE', key, from, from + 15)
+    for _, w in ipairs(ws) do
+      if string.sub(w, 1, #prefix) ~= prefix then return w end
+    end
+    if #ws < 16 then return nil end
+    from = from + 16
+  end
+end
+
+-- Give job `id` (`j`: its {type, priority, client, params, avoid}) to worker `w`. Returns
 -- the assignment the hub pushes:
 -- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
 -- `returned`: the script returns it to its caller, which pushes it if the worker
@@ -110,6 +152,7 @@ end
 -- taken from the idle sets (a busy or just registered worker is in none).
 local function assign(id, w, t, returned, j, from_idle)
   local jk = K.job(id)
+  if not blank(j[5]) then unshun(id, j[5]) end
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
   redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
     'started', '', 'progress', '', 'message', '')
@@ -133,37 +176,60 @@ end
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
--- `j`: the job's {type, priority, seq, client, params} if the caller has them.
+-- `j`: the job's {type, priority, seq, client, params, avoid} if the caller has them.
+-- A job that avoids a machine (shun) goes to no worker of it.
 -- Returns assignment, position (one of them is false); `returned` as for assign.
 local function enqueue(id, t, fresh, returned, j)
   local jk = K.job(id)
-  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params')
+  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params', 'avoid')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
-  local w = redis.call('ZRANGE', K.idle(j[1]), 0, 0)[1]
-  if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5]}, true), false end
+  local w = idle_worker(j[1], j[6])
+  if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
   redis.call('HSET', jk, 'status', 'queued')
   redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
   depth_add(j[1], j[2], 1)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
 
+-- The first job in the queue of type `jt` that does not avoid the machine whose
+-- avoided set is `avoided` (false: none does, take the head): id, score or nil.
+-- Every job skipped is one that avoids that machine.
+local function queue_head(jt, avoided, t)
+  local key = K.queue(jt)
+  if not avoided then
+    local top = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    return top[1], tonumber(top[2])
+  end
+  local from = 0
+  while true do
+    local page = redis.call('ZRANGE', key, from, from + 15, 'WITHSCORES')
+    for i = 1, #page, 2 do
+      local id = page[i]
+      if redis.call('SISMEMBER', avoided, id) == 0 then return id, tonumber(page[i + 1]) end
+      local until_t = tonumber(redis.call('ZSCORE', K.avoid(), id))
+      if not until_t or until_t <= t then return id, tonumber(page[i + 1]) end -- lapsed
+    end
+    if #page < 32 then return nil end
+    from = from + 16
+  end
+end
+
 -- Worker `w` (accepting `types`, read if not given) is free: hand it the best
--- queued job over all its types (priority, then the global submission order), or
--- mark it idle. Returns an assignment or false.
+-- queued job over all its types (priority, then the global submission order) that
+-- does not avoid its machine, or mark it idle. Returns an assignment or false.
 local function claim_next(w, t, types)
   local wk = K.worker(w)
   types = types or split(redis.call('HGET', wk, 'types'))
+  local avoided = K.avoided(machine_of(w))
+  if redis.call('EXISTS', avoided) == 0 then avoided = false end
   local best, best_score, best_type = nil, nil, nil
   for _, jt in ipairs(types) do
-    local top = redis.call('ZRANGE', K.queue(jt), 0, 0, 'WITHSCORES')
-    if top[1] then
-      local s = tonumber(top[2])
-      if best_score == nil or s < best_score then best, best_score, best_type = top[1], s, jt end
-    end
+    local id, s = queue_head(jt, avoided, t)
+    if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
   if best then
     redis.call('ZREM', K.queue(best_type), best)
-    local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params')
+    local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
     depth_add(best_type, j[2], -1)
     return assign(best, w, t, true, j, false)
   end
@@ -237,7 +303,42 @@ local function lose_job(id, w, t, count)
   redis.call('HINCRBY', K.stats(), 'requeued', 1)
   emit(t, 'requeued', {'job', id, 'status', 'queued', 'client', j[4], 'worker', w,
     'attempt', j[5]}, hubs_for(j[4]))
+  if count > 0 then shun(id, machine_of(w), t) end
   enqueue(id, t, false, false)
+end
+
+-- Jobs `ids` avoid no machine any more: each one still queued goes, in queue order,
+-- to the longest-idle worker that takes it (if any), as at submission.
+local function redispatch(ids, t)
+  local queued = {}
+  for _, id in ipairs(ids) do
+    local j = redis.call('HMGET', K.job(id), 'status', 'type', 'priority', 'client', 'params')
+    if j[1] == 'queued' then
+      local s = redis.call('ZSCORE', K.queue(j[2]), id)
+      if s then queued[#queued + 1] = {tonumber(s), id, j} end
+    end
+  end
+  table.sort(queued, function(a, b) return a[1] < b[1] end)
+  for _, q in ipairs(queued) do
+    local id, j = q[2], q[3]
+    local w = redis.call('ZRANGE', K.idle(j[2]), 0, 0)[1]
+    if w then
+      redis.call('ZREM', K.queue(j[2]), id)
+      depth_add(j[2], j[3], -1)
+      assign(id, w, t, false, {j[2], j[3], j[4], j[5]}, true)
+    end
+  end
+end
+
+-- A worker of `machine` reported on a job or registered: the machine is alive, so
+-- the jobs that avoided it may run there again (redispatch). Call it before the
+-- worker claims its next job.
+local function prove(machine, t)
+  local key = K.avoided(machine)
+  if redis.call('EXISTS', key) == 0 then return end
+  local ids = redis.call('SMEMBERS', key)
+  for _, id in ipairs(ids) do unshun(id, machine) end
+  redispatch(ids, t)
 end
 
 -- Take worker `w` out of service; requeue its job. Only if `session` is current.

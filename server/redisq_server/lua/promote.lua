@@ -1,8 +1,12 @@
--- Move retrying jobs whose backoff has passed back to a worker or their queue.
--- A(1) how many to move in this call
--- Returns {moved, seconds until the next one is due or -1, assignment, ...}.
+-- Move retrying jobs whose backoff has passed back to a worker or their queue, and
+-- end the avoidances (shun, lib.lua) whose time has passed: such a job, if still
+-- queued, goes to an idle worker of the machine it avoided, if one waits.
+-- A(1) how many of each to handle in this call
+-- Returns {moved, seconds until the next retry or avoidance is due or -1,
+-- assignment, ...}.
 local t = now()
-local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', ts(t), 'LIMIT', 0, tonumber(A(1)))
+local limit = tonumber(A(1))
+local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', ts(t), 'LIMIT', 0, limit)
 local out = {#due, -1}
 for _, id in ipairs(due) do
   redis.call('ZREM', K.delayed(), id)
@@ -15,6 +19,19 @@ for _, id in ipairs(due) do
       hubs_for(j[1]))
   end
 end
-local nxt = redis.call('ZRANGE', K.delayed(), 0, 0, 'WITHSCORES')
-if nxt[2] then out[2] = string.format('%.6f', math.max(0, tonumber(nxt[2]) - t)) end
+local ended = redis.call('ZRANGEBYSCORE', K.avoid(), '-inf', ts(t), 'LIMIT', 0, limit)
+for _, id in ipairs(ended) do
+  local machine = redis.call('HGET', K.job(id), 'avoid')
+  if machine then unshun(id, machine) else redis.call('ZREM', K.avoid(), id) end
+end
+redispatch(ended, t)
+local wait = nil
+for _, key in ipairs({K.delayed(), K.avoid()}) do
+  local nxt = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if nxt[2] then
+    local w = math.max(0, tonumber(nxt[2]) - t)
+    if wait == nil or w < wait then wait = w end
+  end
+end
+if wait then out[2] = string.format('%.6f', wait) end
 return out

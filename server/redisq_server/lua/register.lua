@@ -2,7 +2,8 @@
 -- becomes ready: it claims its best queued job or is marked idle.
 -- A(1) worker id  A(2) machine id  A(3) job types, comma-separated  A(4) capabilities
 -- JSON  A(5) hub id  A(6) session (unique per connection)
--- A job still held by an earlier session of this worker is requeued first.
+-- A job still held by an earlier session of this worker is requeued first. The
+-- registration proves the machine alive (prove): jobs that avoided it may run there.
 -- Returns an assignment or false.
 local w = A(1)
 local t = now()
@@ -18,4 +19,5 @@ redis.call('PERSIST', wk)
 redis.call('ZADD', K.workers(), ts(t + LEASE), w)
 for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
 emit(t, 'worker_up', {'worker', w, 'hub', A(5)})
+prove(A(2), t)
 return claim_next(w, t)
