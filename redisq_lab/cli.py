@@ -47,7 +47,14 @@ import pandas as pd
 import redis
 from websockets.exceptions import InvalidHandshake
 
-from redisq_server.config import redis_url_from_env, safe_url
+from redisq_server.auth import DEFAULT_TTL_S, parse_secrets, sign
+from redisq_server.config import (
+    RedisURLError,
+    check_redis_url,
+    environ,
+    redis_url_from_env,
+    safe_url,
+)
 
 from ._source import hub_url_of
 from .client import JobFailed, QueueClient, RequestError
@@ -128,6 +135,7 @@ class Monitors:
 def open_monitors(args: argparse.Namespace) -> Iterator[Monitors]:
     """Monitors for ``--redis-url`` and ``--namespace`` (the environment when not
     given); the connection closes when the block ends."""
+    check_redis_url(args.redis_url or redis_url_from_env())
     try:
         jobs = JobMonitor(args.redis_url, namespace=args.namespace)
     except ValueError as exc:  # e.g. a namespace that cannot be a key prefix
@@ -341,6 +349,45 @@ def _worker(args: argparse.Namespace) -> int:
     return emit(args, details, lambda: mapping_table(details))
 
 
+# ------------------------------------------------------------------ tokens
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=("client", "worker", "monitor"), required=True)
+    p.add_argument(
+        "--id",
+        dest="ident",
+        metavar="ID",
+        required=True,
+        help="the client id, the monitor id, or the worker's machine id (its GPUs share it)",
+    )
+    p.add_argument(
+        "--ttl",
+        type=_positive_int,
+        default=DEFAULT_TTL_S,
+        metavar="SECONDS",
+        help=f"how long the token is valid (default {DEFAULT_TTL_S})",
+    )
+
+
+@command(
+    "token",
+    "print a signed token for one client, monitor or worker machine ($REDISQ_AUTH_SECRETS)",
+    configure=_token_args,
+    formats=False,
+)
+def _token(args: argparse.Namespace) -> int:
+    """Signs with the first secret of ``REDISQ_AUTH_SECRETS`` (the hubs' variable);
+    a missing secret or an invalid id is a usage error (exit 2)."""
+    try:
+        secrets = parse_secrets(environ().get("REDISQ_AUTH_SECRETS"))
+        token = sign(secrets, args.role, args.ident, args.ttl)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    print(token)
+    return 0
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -372,6 +419,7 @@ def _serve(args: argparse.Namespace) -> int:
     from redisq_server.main import main as hub_main
 
     if args.redis_url:  # a hub on an existing Redis: the same as redisq-server
+        check_redis_url(args.redis_url)
         settings = Settings.from_env(
             redis_url=args.redis_url,
             hub_host=args.host,
@@ -595,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         url = safe_url(args.redis_url or redis_url_from_env())
         return _fail(f"cannot reach Redis at {url}: {exc}", 2)
+    except RedisURLError as exc:
+        return _fail(str(exc), 2)
     except (NotFoundError, UsageError) as exc:
         return _fail(str(exc), 1)
     except (OSError, InvalidHandshake) as exc:  # the hub (or redis-server) is not there

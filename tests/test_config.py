@@ -48,6 +48,7 @@ def test_every_variable_is_read() -> None:
         "REDISQ_CLIENT_TOKEN": "c",
         "REDISQ_WORKER_TOKEN": "w",
         "REDISQ_MONITOR_TOKEN": "m",
+        "REDISQ_AUTH_SECRETS": "k1,k2",
     }
     url_parts = {"REDIS_HOST", "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD", "HUB_URL"}
     assert set(env) | url_parts == set(ENV)
@@ -82,6 +83,8 @@ def test_every_variable_is_read() -> None:
     )
     assert (s.client_token, s.worker_token, s.monitor_token) == ("c", "w", "m")
     assert s.send_queue_bytes == 4096
+    assert s.auth_secrets == "k1,k2"
+    assert "k1" not in repr(s) and "'c'" not in repr(s)  # tokens and secrets stay out of repr()
 
 
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

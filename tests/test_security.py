@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -24,10 +25,12 @@ import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from redisq_lab import cli
 from redisq_lab.client import QueueClient
 from redisq_lab.mock_worker import MockWorker
 from redisq_lab.redis_process import RedisProcess, free_port
 from redisq_server import AsyncRedisService, EngineLimits, RedisService
+from redisq_server.auth import sign
 from redisq_server.main import Hub
 
 from .helpers import hub_settings, namespace_keys, wait_for
@@ -121,6 +124,175 @@ async def test_token_identifies_the_role_not_the_client(locked_hub: Hub) -> None
     assert st["status"] == "cancelled"
     await alice.close()
     await mallory.close()
+
+
+# ----------------------------------------------------------------- signed tokens
+
+SECRET = "s3cret-for-signing-tokens-0123456789abcdef"
+OLD_SECRET = "an-older-secret-still-verifying-0123456789"
+
+
+@pytest.fixture
+async def signing_hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
+    """A hub with signing secrets (the new one first) and no static worker or monitor
+    token, but a static client token."""
+    settings = hub_settings(
+        redis_url,
+        limits,
+        client_token=TOKENS["client"],
+        auth_secrets=f"{SECRET},{OLD_SECRET}",
+    )
+    async with Hub(settings) as hub:
+        yield hub
+
+
+async def _refused(url: str, token: str | None, how: str = "header") -> int:
+    """The HTTP status a handshake to ``url`` with ``token`` gets (it must be refused)."""
+    headers = {"Authorization": f"Bearer {token}"} if token and how == "header" else {}
+    target = f"{url}?token={quote(token, safe='')}" if token and how == "query" else url
+    with pytest.raises(InvalidStatus) as err:
+        await connect(target, additional_headers=headers)
+    body = err.value.response.body.decode()
+    assert token is None or token not in body
+    return int(err.value.response.status_code)
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_a_signed_token_opens_only_its_own_endpoint(signing_hub: Hub, how: str) -> None:
+    url = signing_hub.url
+    alice = sign([SECRET], "client", "alice")
+    m1 = sign([OLD_SECRET], "worker", "m1")  # signed with the older secret: still valid
+    wall = sign([SECRET], "monitor", "wall")
+    opened = {
+        "/ws/client/alice": alice,
+        "/ws/worker/m1:gpu0": m1,
+        "/ws/worker/m1:gpu3": m1,
+        "/ws/monitor/wall": wall,
+    }
+    for path, token in opened.items():
+        kw: dict[str, Any] = {}
+        target = url + path
+        if how == "header":
+            kw["additional_headers"] = {"Authorization": f"Bearer {token}"}
+        else:
+            target += f"?token={token}"
+        peer = await Peer.open(target, **kw)
+        assert peer.seen[0]["id"] == path.rsplit("/", 1)[1]
+        await peer.close()
+    forbidden = {  # a valid token, for another id or role: 403
+        "/ws/client/bob": alice,
+        "/ws/client/alice2": alice,
+        "/ws/monitor/alice": alice,
+        "/ws/worker/alice:gpu0": alice,
+        "/ws/worker/m2:gpu0": m1,
+        "/ws/worker/m10:gpu0": m1,
+        "/ws/client/m1": m1,
+        "/ws/monitor/other": wall,
+        "/ws/client/wall": wall,
+    }
+    for path, token in forbidden.items():
+        assert await _refused(url + path, token, how) == 403, path
+    now = time.time()
+    unauthorized = {  # no valid credential: 401
+        "missing": None,
+        "expired": sign([SECRET], "client", "alice", ttl_s=1, now=now - 3),
+        "forged": alice[:-3] + ("AAA" if not alice.endswith("AAA") else "BBB"),
+        "unknown key": sign(["a-secret-this-hub-does-not-have-0123456789"], "client", "alice"),
+        "static token of another role": TOKENS["client"],
+    }
+    for why, token in unauthorized.items():
+        path = "/ws/worker/m1:gpu0" if why.startswith("static") else "/ws/client/alice"
+        assert await _refused(url + path, token, how) == 401, why
+    # the worker and monitor endpoints, with no static token, are closed too
+    assert await _refused(url + "/ws/worker/m1:gpu0", None) == 401
+    assert await _refused(url + "/ws/monitor/wall", None) == 401
+
+
+async def test_static_tokens_keep_working_beside_signed_ones(signing_hub: Hub) -> None:
+    """The static client token still opens any client id; a signed client token
+    opens only its own. Jobs flow through the lab's tools with either."""
+    url = signing_hub.url
+    worker_token = sign([SECRET], "worker", "lab-m")
+    async with (
+        MockWorker("lab-m", 2, hub=url, job_types=["t"], run_time=0.0, token=worker_token),
+        QueueClient(url, "carol", token=TOKENS["client"]) as static_client,
+        QueueClient(url, "dave", token=sign([SECRET], "client", "dave")) as signed_client,
+    ):
+        for qc in (static_client, signed_client):
+            result = await qc.result(await qc.submit("t", params={"x": 1}), timeout=30)
+            assert result["worker_id"].startswith("lab-m:gpu")
+    assert await _refused(url + "/ws/client/carol", sign([SECRET], "client", "dave")) == 403
+
+
+async def test_a_stolen_client_token_cannot_reach_another_clients_jobs(
+    signing_hub: Hub,
+) -> None:
+    """What ``test_token_identifies_the_role_not_the_client`` shows for the static
+    token does not hold for signed tokens: mallory's token opens only mallory."""
+    url = signing_hub.url
+    alice = await Peer.open(
+        f"{url}/ws/client/alice",
+        additional_headers={"Authorization": f"Bearer {sign([SECRET], 'client', 'alice')}"},
+    )
+    job = (await alice.request({"type": "submit_job", "job_type": "t"}))["job_id"]
+    mallory = sign([SECRET], "client", "mallory")
+    assert await _refused(f"{url}/ws/client/alice", mallory) == 403
+    other = await Peer.open(
+        f"{url}/ws/client/mallory", additional_headers={"Authorization": f"Bearer {mallory}"}
+    )
+    err = await other.request({"type": "cancel_job", "job_id": job})
+    assert err["code"] == "not_found"
+    assert (await alice.request({"type": "get_job_status", "job_id": job}))["status"] == "queued"
+    await alice.close()
+    await other.close()
+
+
+async def test_rotation_drops_the_old_secret_s_tokens(redis_url: str, limits: EngineLimits) -> None:
+    """Rotate: every hub runs ``new,old`` (both kinds of token open), then ``new``
+    alone (the old secret's tokens are refused; the new ones keep working)."""
+    old_token = sign([OLD_SECRET], "client", "alice")
+    new_token = sign([SECRET, OLD_SECRET], "client", "alice")
+    for secrets, opens in ((f"{SECRET},{OLD_SECRET}", True), (SECRET, False)):
+        async with Hub(hub_settings(redis_url, limits, auth_secrets=secrets)) as hub:
+            url = f"{hub.url}/ws/client/alice"
+            peer = await Peer.open(url, additional_headers={"Authorization": f"Bearer {new_token}"})
+            await peer.close()
+            if opens:
+                peer = await Peer.open(f"{url}?token={old_token}")
+                await peer.close()
+            else:
+                assert await _refused(url, old_token) == 401
+
+
+async def test_the_token_command_signs_with_the_hubs_secret(
+    signing_hub: Hub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDISQ_AUTH_SECRETS", f"{SECRET},{OLD_SECRET}")
+    assert cli.main(["token", "--role", "worker", "--id", "cli-m", "--ttl", "60"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1
+    token = out.strip()
+    peer = await Peer.open(
+        f"{signing_hub.url}/ws/worker/cli-m:gpu0",
+        additional_headers={"Authorization": f"Bearer {token}"},
+    )
+    await peer.close()
+    assert await _refused(f"{signing_hub.url}/ws/worker/other:gpu0", token) == 403
+    # usage errors: one line, exit 2, no token printed
+    for argv, env in (
+        (["token", "--role", "client", "--id", "alice"], ""),
+        (["token", "--role", "worker", "--id", "m1:gpu0"], SECRET),
+        (["token", "--role", "client", "--id", "bad id"], SECRET),
+        (["token", "--role", "client", "--id", "alice"], "too-short"),
+    ):
+        monkeypatch.setenv("REDISQ_AUTH_SECRETS", env)
+        assert cli.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+        assert "too-short" not in captured.err
+    monkeypatch.setenv("REDISQ_AUTH_SECRETS", SECRET)
+    assert cli.main(["token", "--role", "admin", "--id", "alice"]) == 2  # argparse
+    assert "invalid choice" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- isolation
@@ -460,13 +632,22 @@ async def test_secrets_never_reach_the_logs(
     headers included), with a Redis password and all three tokens, under traffic
     that carries the tokens in headers and in query strings, and through a Redis
     outage (connection errors logged): neither the password nor any token appears
-    in its output, raw or percent-encoded."""
+    in its output, raw or percent-encoded. Signed tokens (which no hub knows in
+    advance) and the signing secret do not either, nor a token sent in another
+    valid percent-encoding of its value or of the parameter's name."""
     rp = redis_with_password
     env = {
         "REDISQ_CLIENT_TOKEN": TOKENS["client"],
         "REDISQ_WORKER_TOKEN": TOKENS["worker"],
         "REDISQ_MONITOR_TOKEN": TOKENS["monitor"],
+        "REDISQ_AUTH_SECRETS": f"{SECRET},{OLD_SECRET}",
     }
+    signed_client = sign([SECRET], "client", "c9")
+    signed_monitor = sign([OLD_SECRET], "monitor", "m9")
+    worker = TOKENS["worker"]
+    every_byte = "".join(f"%{b:02X}" for b in worker.encode())  # -> the same token
+    lower_hex = "".join(f"%{b:02x}" for b in worker.encode())
+    odd_forms = [every_byte, lower_hex, every_byte[:9] + worker[3:]]
     hub = LiveHub(password_url(rp), namespace, "--log-level", "DEBUG", env=env)
     try:
         auth = {"Authorization": f"Bearer {TOKENS['client']}"}
@@ -481,6 +662,24 @@ async def test_secrets_never_reach_the_logs(
         await c.expect("job_completed")
         with pytest.raises(InvalidStatus):
             await connect(f"{hub.url}/ws/client/c2?token={TOKENS['worker']}")
+        signed = [
+            await Peer.open(
+                f"{hub.url}/ws/client/c9",
+                additional_headers={"Authorization": f"Bearer {signed_client}"},
+            ),
+            await Peer.open(f"{hub.url}/ws/monitor/m9?token={signed_monitor}"),
+            await Peer.open(f"{hub.url}/ws/monitor/m9?x=1&token={signed_monitor}&y=2"),
+            *[
+                await Peer.open(f"{hub.url}/ws/worker/m2:gpu{i}?token={t}")
+                for i, t in enumerate(odd_forms)
+            ],
+            await Peer.open(f"{hub.url}/ws/worker/m3:gpu0?%74oken={worker}"),
+            await Peer.open(f"{hub.url}/ws/worker/m3:gpu1?t%6Fken={lower_hex}"),
+        ]
+        with pytest.raises(InvalidStatus):  # refused (another id): logged all the same
+            await connect(f"{hub.url}/ws/client/c2?token={signed_client}")
+        for peer in signed:
+            await peer.close()
         # a short Redis outage: the hub logs its connection errors
         assert rp.proc is not None
         rp.proc.terminate()
@@ -500,6 +699,9 @@ async def test_secrets_never_reach_the_logs(
     out = hub.output()
     assert "DEBUG websockets" in out and "Redis error" in out  # the logs were there
     assert "Bearer ***" in out and "token=***" in out  # and were masked
-    for secret in (PASSWORD, *TOKENS.values()):
+    for secret in (PASSWORD, *TOKENS.values(), SECRET, OLD_SECRET, signed_client, signed_monitor):
         for form in {secret, quote(secret, safe=""), quote(secret)}:
             assert form not in out, f"{form!r} appears in the hub's output"
+    for form in (*odd_forms, worker[3:]):
+        assert form not in out, f"{form!r} appears in the hub's output"
+    assert "%74oken=***" in out and "t%6Fken=***" in out

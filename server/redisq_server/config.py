@@ -7,16 +7,22 @@ when set). The README's configuration table is this module's ``ENV`` table.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
+from redis.cluster import RedisCluster
+from redis.connection import Connection, parse_url
+
 __all__ = [
     "ENV",
     "EngineLimits",
+    "RedisURLError",
     "Settings",
+    "check_redis_url",
     "environ",
     "hub_url_from_env",
     "redis_url",
@@ -67,6 +73,52 @@ def hub_url_from_env(env: Mapping[str, str] | None = None) -> str:
     return f"ws://{env.get('HUB_HOST', '127.0.0.1')}:{env.get('HUB_PORT', '8000')}"
 
 
+class RedisURLError(ValueError):
+    """A Redis URL that no client could connect with (its text says why, in one
+    line, without the URL's password)."""
+
+
+#: keywords of the connection pools, accepted as URL options besides the connection's
+_POOL_OPTIONS: Final = frozenset({"max_connections", "timeout"})
+
+
+def _init_parameters(cls: type) -> set[str]:
+    """The keyword parameters of ``cls.__init__`` and of its bases' (through ``**kwargs``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names - {"self", "kwargs", "args"}
+
+
+def check_redis_url(url: str) -> str:
+    """Return ``url`` if it is a Redis URL the hub can use (scheme, host, port,
+    database and options), else raise :class:`RedisURLError`. Connects to nothing."""
+    cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
+    plain = url.replace("+cluster", "", 1) if cluster else url
+    try:
+        kwargs: dict[str, Any] = parse_url(plain)  # type: ignore[no-untyped-call]
+        parts = urlsplit(plain)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError as exc:
+        # redis-py's port message quotes the port, which may be a piece of a password
+        why = "the port is not a number from 0 to 65535" if "Port" in str(exc) else str(exc)
+        raise RedisURLError(f"bad Redis URL: {why}") from None
+    if parts.scheme == "unix" and not parts.path:
+        raise RedisURLError("bad Redis URL: unix:// needs the socket's path")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise RedisURLError("bad Redis URL: the database (the path) is not a number")
+    allowed = _init_parameters(kwargs.pop("connection_class", Connection)) | _POOL_OPTIONS
+    if cluster:
+        allowed |= _init_parameters(RedisCluster)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise RedisURLError(f"bad Redis URL: unknown option {', '.join(map(repr, unknown))}")
+    return url
+
+
 def safe_url(url: str) -> str:
     """``url`` with any password masked, for logs and messages."""
     parts = urlsplit(url)
@@ -112,9 +164,11 @@ class Settings:
     send_queue_bytes: int = 16 * 1024 * 1024
     max_subscriptions: int = 10_000
     max_connections: int = 50_000
-    client_token: str | None = None
-    worker_token: str | None = None
-    monitor_token: str | None = None
+    # tokens and signing secrets: kept out of repr(), so a printed Settings does not show them
+    client_token: str | None = field(default=None, repr=False)
+    worker_token: str | None = field(default=None, repr=False)
+    monitor_token: str | None = field(default=None, repr=False)
+    auth_secrets: str | None = field(default=None, repr=False)  # see auth.parse_secrets
     debug: bool = False
 
     @classmethod
@@ -213,4 +267,9 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
     "REDISQ_CLIENT_TOKEN": ("client_token", "(off)", "bearer token clients must send"),
     "REDISQ_WORKER_TOKEN": ("worker_token", "(off)", "bearer token workers must send"),
     "REDISQ_MONITOR_TOKEN": ("monitor_token", "(off)", "bearer token monitors must send"),
+    "REDISQ_AUTH_SECRETS": (
+        "auth_secrets",
+        "(off)",
+        "comma-separated secrets of signed tokens (redisq token); the first signs, all verify",
+    ),
 }

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import http
 import json
 import logging
+import re
 import secrets
 import signal
 import sys
@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlsplit
 
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -37,7 +37,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .config import ENV, Settings, safe_url
+from .auth import TOKEN_PATTERN, Authenticator, Refusal, parse_secrets
+from .config import ENV, Settings, check_redis_url, safe_url
 from .connections import Connection, Registry
 from .protocol import (
     PROTOCOL_VERSION,
@@ -119,6 +120,7 @@ class Hub:
             Role.WORKER: settings.worker_token,
             Role.MONITOR: settings.monitor_token,
         }
+        self.auth = Authenticator(self.tokens, parse_secrets(settings.auth_secrets))
 
     @property
     def url(self) -> str:
@@ -203,13 +205,13 @@ class Hub:
 
     # ------------------------------------------------------------- HTTP
 
-    def _authorized(self, role: Role, request: Request, query: dict[str, list[str]]) -> bool:
-        expected = self.tokens[role]
-        if not expected:
-            return True
+    def _authorized(
+        self, role: Role, ident: str, request: Request, query: dict[str, list[str]]
+    ) -> Refusal | None:
+        """None if the request's token opens ``/ws/<role>/<ident>``, else the refusal."""
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth.startswith("Bearer ") else (query.get("token") or [""])[0]
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return self.auth.check(role, ident, given)
 
     async def _process_request(
         self, connection: ServerConnection, request: Request
@@ -220,7 +222,7 @@ class Hub:
         if split.path == "/debug" and self.settings.debug:
             return _http(http.HTTPStatus.OK, self._debug_page(), "text/html; charset=utf-8")
         try:
-            role, _ = parse_path(request.path)
+            role, ident = parse_path(request.path)
         except ProtocolError as err:
             return _json_response(http.HTTPStatus.BAD_REQUEST, {"error": err.message})
         except ValueError:
@@ -228,8 +230,9 @@ class Hub:
                 http.HTTPStatus.NOT_FOUND,
                 {"error": "use /ws/client/<id>, /ws/worker/<machine>:<gpu>, /ws/monitor/<id>"},
             )
-        if not self._authorized(role, request, parse_qs(split.query)):
-            return _json_response(http.HTTPStatus.UNAUTHORIZED, {"error": f"{role} token required"})
+        refusal = self._authorized(role, ident, request, parse_qs(split.query))
+        if refusal is not None:
+            return _json_response(refusal.status, {"error": refusal.error})
         if self.stopping or self.registry.count >= self.settings.max_connections:
             return _json_response(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "hub is full or stopping"}
@@ -350,30 +353,55 @@ class Hub:
         return self.stopping
 
 
+#: ``Bearer <credential>`` (any case), e.g. an ``Authorization`` header
+_BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",;]+")
+#: one ``key=value`` of a query string
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s'\"#?]*)=([^&\s'\"#]*)")
+
+
+def _mask_param(m: re.Match[str]) -> str:
+    """A query parameter the hub would read as ``token`` (in any percent-encoding of
+    its name), with its value masked."""
+    if unquote_plus(m[2]).lower() == "token":
+        return f"{m[1]}{m[2]}=***"
+    return m[0]
+
+
 class _Redact(logging.Filter):
-    """Masks secrets (role tokens, the Redis password) in every log line, e.g. in
-    the WebSocket library's DEBUG dump of a handshake's path and headers."""
+    """Masks secrets in every log line, e.g. in the WebSocket library's DEBUG dump of
+    a handshake's path and headers: the configured ones (role tokens, signing
+    secrets, the Redis password) wherever they appear, and whatever a request
+    carries as a token (a ``Bearer`` credential, a ``token`` query parameter in any
+    percent-encoding, a signed token), known or not."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
         super().__init__()
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
+    def mask(self, text: str) -> str:
+        """``text`` with every secret and token replaced by ``***``."""
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        text = TOKEN_PATTERN.sub("***", text)
+        text = _BEARER.sub(r"\1***", text)
+        return _QUERY_PARAM.sub(_mask_param, text)
+
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if any(s in msg or s in (record.exc_text or "") for s in self.secrets):
-            for s in self.secrets:
-                msg = msg.replace(s, "***")
-                if record.exc_text:
-                    record.exc_text = record.exc_text.replace(s, "***")
-            record.msg, record.args = msg, None
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        masked = self.mask(msg)
+        if masked != msg:
+            record.msg, record.args = masked, None
         return True
 
 
 def _secrets(settings: Settings) -> list[str]:
     """Every secret in ``settings``, as given and percent-encoded."""
     raw = [settings.client_token, settings.worker_token, settings.monitor_token]
+    raw += [s.strip() for s in (settings.auth_secrets or "").split(",")]
     password = urlsplit(settings.redis_url).password
     if password:
         raw += [password, unquote(password)]
@@ -456,6 +484,8 @@ def run(argv: Sequence[str] | None = None) -> None:
     """Console entry point of ``redisq-server``."""
     try:
         settings = settings_from_args(argv)
+        check_redis_url(settings.redis_url)
+        parse_secrets(settings.auth_secrets)
     except ValueError as exc:
         print(f"redisq-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
