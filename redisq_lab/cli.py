@@ -9,11 +9,16 @@ Every subcommand reads through :mod:`redisq_lab.monitors` and prints a table for
 people or, with ``--format json``, plain JSON for ``jq`` (times as ISO 8601 strings,
 missing values as ``null``)::
 
-    redisq --redis-url redis://127.0.0.1:6390/0 summary
+    redisq summary --redis-url redis://127.0.0.1:6390/0
     redisq jobs --status failed --limit 5 --format json | jq '.[].error'
 
-Exit codes: 0 success, 1 unknown job or worker (or another user error), 2 Redis or
-the hub unreachable, or bad arguments. Errors are one line on stderr, without a traceback.
+``--redis-url`` and ``--namespace`` may come before or after the subcommand.
+
+Exit codes: 0 success; 1 not found (an unknown job or worker) or not finished
+(``submit --wait --timeout`` gave up); 2 a usage error (bad arguments, ``--params``
+that is not a JSON object, a job the hub refuses) or Redis or the hub unreachable;
+130 interrupted (Ctrl-C); 141 the reader of a pipe stopped early (``| head``), quietly,
+like other Unix tools. Errors are one line on stderr, without a traceback.
 
 Adding a subcommand takes a function and a decorator::
 
@@ -32,9 +37,11 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +62,7 @@ from redisq_server.config import (
     redis_url_from_env,
     safe_url,
 )
+from redisq_server.protocol import ProtocolError
 
 from ._source import hub_url_of
 from .client import JobFailed, QueueClient, RequestError
@@ -116,7 +124,11 @@ def command(
 
 
 class UsageError(Exception):
-    """A mistake by the user (bad namespace, ...): printed as one line, exit code 1."""
+    """A mistake by the user (bad namespace, ...): printed as one line, exit code 2."""
+
+
+class NotFinished(Exception):
+    """``submit --wait`` gave up before its jobs finished: one line, exit code 1."""
 
 
 # ----------------------------------------------------------------- monitors
@@ -323,15 +335,28 @@ def _workers_args(p: argparse.ArgumentParser) -> None:
         "--by",
         choices=("worker", "machine"),
         default="worker",
-        help="one row per worker (default) or totals per machine",
+        help="one row per worker (default) or totals per machine (uptime_s: the machine's)",
     )
+
+
+def machine_table(workers: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
+    """``stats`` (the monitors' per-machine sums) with ``uptime_s`` the machine's own:
+    the longest uptime among its live GPUs, not their sum (``busy_share`` stays busy
+    GPU-seconds over available GPU-seconds)."""
+    if stats.empty:
+        return stats
+    out = stats.copy()
+    out["uptime_s"] = workers.groupby("machine_id")["uptime_s"].max().reindex(out.index)
+    return out
 
 
 @command("workers", "live GPU workers, or totals per machine", configure=_workers_args)
 def _workers(args: argparse.Namespace) -> int:
     with open_monitors(args) as m:
         if args.by == "machine":
-            frame = m.workers.get_worker_stats(by="machine")
+            frame = machine_table(
+                m.workers.get_all_workers(), m.workers.get_worker_stats("machine")
+            )
             return emit(args, frame, lambda: frame_table(frame))
         frame = m.workers.get_all_workers()
     caps = [c for c in frame.columns if c.startswith("cap_")]
@@ -427,6 +452,7 @@ def _serve(args: argparse.Namespace) -> int:
             debug=args.debug,
             **({"namespace": args.namespace} if args.namespace else {}),
         )
+        print(_readers_hint(safe_url(args.redis_url), settings.limits.namespace), flush=True)
         asyncio.run(hub_main(settings))
         return 0
     from .stack import LocalStack
@@ -439,10 +465,23 @@ def _serve(args: argparse.Namespace) -> int:
     ) as stack:
         if args.machines:
             stack.add_workers(args.machines, args.gpus)
+        page = stack.hub_url.replace("ws://", "http://", 1)
         print(f"hub   {stack.hub_url}\nredis {stack.redis_url}\nnamespace {stack.namespace}")
+        print(f"dashboard {page}/dashboard\nmetrics   {page}/metrics")
+        print(_readers_hint(stack.redis_url, stack.namespace))
         print("press Ctrl-C to stop", flush=True)
         _wait_for_signal()
     return 0
+
+
+def _readers_hint(redis_url: str, namespace: str) -> str:
+    """What the reading commands (summary, jobs, top, ...) need to find this queue."""
+    ns = "" if namespace == "redisq" else f" REDISQ_NAMESPACE={namespace}"
+    flag = "" if namespace == "redisq" else f" --namespace {namespace}"
+    return (
+        f"read it with: export REDIS_URL={redis_url}{ns}\n"
+        f"          or: redisq summary --redis-url {redis_url}{flag}"
+    )
 
 
 def _wait_for_signal() -> None:
@@ -521,6 +560,16 @@ def _mock_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_type")
     p.add_argument("--priority", type=int, default=0)
@@ -528,38 +577,255 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=_positive_int, default=1)
     p.add_argument("--wait", action="store_true", help="wait for the results")
     p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        help="with --wait: give up after this many seconds (exit 1); default: wait until done",
+    )
+    p.add_argument(
         "--hub-url", help="ws://host:port (default: $HUB_URL, else ws://$HUB_HOST:$HUB_PORT)"
     )
     p.add_argument("--client-id", default="cli")
     p.add_argument("--token", help="client token, if the hub requires one")
 
 
-@command("submit", "submit jobs through a hub (and wait for their results)", configure=_submit_args)
-def _submit(args: argparse.Namespace) -> int:
+def job_params(text: str) -> dict[str, Any]:
+    """``--params``: a JSON object, else a :class:`UsageError`."""
     try:
-        params = json.loads(args.params)
+        value = json.loads(text)
     except ValueError as exc:
         raise UsageError(f"--params is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"--params must be a JSON object such as '{{\"n\": 1}}', not {type(value).__name__}"
+        )
+    return value
 
-    async def run() -> list[dict[str, Any]]:
+
+#: how often ``submit --wait`` checks whether any connected worker takes the job type
+NOBODY_CHECK_S: Final = 1.0
+
+
+async def nobody_takes(client: QueueClient, job_id: str) -> bool:
+    """True when no connected worker accepts ``job_id``'s type: no worker is busy and
+    the job is still queued (the engine never leaves a job queued while a worker
+    that accepts it is idle). Stats are read first, so the answer is never a guess."""
+    stats = await client.stats()
+    if stats["workers_busy"] > 0:
+        return False
+    status = await client.status(job_id)
+    return bool(status.get("status") == "queued")
+
+
+async def wait_for_results(
+    client: QueueClient, rows: list[dict[str, Any]], job_type: str, timeout: float | None
+) -> None:
+    """Fill in each row's ``status`` and ``result`` or ``error``. Says once on stderr
+    when no connected worker accepts ``job_type``; raises :class:`NotFinished` after
+    ``timeout`` seconds (None: wait until every job finished)."""
+
+    async def one(row: dict[str, Any]) -> None:
+        try:
+            row["result"] = await client.result(row["job_id"])
+            row["status"] = "completed"
+        except JobFailed as exc:
+            row["status"], row["error"] = exc.status, exc.error
+
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    tasks = [asyncio.create_task(one(r)) for r in rows]
+    nobody = False
+    try:
+        while True:
+            left = NOBODY_CHECK_S if deadline is None else deadline - loop.time()
+            if left <= 0:
+                unfinished = [r for r in rows if "result" not in r and "error" not in r]
+                for r in unfinished:
+                    r["status"] = client.traces[r["job_id"]].status
+                why = f"; no connected worker accepts job type {job_type!r}" if nobody else ""
+                raise NotFinished(
+                    f"timed out after {timeout:g} s: {len(unfinished)} of {len(rows)} jobs "
+                    f"not finished{why}"
+                )
+            _, pending = await asyncio.wait(tasks, timeout=min(NOBODY_CHECK_S, left))
+            if not pending:
+                for task in tasks:
+                    task.result()  # raises what a wait raised (the socket closed, ...)
+                return
+            if not nobody and await nobody_takes(client, rows[0]["job_id"]):
+                nobody = True
+                then = "until --timeout" if timeout is not None else "(Ctrl-C to stop)"
+                print(
+                    f"{PROG}: no connected worker accepts job type {job_type!r}; waiting {then}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@command("submit", "submit jobs through a hub (and wait for their results)", configure=_submit_args)
+def _submit(args: argparse.Namespace) -> int:
+    """Prints one row per job: its id and status (and with ``--wait`` its result or
+    error), as a table or JSON."""
+    params = job_params(args.params)
+    rows: list[dict[str, Any]] = []
+
+    async def run() -> None:
         async with QueueClient(_hub_url(args), args.client_id, token=args.token) as client:
             spec = {"job_type": args.job_type, "priority": args.priority, "params": params}
             ids = await client.submit_many([spec] * args.count)
-            rows: list[dict[str, Any]] = [{"job_id": j} for j in ids]
+            rows.extend({"job_id": j, "status": client.traces[j].status} for j in ids)
             if args.wait:
-                for row in rows:
-                    try:
-                        row["result"] = await client.result(row["job_id"])
-                        row["status"] = "completed"
-                    except JobFailed as exc:
-                        row["status"], row["error"] = exc.status, exc.error
-            return rows
+                await wait_for_results(client, rows, args.job_type, args.timeout)
+
+    def show() -> None:
+        emit(args, rows, lambda: frame_table(pd.DataFrame(rows).set_index("job_id")))
 
     try:
-        rows = asyncio.run(run())
+        asyncio.run(run())
     except RequestError as exc:
+        if exc.code == "not_found":
+            raise NotFoundError(str(exc)) from None
         raise UsageError(str(exc)) from None
-    return emit(args, rows, lambda: frame_table(pd.DataFrame(rows).set_index("job_id")))
+    except NotFinished:
+        show()
+        raise
+    show()
+    return 0
+
+
+# --------------------------------------------------------------------- top
+
+
+def _top_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--interval", type=_positive_float, default=1.0, help="seconds between refreshes"
+    )
+    p.add_argument(
+        "--iterations",
+        type=_positive_int,
+        help="stop after this many refreshes (default: until Ctrl-C)",
+    )
+    p.add_argument(
+        "--window", type=_positive_float, default=60.0, help="throughput window in seconds"
+    )
+
+
+class TopView:
+    """What ``redisq top`` shows, read afresh by each :meth:`render` (one stats call
+    with the latency sample, one read of the workers)."""
+
+    def __init__(self, monitors: Monitors, window_s: float) -> None:
+        self.m = monitors
+        self.window_s = window_s
+        self._last: tuple[float, int] | None = None  # (monotonic time, completed total)
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        stats = self.m.redis.get_queue_stats(window_s=self.window_s, sample=200)
+        workers = self.m.workers.get_all_workers()
+        now, done = time.monotonic(), int(stats["totals"]["completed"])
+        rate_now = stats["throughput_per_s"]
+        if self._last is not None and now > self._last[0]:
+            rate_now = (done - self._last[1]) / (now - self._last[0])
+        self._last = (now, done)
+
+        head = Table.grid(padding=(0, 2))
+        head.add_column(style="bold")
+        head.add_column()
+        head.add_row(
+            "redisq top", f"{stats['namespace']}  {_cell(stats['time'])}  (Ctrl-C to quit)"
+        )
+        head.add_row(
+            "jobs",
+            f"{stats['queued']} queued  {stats['running']} running  {stats['retrying']} retrying",
+        )
+        head.add_row(
+            "workers",
+            f"{stats['workers']} GPUs: {stats['workers_busy']} busy, {stats['workers_idle']} idle",
+        )
+        head.add_row(
+            "throughput",
+            f"{rate_now:.1f} jobs/s now, {stats['throughput_per_s']:.1f} jobs/s over "
+            f"{stats['window_s']:.0f} s",
+        )
+        totals = [f"{k} {v}" for k, v in stats["totals"].items()]
+        head.add_row("totals", "  ".join(totals[:3]))
+        head.add_row("", "  ".join(totals[3:]))
+
+        lat = stats["latency"]
+        latency = Table(title=f"latency, s (last {lat['sample']} completed)", title_justify="left")
+        latency.add_column("")
+        for q in ("p50", "p95", "p99"):
+            latency.add_column(q, justify="right")
+        for key, label in (("wait_s", "wait for a GPU"), ("run_s", "run")):
+            latency.add_row(label, *(_cell(lat[key][q]) for q in ("p50", "p95", "p99")))
+
+        queue = Table(title="queue", title_justify="left")
+        queue.add_column("job type")
+        queue.add_column("priority", justify="right")
+        queue.add_column("queued", justify="right")
+        for jt, t in sorted(stats["job_types"].items()):
+            for priority, n in t["by_priority"].items():
+                queue.add_row(jt, str(priority), str(n))
+        if not queue.row_count:
+            queue.add_row("-", "-", "0")
+
+        machines = Table(title="workers by machine", title_justify="left")
+        for col in ("machine", "GPUs", "busy", "idle", "done", "failed", "uptime s"):
+            machines.add_column(col, justify="left" if col == "machine" else "right")
+        if not workers.empty:
+            per = machine_table(workers, self.m.workers.get_worker_stats("machine"))
+            for r in per.reset_index().to_dict(orient="records"):
+                counts = ("workers", "busy", "idle", "jobs_done", "jobs_failed")
+                machines.add_row(
+                    str(r["machine_id"]),
+                    *(str(int(r[k])) for k in counts),
+                    f"{r['uptime_s']:.0f}",
+                )
+        else:
+            machines.add_row("-", "0", "0", "0", "-", "-", "-")
+        return Group(head, "", queue, latency, machines)
+
+
+@command(
+    "top",
+    "a live view of the queue, workers and throughput, refreshed in place",
+    configure=_top_args,
+    formats=False,
+)
+def _top(args: argparse.Namespace) -> int:
+    """On a terminal the view refreshes in place (rich's Live); into a pipe or file
+    each refresh is printed after the last, like ``top -b``. Ctrl-C quits (exit 0)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    n = 0
+    try:
+        with open_monitors(args) as m:
+            view = TopView(m, args.window)
+            if not console.is_terminal:
+                while True:
+                    console.print(view.render())
+                    n += 1
+                    if args.iterations and n >= args.iterations:
+                        return 0
+                    console.print()
+                    time.sleep(args.interval)
+            with Live(view.render(), console=console, auto_refresh=False) as live:
+                n = 1
+                while not args.iterations or n < args.iterations:
+                    time.sleep(args.interval)
+                    live.update(view.render(), refresh=True)
+                    n += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -604,17 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Watch and run a redisq job queue: jobs, workers, queue stats, hubs and mock GPUs.",
     )
-    parser.add_argument(
-        "--redis-url",
-        help="Redis URL (default: $REDIS_URL, else built from $REDIS_HOST, $REDIS_PORT, "
-        "$REDIS_DB, $REDIS_PASSWORD, else redis://localhost:6379/0)",
-    )
-    parser.add_argument(
-        "--namespace", help="key namespace (default: $REDISQ_NAMESPACE, else redisq)"
-    )
+    _queue_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # the same options after the subcommand; given there, they win
+        _queue_options(p, argparse.SUPPRESS)
         if cmd.configure is not None:
             cmd.configure(p)
         if cmd.formats:
@@ -623,6 +884,21 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(run=cmd.run)
     return parser
+
+
+def _queue_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """``--redis-url`` and ``--namespace``, on the main parser and on each subcommand's."""
+    p.add_argument(
+        "--redis-url",
+        default=default,
+        help="Redis URL (default: $REDIS_URL, else built from $REDIS_HOST, $REDIS_PORT, "
+        "$REDIS_DB, $REDIS_PASSWORD, else redis://localhost:6379/0)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=default,
+        help="key namespace (default: $REDISQ_NAMESPACE, else redisq)",
+    )
 
 
 def _fail(message: str, code: int) -> int:
@@ -639,20 +915,39 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         run: Handler = args.run
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `redisq ... | head`: the reader has all it wanted
+        _silence_stdout()
+        return 141
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         url = safe_url(args.redis_url or redis_url_from_env())
         return _fail(f"cannot reach Redis at {url}: {exc}", 2)
     except RedisURLError as exc:
         return _fail(str(exc), 2)
-    except (NotFoundError, UsageError) as exc:
+    except (NotFoundError, NotFinished) as exc:
         return _fail(str(exc), 1)
+    except (UsageError, ProtocolError) as exc:
+        return _fail(str(exc), 2)
     except (OSError, InvalidHandshake) as exc:  # the hub (or redis-server) is not there
         return _fail(f"cannot connect: {exc}", 2)
     except RedisNotInstalled as exc:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of what is left in
+    its buffer does not fail once more with "Broken pipe"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured): nothing to silence
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,15 @@ Most tests run ``main([...])`` in-process; one runs ``python -m redisq_lab.cli``
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -284,7 +289,7 @@ def test_bad_arguments(redisq: Redisq, capsys: pytest.CaptureFixture[str]) -> No
     assert redisq("jobs", "--status", "queued", "--limit", "0").code == 2
     assert run_main(capsys, []).code == 2
     bad = run_main(capsys, ["--redis-url", UNREACHABLE, "--namespace", "bad ns", "summary"])
-    assert "namespace 'bad ns'" in one_line_error(bad, 1)
+    assert "namespace 'bad ns'" in one_line_error(bad, 2)
 
 
 # ------------------------------------------------------------ the registry
@@ -343,3 +348,149 @@ async def test_runs_as_a_module_with_the_environment(
     assert (
         failed.stderr.startswith("redisq: cannot reach Redis") and "Traceback" not in failed.stderr
     )
+
+
+# ------------------------------------------------------- as a person uses it
+
+
+async def test_options_may_follow_the_command(
+    redis_url: str, namespace: str, seeded: Seeded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    after = run_main(
+        capsys,
+        ["summary", "--redis-url", redis_url, "--namespace", namespace, "--format", "json"],
+    )
+    assert after.code == 0, after.err
+    assert after.json()["queued"] == 1 and after.json()["namespace"] == namespace
+    # given on both sides, the one after the command wins
+    both = run_main(
+        capsys,
+        ["--redis-url", UNREACHABLE, "--namespace", "other", "job", seeded.queued,
+         "--redis-url", redis_url, "--namespace", namespace, "--format", "json"],
+    )  # fmt: skip
+    assert both.code == 0, both.err
+    assert both.json()["job_id"] == seeded.queued
+    err = one_line_error(run_main(capsys, ["summary", "--redis-url", UNREACHABLE]), 2)
+    assert UNREACHABLE in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["job", "no-such-job"], 1, "no job 'no-such-job'"),
+        (["worker", "m9:gpu9"], 1, "no worker 'm9:gpu9'"),
+        (["jobs", "--status", "queued", "--limit", "x"], 2, "expected a positive integer"),
+        (["top", "--interval", "-1"], 2, "expected a positive number"),
+        (["nonsense"], 2, "invalid choice"),
+    ],
+)
+def test_exit_codes_are_the_documented_ones(
+    redisq: Redisq, argv: list[str], code: int, says: str
+) -> None:
+    """0 ok, 1 not found, 2 usage or connection (see the module docs and the README)."""
+    run = redisq(*argv)
+    assert run.code == code and says in run.err
+    assert "Traceback" not in run.err
+    for doc in (cli.__doc__ or "", (ROOT / "README.md").read_text()):
+        assert "1 not found" in doc and "2 a usage error" in doc
+
+
+async def test_machine_uptime_is_the_machines_not_the_sum_over_gpus(
+    redisq: Redisq, svc: AsyncRedisService
+) -> None:
+    await svc.register_worker("box:gpu0", ["render"], GPU, hub_id="h", session="s0")
+    await asyncio.sleep(0.4)  # the second GPU comes up later
+    await svc.register_worker("box:gpu1", ["render"], GPU, hub_id="h", session="s1")
+    await asyncio.sleep(0.4)
+    gpus = {w["worker_id"]: w["uptime_s"] for w in redisq("workers", "--format", "json").json()}
+    (box,) = redisq("workers", "--by", "machine", "--format", "json").json()
+    assert box["machine_id"] == "box" and box["workers"] == 2
+    assert gpus["box:gpu0"] > gpus["box:gpu1"] + 0.3
+    assert box["uptime_s"] == pytest.approx(gpus["box:gpu0"], abs=0.2)
+    assert box["uptime_s"] < gpus["box:gpu0"] + gpus["box:gpu1"] - 0.2
+    assert 0 <= box["busy_share"] <= 1
+    table = redisq("workers", "--by", "machine").out.splitlines()
+    assert table[0].split()[:2] == ["machine_id", "workers"] and table[1].split()[0] == "box"
+
+
+async def test_a_closed_pipe_ends_quietly(
+    redis_url: str, namespace: str, svc: AsyncRedisService
+) -> None:
+    """``redisq jobs ... | head -1``: far more output than a pipe holds, and the
+    reader goes away after one line."""
+    for i in range(600):
+        await svc.submit_job("render", i % 5, {"prompt": "x" * 200})
+    argv = [sys.executable, "-m", "redisq_lab.cli", "jobs", "--status", "queued",
+            "--format", "json", "--redis-url", redis_url, "--namespace", namespace]  # fmt: skip
+
+    def head_one() -> tuple[int, str, str]:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline().decode()
+        proc.stdout.close()  # what head does after its line
+        err = proc.stderr.read().decode()
+        return proc.wait(60), first, err
+
+    code, first, err = await asyncio.to_thread(head_one)
+    assert first == "[\n"
+    assert err == ""  # no "Broken pipe", no traceback
+    assert code == 141
+
+
+# -------------------------------------------------------------------- top
+
+
+async def test_top_prints_each_refresh_into_a_pipe(redisq: Redisq, seeded: Seeded) -> None:
+    run = await asyncio.to_thread(redisq, "top", "--iterations", "2", "--interval", "0.05")
+    assert run.code == 0 and run.err == ""
+    frames = run.out.split("redisq top")[1:]
+    assert len(frames) == 2
+    for frame in frames:
+        assert "1 queued" in frame and "1 GPUs: 0 busy, 1 idle" in frame
+        assert re.search(r"│ train\s+│\s+7 │\s+1 │", frame), frame
+        assert re.search(r"│ m1\s+│\s+1 │\s+0 │\s+1 │\s+1 │\s+1 │", frame), frame
+        assert "jobs/s now" in frame and "latency, s (last 1 completed)" in frame
+
+
+async def test_top_refreshes_in_place_on_a_terminal(
+    redis_url: str, namespace: str, seeded: Seeded
+) -> None:
+    argv = [sys.executable, "-m", "redisq_lab.cli", "top", "--iterations", "3",
+            "--interval", "0.2", "--redis-url", redis_url, "--namespace", namespace]  # fmt: skip
+    out = await asyncio.to_thread(run_in_terminal, argv)
+    # three renders (rich draws the last one once more as it stops) ...
+    assert out.count(b"redisq top") in (3, 4)
+    assert b"\x1b[?25l" in out  # ... with the cursor hidden
+    assert out.count(b"\x1b[1A") >= 2 * 10  # ... each drawn over the last, line by line
+    assert b"train" in out and b"Traceback" not in out
+
+
+def run_in_terminal(argv: list[str]) -> bytes:
+    """Run ``argv`` in a pseudo-terminal of 120 x 50; return all it wrote."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
+    for var in ("NO_COLOR", "COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE"):
+        env.pop(var, None)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    assert proc.wait(60) == 0, out.decode(errors="replace")
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,10 +57,63 @@ def test_submit_errors(stack: LocalStack, capsys: pytest.CaptureFixture[str]) ->
     assert main(["submit", "t", "--hub-url", "ws://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("redisq: cannot connect") and err.count("\n") == 1
-    assert main(["submit", "t", "--params", "{nope", "--hub-url", stack.hub_url]) == 1
-    assert "not JSON" in capsys.readouterr().err
-    assert main(["submit", "bad type!", "--hub-url", stack.hub_url]) == 1
+    for params, says in [("{nope", "not JSON"), ("[1,2]", "must be a JSON object")]:
+        assert main(["submit", "t", "--params", params, "--hub-url", stack.hub_url]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["submit", "bad type!", "--hub-url", stack.hub_url]) == 2
     assert "invalid_field" in capsys.readouterr().err
+    assert main(["submit", "t", "--priority", "99999", "--hub-url", stack.hub_url]) == 2
+    err = capsys.readouterr().err
+    assert "priority" in err and err.count("\n") == 1
+    assert main(["submit", "t", "--wait", "--timeout", "0", "--hub-url", stack.hub_url]) == 2
+    assert "positive number" in capsys.readouterr().err
+
+
+def test_submit_without_wait_prints_the_job_ids(
+    stack: LocalStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["submit", "nobody", "--count", "2", "--hub-url", stack.hub_url]
+    assert main([*argv, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["queued", "queued"]
+    assert main(argv) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["job_id", "status"]
+    ids = [line.split()[0] for line in lines]
+    assert len(ids) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    with stack.service() as svc:
+        jobs = svc.get_jobs([r["job_id"] for r in rows] + ids)
+        assert [j.status for j in jobs] == ["queued"] * 4
+        for j in jobs:
+            svc.cancel_job(j.job_id)
+
+
+def test_submit_wait_says_when_no_worker_takes_the_job_type(
+    stack: LocalStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack.add_workers(1, 1, run_time=0.0, prefix="other", job_types=["inference"])
+    argv = ["submit", "nobody", "--wait", "--timeout", "2.5", "--hub-url", stack.hub_url]
+    assert main([*argv, "--format", "json"]) == 1
+    out, err = capsys.readouterr()
+    (row,) = json.loads(out)
+    assert row["status"] == "queued"
+    warning, final = err.splitlines()
+    assert (
+        warning == "redisq: no connected worker accepts job type 'nobody'; waiting until --timeout"
+    )
+    assert final == (
+        "redisq: timed out after 2.5 s: 1 of 1 jobs not finished; "
+        "no connected worker accepts job type 'nobody'"
+    )
+    # a type that a worker takes: done well within the timeout, no warning
+    argv = ["submit", "inference", "--wait", "--timeout", "30", "--hub-url", stack.hub_url]
+    assert main([*argv, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["status"] == "completed" and err == ""
+    stack.stop_workers()
+    with stack.service() as svc:
+        svc.cancel_job(row["job_id"])
 
 
 def test_serve_runs_a_local_stack_until_sigterm() -> None:
@@ -70,13 +124,29 @@ def test_serve_runs_a_local_stack_until_sigterm() -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
-    hub = proc.stdout.readline().split()[1]
-    redis_url = proc.stdout.readline().split()[1]
+    lines = [proc.stdout.readline() for _ in range(8)]
+    hub = lines[0].split()[1]
+    redis_url = lines[1].split()[1]
     assert hub.startswith("ws://127.0.0.1:") and redis_url.startswith("redis://127.0.0.1:")
-    assert "Ctrl-C" in proc.stdout.readline() + proc.stdout.readline()
-    with urllib.request.urlopen(hub.replace("ws://", "http://") + "/health", timeout=5) as r:
+    page = hub.replace("ws://", "http://")
+    assert lines[2:5] == [
+        "namespace redisq\n",
+        f"dashboard {page}/dashboard\n",
+        f"metrics   {page}/metrics\n",
+    ]
+    # what the reading commands need, ready to paste
+    assert lines[5] == f"read it with: export REDIS_URL={redis_url}\n"
+    assert lines[6] == f"          or: redisq summary --redis-url {redis_url}\n"
+    assert "Ctrl-C" in lines[7]
+    with urllib.request.urlopen(page + "/health", timeout=5) as r:
         health = json.loads(r.read())
     assert health["connections"]["workers"] == 2
+    summary = subprocess.run(
+        [sys.executable, "-m", "redisq_lab.cli", *lines[6].split()[2:], "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert summary.returncode == 0, summary.stderr
+    assert json.loads(summary.stdout)["workers"] == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])

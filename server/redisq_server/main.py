@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http
 import json
 import logging
@@ -40,6 +41,7 @@ from websockets.http11 import Request, Response
 from .auth import TOKEN_PATTERN, Authenticator, Refusal, parse_secrets
 from .config import ENV, Settings, check_redis_url, safe_url
 from .connections import Connection, Registry
+from .metrics import HubMetrics
 from .protocol import (
     PROTOCOL_VERSION,
     CloseCode,
@@ -50,7 +52,7 @@ from .protocol import (
 )
 from .redis_service import AsyncRedisService
 from .routes import Routes
-from .routing import EventRouter, forever
+from .routing import forever
 from .version import __version__
 
 __all__ = ["Hub", "main", "run", "served_loop"]
@@ -92,6 +94,15 @@ def parse_path(path: str) -> tuple[Role, str]:
     return role, ident
 
 
+@functools.cache
+def _static(name: str) -> bytes:
+    """A page shipped in ``static/`` (read once)."""
+    try:
+        return resources.files(__package__).joinpath("static", name).read_bytes()
+    except FileNotFoundError:
+        return b"<!doctype html><title>redisq</title><p>" + name.encode() + b" is not installed"
+
+
 class Hub:
     """One hub process's server. Use ``async with Hub(settings) as hub`` or call
     :meth:`start` and then :meth:`stop` (idempotent)."""
@@ -103,8 +114,10 @@ class Hub:
         self._own_svc = service is None
         self.svc.hub_id = self.hub_id
         self.registry = Registry()
-        self.events = EventRouter(self.svc, self.registry)
+        self.metrics = HubMetrics(self.svc, self.registry, self.hub_id)
+        self.events = self.metrics.event_router()
         self.routes = Routes(self.svc, self.registry, self.events, settings, self.hub_id)
+        self.metrics.time_submits(self.routes)
         self.svc.on_events = self.events.local_events
         self._listed: set[str] = set()  # client ids listed in Redis as on this hub
         self._presence = asyncio.Lock()  # keeps those listings in the order of events
@@ -221,6 +234,11 @@ class Hub:
             return await self._health()
         if split.path == "/debug" and self.settings.debug:
             return _http(http.HTTPStatus.OK, self._debug_page(), "text/html; charset=utf-8")
+        if split.path == "/metrics":
+            status, body, content_type = await self.metrics.scrape()
+            return _http(http.HTTPStatus(status), body, content_type)
+        if split.path == "/dashboard":
+            return _http(http.HTTPStatus.OK, _static("dashboard.html"), "text/html; charset=utf-8")
         try:
             role, ident = parse_path(request.path)
         except ProtocolError as err:
@@ -453,6 +471,7 @@ async def main(settings: Settings) -> None:
     print(f"redisq hub listening on {hub.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    print(f"dashboard {hub.url.replace('ws://', 'http://', 1)}/dashboard", flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)

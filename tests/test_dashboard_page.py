@@ -1,0 +1,278 @@
+"""The hub's /dashboard page (server/static/dashboard.html) in a real headless Chromium.
+
+Each test starts its own hub against the session's redis-server; jobs come from a
+separate Python client and mock GPUs over real sockets, and the page reads
+everything through its own monitor socket. Waits are on page conditions only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from redisq_lab.client import QueueClient
+from redisq_lab.mock_worker import MockWorker
+from redisq_server import EngineLimits
+from redisq_server.main import Hub
+
+from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
+from .helpers import hub_settings
+
+TIMEOUT_MS = 15_000
+
+pytestmark = [pytest.mark.browser, needs_chromium]
+
+playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (test extra)")
+expect = playwright_api.expect
+
+
+def http_get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@dataclass
+class Dashboard:
+    """The page, what it requested and its script errors."""
+
+    page: Any
+    hub: Hub
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def loc(self, selector: str) -> Any:
+        return self.page.locator(selector)
+
+    async def updates(self) -> int:
+        return int(await self.loc("#updates").get_attribute("data-count"))
+
+    def check_clean(self) -> None:
+        """No script error, and no request anywhere but the hub that served the page."""
+        assert self.errors == []
+        origins = {f"http://127.0.0.1:{self.hub.port}/", f"ws://127.0.0.1:{self.hub.port}/"}
+        strays = [u for u in self.requests if not any(u.startswith(o) for o in origins)]
+        assert strays == [], strays
+
+
+@asynccontextmanager
+async def dashboard(
+    tmp_path: Path, hub: Hub, query: str = "", live: bool = True
+) -> AsyncIterator[Dashboard]:
+    """Chromium (fresh profile) showing the hub's /dashboard. Enter it inside the
+    hub's ``async with`` (the browser must be gone before the hub stops)."""
+    async with playwright_api.async_playwright() as p:
+        context = await p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1440, "height": 1000},
+        )
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            d = Dashboard(page, hub)
+            page.on("request", lambda r: d.requests.append(r.url))
+            page.on("websocket", lambda ws: d.requests.append(ws.url))
+            page.on("pageerror", lambda exc: d.errors.append(str(exc)))
+            page.on("console", lambda m: d.errors.append(m.text) if m.type == "error" else None)
+            await page.goto(f"http://127.0.0.1:{hub.port}/dashboard{query}")
+            await expect(page).to_have_title("redisq dashboard")
+            if live:
+                await expect(d.loc("#conn")).to_have_attribute("data-state", "open")
+                await expect(d.loc("#hub-id")).to_have_text(hub.hub_id)
+                await expect(d.loc("#updates")).not_to_have_attribute("data-count", "0")
+            yield d
+        finally:
+            await context.close()
+
+
+@asynccontextmanager
+async def own_hub(redis_url: str, limits: EngineLimits, **kw: Any) -> AsyncIterator[Hub]:
+    async with Hub(hub_settings(redis_url, limits, **kw)) as hub:
+        yield hub
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_every_hub_serves_the_page_from_the_package(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    async with own_hub(redis_url, limits) as hub:  # no debug flag needed
+        status, ctype, body = await asyncio.to_thread(
+            http_get, f"http://127.0.0.1:{hub.port}/dashboard"
+        )
+    assert status == 200 and ctype.startswith("text/html")
+    assert body == resources.files("redisq_server").joinpath("static/dashboard.html").read_bytes()
+    text = body.decode()
+    # self-contained: no external script, style, font or image
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "@import" not in text and "url(http" not in text
+    # it speaks only what the monitor role may send
+    sent = set(re.findall(r'send\(\{ type: "(\w+)"', text))
+    assert sent == {"subscribe_stats", "subscribe_events", "get_events", "get_job_status"}
+
+
+async def test_page_shows_charts_and_jobs_a_separate_client_ran(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    async with (
+        own_hub(redis_url, limits) as hub,
+        MockWorker("gpu-box", 2, hub=hub, job_types=["render"], run_time=0.05),
+        QueueClient(hub, "py-client") as client,
+    ):
+        before = await client.submit("render", priority=5, params={"prompt": "fox"})
+        await client.result(before, timeout=10)
+        async with dashboard(tmp_path, hub) as d:
+            # a job that finished before the page opened: read back from the event stream
+            row = d.loc(f'#recent-jobs tr[data-job-id="{before}"]')
+            await expect(row).to_have_attribute("data-status", "completed")
+            await expect(row.locator("td").nth(2)).to_have_text("5")
+            await expect(d.loc(f'#task-stream rect.bar.run[data-job-id="{before}"]')).to_have_count(
+                1
+            )
+            await expect(d.loc('#workers .gpu[data-worker-id="gpu-box:gpu0"]')).to_be_visible()
+            await expect(d.loc('#workers .machine[data-machine="gpu-box"]')).to_contain_text(
+                "2 GPUs live"
+            )
+
+            # it keeps updating: stats ticks, and a job submitted now shows up live
+            seen = await d.updates()
+            live = await client.submit("render", priority=9, params={"prompt": "owl"})
+            await client.result(live, timeout=10)
+            await expect(d.loc(f'#recent-jobs tr[data-job-id="{live}"]')).to_have_attribute(
+                "data-status", "completed"
+            )
+            await expect(d.loc(f'#task-stream rect.bar.run[data-job-id="{live}"]')).to_have_count(1)
+            await d.page.wait_for_function(
+                f"Number(document.querySelector('#updates').dataset.count) >= {seen + 2}"
+            )
+            assert await d.loc("#k-completed").inner_text() == "2"
+            # the charts drew lines over the stats ticks, with labelled axes
+            line = d.loc('#chart-throughput path.series[data-name="completed"]')
+            await expect(line).to_have_count(1)
+            assert int(await line.get_attribute("data-points")) >= 2
+            await expect(d.loc("#chart-depth path.series")).not_to_have_count(0)
+            await expect(d.loc('#chart-latency path.series[data-name="p95"]')).to_have_count(1)
+            for chart, unit in [
+                ("#chart-depth", "jobs queued"),
+                ("#chart-throughput", "jobs/s"),
+                ("#chart-latency", "seconds"),
+                ("#task-stream", "time (s before now, server clock)"),
+            ]:
+                await expect(d.loc(chart)).to_contain_text(unit)
+            await expect(d.loc("#latency-now")).to_contain_text("(n=2)")
+
+            # a job's lifecycle on click, read with get_job_status
+            await d.loc(f'#recent-jobs tr[data-job-id="{live}"]').click()
+            box = d.loc("#lifecycle")
+            await expect(box).to_have_attribute("data-status", "completed")
+            await expect(box.locator('dd[data-field="worker"]')).to_have_text(
+                re.compile(r"^gpu-box:gpu[01]$")
+            )
+            await expect(box.locator('dd[data-field="type / priority"]')).to_have_text("render / 9")
+            await expect(box.locator('dd[data-field="run"]')).to_have_text(re.compile(r" s$"))
+            await expect(box.locator('dd[data-field="events seen"]')).to_contain_text("submitted@")
+            d.check_clean()
+
+
+async def test_task_stream_shows_waits_and_priorities_under_a_backlog(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    """A backlog on two GPUs: queued waits appear before their runs, one colour per
+    priority, the newest bars at the right edge. Leaves a screenshot."""
+    async with (
+        own_hub(redis_url, limits) as hub,
+        dashboard(tmp_path, hub) as d,
+        QueueClient(hub, "py-client") as client,
+    ):
+        async with MockWorker("box", 2, hub=hub, job_types=["render"], run_time=0.15):
+            await d.page.wait_for_function("window.redisqDashboard.workers.size === 2")
+            ids = await client.submit_many(
+                [{"job_type": "render", "priority": (0, 5, 10)[i % 3]} for i in range(30)]
+            )
+            await expect(d.loc("#k-queued")).not_to_have_text("0")
+            await client.results(ids, timeout=60)
+            await expect(d.loc("#k-completed")).to_have_text("30")
+            await expect(d.loc("#task-stream rect.bar.run")).to_have_count(30)
+        waits = d.loc("#task-stream rect.bar.wait")
+        assert await waits.count() >= 20  # most jobs queued before a GPU took them
+        colours = {
+            p: await d.loc(f'#task-stream rect.bar.run[data-priority="{p}"]').first.get_attribute(
+                "fill"
+            )
+            for p in (0, 5, 10)
+        }
+        assert len(set(colours.values())) == 3
+        # the newest bar ends near the right edge of the plot (the x axis ends at now)
+        right = await d.page.evaluate(
+            """() => {
+              const svg = document.querySelector('#task-stream');
+              const xs = [...svg.querySelectorAll('rect.bar.run')].map(
+                r => Number(r.getAttribute('x')) + Number(r.getAttribute('width')));
+              return Math.max(...xs) / svg.viewBox.baseVal.width;
+            }"""
+        )
+        assert right > 0.8
+        # strict priority: on average the priority-10 jobs waited least
+        await expect(d.loc("#latency-now")).to_contain_text("(n=30)")
+        await d.page.wait_for_function(
+            "Number(document.querySelector('#updates').dataset.count) >= 3"
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        await d.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        d.check_clean()
+
+
+async def test_page_survives_a_reload_and_a_lost_socket(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    async with (
+        own_hub(redis_url, limits) as hub,
+        MockWorker("m", 1, hub=hub, job_types=["render"], run_time=0.0),
+        QueueClient(hub, "py-client") as client,
+        dashboard(tmp_path, hub) as d,
+    ):
+        first = await client.submit("render")
+        await client.result(first, timeout=10)
+        await expect(d.loc(f'#recent-jobs tr[data-job-id="{first}"]')).to_be_visible()
+        await d.page.reload()
+        await expect(d.loc("#conn")).to_have_attribute("data-state", "open")
+        await expect(d.loc(f'#recent-jobs tr[data-job-id="{first}"]')).to_be_visible()
+        # the hub drops the page's socket: it reconnects and catches up on what it missed
+        for conn in list(hub.registry.monitors):
+            await conn.ws.close()
+        await expect(d.loc("#conn")).to_have_attribute("data-state", "closed")
+        second = await client.submit("render")
+        await client.result(second, timeout=10)
+        await expect(d.loc("#conn")).to_have_attribute("data-state", "open")
+        await expect(d.loc(f'#recent-jobs tr[data-job-id="{second}"]')).to_have_attribute(
+            "data-status", "completed"
+        )
+        d.check_clean()
+
+
+async def test_page_uses_the_monitor_token(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    async with own_hub(redis_url, limits, monitor_token="m-secret") as hub:
+        async with dashboard(tmp_path, hub, live=False) as d:
+            await expect(d.loc("#conn")).to_have_attribute("data-state", "closed")
+            await expect(d.loc("#conn")).to_contain_text("token")
+        async with dashboard(tmp_path, hub, "?token=m-secret") as d:
+            await expect(d.loc("#k-queued")).to_have_text("0")
+            assert any("token=m-secret" in u for u in d.requests if u.startswith("ws://"))
