@@ -635,7 +635,15 @@ async def wait_for_results(
     tasks = [asyncio.create_task(one(r)) for r in rows]
     nobody = False
     try:
-        while True:
+        while True:  # check at once, then every NOBODY_CHECK_S until done or the deadline
+            if not nobody and await nobody_takes(client, rows[0]["job_id"]):
+                nobody = True
+                then = "until --timeout" if timeout is not None else "(Ctrl-C to stop)"
+                print(
+                    f"{PROG}: no connected worker accepts job type {job_type!r}; waiting {then}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             left = NOBODY_CHECK_S if deadline is None else deadline - loop.time()
             if left <= 0:
                 unfinished = [r for r in rows if "result" not in r and "error" not in r]
@@ -651,14 +659,6 @@ async def wait_for_results(
                 for task in tasks:
                     task.result()  # raises what a wait raised (the socket closed, ...)
                 return
-            if not nobody and await nobody_takes(client, rows[0]["job_id"]):
-                nobody = True
-                then = "until --timeout" if timeout is not None else "(Ctrl-C to stop)"
-                print(
-                    f"{PROG}: no connected worker accepts job type {job_type!r}; waiting {then}",
-                    file=sys.stderr,
-                    flush=True,
-                )
     finally:
         for task in tasks:
             task.cancel()
