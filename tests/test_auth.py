@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from redisq_server.auth import (
+    MAX_TTL_S,
     MIN_SECRET_CHARS,
     SKEW_S,
     TOKEN_PATTERN,
@@ -122,8 +123,11 @@ def test_sign_refuses_what_it_cannot_bind() -> None:
             sign([NEW], Role.CLIENT, bad)
     with pytest.raises(ValueError, match="admin"):
         sign([NEW], "admin", "alice")
-    with pytest.raises(ValueError, match="ttl"):
-        sign([NEW], Role.CLIENT, "alice", ttl_s=0)
+    for ttl in (0, -1, MAX_TTL_S + 1):
+        with pytest.raises(ValueError, match="ttl"):
+            sign([NEW], Role.CLIENT, "alice", ttl_s=ttl)
+    longest = sign([NEW], Role.CLIENT, "alice", ttl_s=MAX_TTL_S, now=NOW)
+    assert verify([NEW], longest, now=NOW + MAX_TTL_S).expires == int(NOW) + MAX_TTL_S
 
 
 # ------------------------------------------------------------------ the gate

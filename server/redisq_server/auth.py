@@ -37,6 +37,7 @@ from .protocol import ProtocolError, Role, parse_worker_id, validate_client_id
 
 __all__ = [
     "DEFAULT_TTL_S",
+    "MAX_TTL_S",
     "MIN_SECRET_CHARS",
     "SKEW_S",
     "TOKEN_PATTERN",
@@ -54,6 +55,8 @@ __all__ = [
 PREFIX: Final = "rq1"
 #: how long a token lives unless ``--ttl`` says otherwise (seconds)
 DEFAULT_TTL_S: Final = 86_400
+#: the longest life a token may be given (seconds): ten years
+MAX_TTL_S: Final = 10 * 365 * 86_400
 #: the clock skew between the signer and a hub that expiry tolerates (seconds)
 SKEW_S: Final = 1
 #: the shortest secret accepted (characters)
@@ -133,11 +136,12 @@ def sign(
 ) -> str:
     """A token for ``role`` and ``ident`` (for a worker: its machine id), valid for
     ``ttl_s`` seconds from ``now``, signed with the first of ``secrets``. Raises
-    ValueError without a secret, for an unknown role, an invalid id or a ttl below 1."""
+    ValueError without a secret, for an unknown role, an invalid id or a ttl outside
+    1..:data:`MAX_TTL_S`."""
     if not secrets:
         raise ValueError("REDISQ_AUTH_SECRETS is not set: there is no secret to sign with")
-    if ttl_s < 1:
-        raise ValueError(f"ttl must be at least 1 second, got {ttl_s}")
+    if not 1 <= ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl must be from 1 to {MAX_TTL_S} seconds (ten years), got {ttl_s}")
     role = Role(role)
     if role is Role.WORKER and ":" in ident:
         raise ValueError(f"a worker token names a machine ({ident.split(':')[0]!r}), not a GPU")
