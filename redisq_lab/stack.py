@@ -50,6 +50,7 @@ CARD_INTERVAL_S = 0.5
 CARD_GPU_ROWS = 64
 _TH = "<th style='text-align:left;padding-right:1em'>"
 _TD = "<td style='text-align:left;padding-right:1em'>"
+_LINK = "color:#1565c0;text-decoration:underline"
 
 
 def _since_start(s: dict[str, Any]) -> str:
@@ -162,6 +163,7 @@ class LocalStack:
         # prefix, GPUs and MockWorker options for machines that scale() adds
         self._new_machines: tuple[str, int, dict[str, Any]] = ("machine", 2, {})
         self._closed = False
+        self._at_close: tuple[dict[str, Any], list[WorkerModel]] = ({}, [])
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="redisq-local-stack", daemon=True
@@ -292,6 +294,7 @@ class LocalStack:
         """Stop the workers, the hub and redis-server; remove the temp dir. Idempotent."""
         if self._closed:
             return
+        self._at_close = self._read_card()  # the card keeps showing the final figures
         self._closed = True
         try:
             if self._thread.is_alive():
@@ -336,9 +339,10 @@ class LocalStack:
         return f"<LocalStack {state} hub={self.hub_url} redis={self.redis_url} namespace={self.namespace}>"
 
     def _read_card(self) -> tuple[dict[str, Any], list[WorkerModel]]:
-        """The stats and live workers the card shows ({} and [] once closed)."""
+        """The stats and live workers the card shows; once closed, those read as the
+        stack closed (({}, []) when Redis cannot be read)."""
         if self._closed:
-            return {}, []
+            return self._at_close
         try:
             with self.service() as svc:
                 return svc.get_stats(RATE_NOW_S), svc.get_workers()
@@ -354,7 +358,7 @@ class LocalStack:
             ("Redis", f"<code>{html.escape(self.redis_url)}</code>"),
             ("Namespace", html.escape(self.namespace)),
             ("State", "closed" if self._closed else "running"),
-            ("Dashboard", f"<a href='{link}' target='_blank'>{link}</a>"),
+            ("Dashboard", f"<a href='{link}' target='_blank' style='{_LINK}'>{link}</a>"),
         ]
         if s:
             rows += [
@@ -370,6 +374,8 @@ class LocalStack:
             ]
         summary = f"<strong>redisq LocalStack</strong><table>{_rows(rows)}</table>"
         title, body = _breakdown(workers)
+        if self._closed and workers:
+            title += " (as the stack closed)"
         return summary, title, body
 
     def _repr_html_(self) -> str:

@@ -15,10 +15,14 @@ figure was first drawn. It checks, for notebook 01 run with JupyterLab's own Run
   workload runs and after;
 - plotly's bundle reached the page once (one WebSocket frame carrying it, no plotly
   script fetched over HTTP);
+- the stack's card is a live widget: its count of completed jobs moves during the
+  burst, it links to the hub's ``/dashboard`` page, and its worker breakdown, once
+  opened, stays open across refreshes;
 
 and saves screenshots under ``artifacts/``: ``notebook01_live.png`` (the dashboard
-while the burst runs), ``notebook01_dashboard.png`` (the figure, after) and
-``notebook01_done.png`` (the page after Run All).
+while the burst runs), ``notebook01_card.png`` (the card, its breakdown open),
+``notebook01_dashboard.png`` (the figure, after) and ``notebook01_done.png`` (the
+page after Run All).
 """
 
 from __future__ import annotations
@@ -76,6 +80,21 @@ WORKLOAD_RUNNING_JS = """() => {
   const cell = document.querySelectorAll('.jp-Notebook .jp-CodeCell')[WORKLOAD];
   return ((cell.querySelector('.jp-InputPrompt') || {}).textContent || '').includes('*');
 }""".replace("WORKLOAD", str(WORKLOAD_CELL))
+# The stack's card (first code cell's output): a live widget, its "Completed" row,
+# its link to the hub's page, and whether its worker breakdown is open.
+CARD_JS = """() => {
+  const cell = document.querySelectorAll('.jp-Notebook .jp-CodeCell')[STACK];
+  const rows = [...cell.querySelectorAll('.widget-html-content tr')].map((r) => r.innerText);
+  const link = cell.querySelector('.widget-html-content a[href$="/dashboard"]');
+  const fold = cell.querySelector('.jupyter-widget-Collapse-contents');
+  return {
+    widget: !!cell.querySelector('.jupyter-widgets'),
+    completed: rows.find((r) => r.startsWith('Completed')) || null,
+    link: link && link.getAttribute('href'),
+    open: !!cell.querySelector('.jupyter-widget-Collapse-open'),
+    fold: fold ? fold.innerText : '',
+  };
+}""".replace("STACK", str(STACK_CELL))
 # For each scatter trace drawn: how many line paths it has and the length of the first.
 LINES_JS = """() => [...document.querySelectorAll('.js-plotly-plot .scatterlayer .trace')].map(
   (t) => [t.querySelectorAll('path.js-line').length,
@@ -220,18 +239,33 @@ async def test_run_all_shows_notebook_01s_dashboard_live(tmp_path: Path) -> None
                 raise AssertionError(
                     f"no data drawn while the workload ran: {marks} {figures} {lines}"
                 )
-            # while it runs: the figure fits, the newest sample is in view
+            # while it runs: the figure fits, the newest sample is in view, and the
+            # card counts the completed jobs; its breakdown, once opened, stays open
             live_checks = 0
             plot = page.locator(".js-plotly-plot").first
-            running_figures = f"() => ({WORKLOAD_RUNNING_JS})() && ({FIGURES_JS})()"
-            while live := await page.evaluate(running_figures):
-                if not live_checks:  # the first look: a screenshot of it too
+            card = page.locator(".jp-Notebook .jp-CodeCell").nth(STACK_CELL)
+            running = f"() => ({WORKLOAD_RUNNING_JS})() && [({FIGURES_JS})(), ({CARD_JS})()]"
+            counts, counts_open = set(), set()
+            while live := await page.evaluate(running):
+                figures, card_now = live
+                if not live_checks:  # the first look: screenshots, and open the breakdown
                     await plot.scroll_into_view_if_needed()
                     ARTIFACTS.mkdir(exist_ok=True)
                     await page.screenshot(path=str(ARTIFACTS / "notebook01_live.png"))
-                live_checks += check_figures(live, "live")
+                    await card.locator(".jupyter-widget-Collapse-header").first.click()
+                    await card.locator(".jupyter-widget-Collapse-open").wait_for()
+                    await card.scroll_into_view_if_needed()
+                    await card.screenshot(path=str(ARTIFACTS / "notebook01_card.png"))
+                elif card_now["open"]:
+                    counts_open.add(card_now["completed"])
+                live_checks += check_figures(figures, "live")
+                assert card_now["widget"] and card_now["link"], card_now
+                counts.add(card_now["completed"])
                 await page.wait_for_timeout(250)
             assert live_checks > 0, "the workload ended before a figure could be checked"
+            assert len(counts) >= 2, f"the card did not move: {counts}"
+            assert len(counts_open) >= 2, f"the breakdown closed on a refresh: {counts_open}"
+            assert card_now["link"].endswith("/dashboard") and "By machine" in card_now["fold"]
             await page.wait_for_function("() => window.__runAll.done", timeout=120_000)
             result = await page.evaluate("() => window.__runAll")
             assert result["ok"], f"a cell failed:\n{await outputs(page)}"

@@ -149,7 +149,7 @@ def test_card_shows_rates_the_breakdown_and_the_dashboard_link() -> None:
         job_ids = [stack.submit("default") for _ in range(8)]
         wait_sync(lambda: stack.stats()["totals"]["completed"] == 8, what="eight completed")
         assert stack.dashboard_url == f"http://127.0.0.1:{stack.hub.port}/dashboard"
-        link = f"<a href='{stack.dashboard_url}' target='_blank'>"
+        link = f"<a href='{stack.dashboard_url}' target='_blank'"
         page = stack._repr_html_()
         for text in ("Throughput now", "jobs/s (last ", "Since start", "(8 in ", link):
             assert text in page, text
@@ -169,7 +169,10 @@ def test_card_shows_rates_the_breakdown_and_the_dashboard_link() -> None:
         bundle = stack._repr_mimebundle_()
         assert set(bundle) == {"text/plain", "text/html"} and link in bundle["text/html"]
         assert len(job_ids) == 8
-    assert "<td style='text-align:left;padding-right:1em'>closed</td>" in stack._repr_html_()
+    # closed, the card keeps the figures read as the stack closed
+    closed = stack._repr_html_()
+    assert "<td style='text-align:left;padding-right:1em'>closed</td>" in closed
+    assert "(8 in " in closed and "Workers: 2 machines, 4 GPUs (as the stack closed)" in closed
 
 
 async def test_card_is_live_in_a_kernel_and_stops_when_the_stack_closes(
@@ -192,6 +195,7 @@ async def test_card_is_live_in_a_kernel_and_stops_when_the_stack_closes(
         await asyncio.to_thread(stack.close)
     await asyncio.wait_for(card.task, 5)  # the refresh ended by itself
     assert ">closed<" in card.summary.value
+    assert card.fold.titles == ("Workers: 1 machine, 3 GPUs (as the stack closed)",)
 
 
 async def _true(value: bool) -> bool:
