@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import urllib.request
 
 import pytest
 
@@ -149,6 +150,8 @@ def test_card_shows_rates_the_breakdown_and_the_dashboard_link() -> None:
         job_ids = [stack.submit("default") for _ in range(8)]
         wait_sync(lambda: stack.stats()["totals"]["completed"] == 8, what="eight completed")
         assert stack.dashboard_url == f"http://127.0.0.1:{stack.hub.port}/dashboard"
+        with urllib.request.urlopen(stack.dashboard_url, timeout=10) as page:  # the hub's own
+            assert page.status == 200 and page.headers.get_content_type() == "text/html"
         link = f"<a href='{stack.dashboard_url}' target='_blank'"
         page = stack._repr_html_()
         for text in ("Throughput now", "jobs/s (last ", "Since start", "(8 in ", link):
