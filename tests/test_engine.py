@@ -620,3 +620,39 @@ async def test_throughput_covers_only_the_time_since_the_first_hub_started(
 def test_without_a_hub_the_rate_window_is_the_one_asked_for(sync_svc: RedisService) -> None:
     s = sync_svc.get_stats(60)
     assert s["since"] is None and s["window_s"] == 60.0
+
+
+async def test_the_owner_resubmitting_gets_the_stored_job(svc: AsyncRedisService) -> None:
+    """Sending a submit again (say, after `unavailable`) is safe for the job's own
+    client: the stored job stands, whatever the second send carries, and the answer
+    is its current status and position. Anyone else gets `duplicate`."""
+    ahead = await svc.submit_job("t", 5, client_id="c")
+    first = await svc.submit_job("t", 5, {"n": 1}, job_id="again", client_id="c")
+    assert (first.status, first.position) == (JobStatus.QUEUED, 1)
+    before = await svc.get_stats()
+    last_event = await svc.last_event_id()
+    same = await svc.submit_job("t2", 9, {"n": 2}, job_id="again", client_id="c")
+    assert (same.job_id, same.status, same.position, same.assignment) == (
+        "again",
+        JobStatus.QUEUED,
+        1,
+        None,
+    )
+    job = await svc.get_job("again")
+    assert job is not None and (job.job_type, job.priority, job.params) == ("t", 5, {"n": 1})
+    assert (await svc.get_stats())["totals"] == before["totals"]
+    assert await svc.last_event_id() == last_event  # nothing happened
+    for other in ("someone-else", None):
+        with pytest.raises(ProtocolError) as err:
+            await svc.submit_job("t", job_id="again", client_id=other)
+        assert err.value.code == ErrorCode.DUPLICATE
+
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None and a.job_id == ahead.job_id
+    done = await svc.complete_job(a.job_id, 1, "m1:gpu0")
+    assert done.next is not None and done.next.job_id == "again"
+    running = await svc.submit_job("t", job_id="again", client_id="c")
+    assert (running.status, running.position) == (JobStatus.ASSIGNED, None)
+    await svc.complete_job("again", 1, "m1:gpu0", "r")
+    finished = await svc.submit_job("t", job_id="again", client_id="c")
+    assert (finished.status, finished.position) == (JobStatus.COMPLETED, None)

@@ -7,25 +7,29 @@
 - workers dropping their sockets at random mid-job;
 - Redis restarted (clean SIGTERM, and SIGKILL) with the append-only file on, under the
   same running hub;
+- Redis stalled (SIGSTOP) past the hub's call timeout: a completion it runs late
+  still reaches the client, and a submit answered ``unavailable`` can be sent again;
 - a client that loses its socket (and its hub) catches up with ``get_events``;
 - where a retried or requeued job goes back in its queue;
 - and the limit: a Redis without persistence restarts empty (the hub recovers).
 
-"Accepted" means the client received ``job_accepted`` (or ``duplicate`` for a resend of
-the same ``job_id``: the first send went through). Every check counts ``completed``
+"Accepted" means the client received ``job_accepted`` (a resend of the same ``job_id``
+is answered with the stored job's state). Every check counts ``completed``
 entries per job in the event stream, so the stream is sized to hold them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -36,7 +40,7 @@ from redisq_lab.mock_worker import MockWorker
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService, EngineLimits, Event, JobStatus
 
-from .helpers import invariant_violations, wait_for
+from .helpers import invariant_violations, wait_for, wait_sync
 from .peers import Peer, open_worker
 from .test_hub_process import HubProcess
 
@@ -96,7 +100,8 @@ CONNECTION_ERRORS = (OSError, ConnectionError, ConnectionClosed, InvalidHandshak
 class Submitter:
     """Submits a fixed list of job ids through one client socket, reconnecting when
     the socket or the hub goes away and resending what was not acknowledged (the
-    same ``job_id``, so a resend of a submit that went through gets ``duplicate``).
+    same ``job_id``, so a resend of a submit that went through is answered with the
+    stored job, ``duplicate`` on a socket that already follows it).
 
     ``accepted`` maps each acknowledged job to the monotonic time of its
     acknowledgement. Bounded: stops at ``deadline`` whatever happens.
@@ -562,6 +567,137 @@ def _after_restart_ids(events: Iterable[Event]) -> list[str]:
         for e in events
         if e.name == "submitted" and e.fields.get("client") == "after-restart"
     ]
+
+
+# ------------------------------------------------------------------ Redis stalls
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@contextlib.contextmanager
+def stalled(rp: RedisProcess) -> Iterator[None]:
+    """Redis stops answering (SIGSTOP: its sockets stay open, what clients send
+    waits in them) until the block ends (SIGCONT: it runs what waited)."""
+    assert rp.proc is not None
+    pid = rp.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_sync(lambda: _process_state(pid) == "T", 5, "redis-server to stop")
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_completion_run_late_by_a_stalled_redis_reaches_the_client(
+    namespace: str,
+) -> None:
+    """Redis stalls longer than the hub's 5 s call timeout while a worker reports
+    its completion. The hub gives up on the call and closes the worker (1011); once
+    Redis runs the waiting call, the job is completed, and the submitting socket
+    (open throughout) hears ``job_completed``, once. The next job, which that late
+    call gave the closed worker, is requeued without counting as a lost worker.
+
+    The worker does not read while Redis is stopped, so its close handshake (and so
+    the hub's requeue of its job) waits until after Redis has run the completion:
+    the order that lost the final frame before."""
+    with RedisProcess(appendonly=False) as rp:
+        engine = AsyncRedisService(rp.url, limits=EngineLimits(namespace=namespace))
+        hub = LiveHub(rp.url, namespace)
+        try:
+            client = await Peer.open(f"{hub.url}/ws/client/c-stall")
+            worker = await open_worker(hub.url, "m1:gpu0", ["t"])
+            warm = await client.request({"type": "submit_job", "job_type": "t"})
+            ack = await worker.request({**_report(await worker.expect("job_assigned"))})
+            assert ack["outcome"] == "completed"  # Redis has the script: it can run it late
+            assert (await client.expect("job_completed"))["job_id"] == warm["job_id"]
+            first = await client.request({"type": "submit_job", "job_type": "t"})
+            second = await client.request({"type": "submit_job", "job_type": "t"})
+            assigned = await worker.expect("job_assigned")
+            assert assigned["job_id"] == first["job_id"]
+            with stalled(rp):
+                await worker.send({**_report(assigned), "result": "late", "id": "c1"})
+                worker.ws.transport.pause_reading()
+
+                async def gave_up() -> bool:
+                    return "within 5 s (complete)" in hub.output()
+
+                await wait_for(gave_up, 30, "the hub to give up on the completion")
+            done = await client.expect("job_completed", timeout=30)
+            assert done["job_id"] == first["job_id"]
+            assert (done["result"], done["attempt"], done["worker_id"]) == ("late", 1, "m1:gpu0")
+
+            async def requeued() -> bool:
+                job = await engine.get_job(second["job_id"])
+                return job is not None and job.status is JobStatus.QUEUED
+
+            worker.ws.transport.resume_reading()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await worker.recv(timeout=30)
+            await wait_for(requeued, 30, "the closed worker's next job to be requeued")
+            job = await engine.get_job(second["job_id"])
+            assert job is not None and job.lost == 0 and job.attempt == 1
+            await client.request({"type": "get_stats"})  # whatever was sent has arrived
+            finals = [m for m in client.seen if m["type"] in ("job_completed", "job_failed")]
+            assert finals[1:] == [done]
+            await client.close()
+            assert hub.alive
+        finally:
+            hub.stop()
+            await engine.aclose()
+
+
+async def test_a_submit_answered_unavailable_can_be_sent_again(namespace: str) -> None:
+    """A submit meets a Redis stall: the client gets ``unavailable``, and Redis runs
+    the submit later. Sending it again (same ``job_id``, other params) answers
+    ``job_accepted`` with the stored job, and the socket follows it to its end. The
+    owner's new socket gets the same answer and the final frame; another client's
+    id stays ``duplicate``."""
+    with RedisProcess(appendonly=False) as rp:
+        engine = AsyncRedisService(rp.url, limits=EngineLimits(namespace=namespace))
+        hub = LiveHub(rp.url, namespace)
+        try:
+            client = await Peer.open(f"{hub.url}/ws/client/c-resend")
+            warm = await client.request({"type": "submit_job", "job_type": "warm-up"})
+            assert warm["type"] == "job_accepted"  # Redis has the script: it can run it late
+            submit = {"type": "submit_job", "job_type": "t", "job_id": "resent", "params": {"v": 1}}
+            with stalled(rp):
+                refused = await client.request(submit, timeout=30)
+                assert refused["type"] == "error" and refused["code"] == "unavailable"
+            await wait_for(lambda: engine.get_job("resent"), 30, "the late submit to run")
+
+            again = await client.request({**submit, "params": {"v": 2}, "priority": 9})
+            assert again["type"] == "job_accepted"
+            assert (again["job_id"], again["status"], again["position"]) == ("resent", "queued", 0)
+            worker = await open_worker(hub.url, "m1:gpu0", ["t"])
+            assigned = await worker.expect("job_assigned")
+            assert assigned["params"] == {"v": 1} and assigned["priority"] == 0
+            update = await client.expect("job_update")
+            assert update["job_id"] == "resent" and update["status"] == "assigned"
+            await worker.send({**_report(assigned), "result": 42})
+            done = await client.expect("job_completed")
+            assert done["job_id"] == "resent" and done["result"] == 42
+
+            later = await Peer.open(f"{hub.url}/ws/client/c-resend")
+            answer = await later.request(submit)
+            assert (answer["type"], answer["status"], answer["position"]) == (
+                "job_accepted",
+                "completed",
+                None,
+            )
+            assert await later.expect("job_completed") == done
+            stranger = await Peer.open(f"{hub.url}/ws/client/c-other")
+            dup = await stranger.request(submit)
+            assert dup["type"] == "error" and dup["code"] == "duplicate"
+            for peer in (client, later, stranger, worker):
+                await peer.close()
+        finally:
+            hub.stop()
+            await engine.aclose()
 
 
 # --------------------------------------------------------------- client catch-up

@@ -109,7 +109,7 @@ def _assignment(r: Any) -> Assignment | None:
 class SubmitResult:
     job_id: str
     status: JobStatus
-    position: int | None  # jobs ahead of it in its queue; None when assigned
+    position: int | None  # jobs ahead of it in its queue; None when not queued
     assignment: Assignment | None
 
 

@@ -160,7 +160,11 @@ class AsyncRedisService(_Shell):
         """Queue a job, or assign it at once to an idle worker that accepts its type.
 
         If ``result.assignment`` is set, the caller (a hub) must deliver it to that
-        worker; the ``assigned`` event tells the worker's hub as well.
+        worker; the ``assigned`` event tells the worker's hub as well. A ``job_id``
+        that exists raises ``duplicate``, unless ``client_id`` is the job's own
+        client: then nothing changes and the result is the stored job's status and
+        position (whatever the other arguments say), so a client may safely send a
+        submit again when it got no answer.
         """
         return await self._run(
             self.ops.submit(

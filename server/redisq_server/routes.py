@@ -22,7 +22,7 @@ from .models import TERMINAL_STATUSES, JobModel
 from .operations import FinishResult, new_job_id
 from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError, Role
 from .redis_service import AsyncRedisService
-from .routing import EventRouter
+from .routing import EventRouter, final_message
 
 __all__ = ["Routes"]
 
@@ -37,20 +37,6 @@ _WORKER_COMMITS = frozenset(
 _PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
-
-
-def _final_message(job: JobModel) -> dict[str, Any] | None:
-    """The frame a follower gets for a job that has already finished (the same as
-    the live one), or None if it has not finished."""
-    if job.status not in TERMINAL_STATUSES:
-        return None
-    f = {
-        "job": job.job_id,
-        "attempt": str(job.attempt),
-        "worker": job.worker_id or "",
-        "status": job.status.value,
-    }
-    return protocol.client_frame(job.status.value, job.job_id, f, job.result, job.error)
 
 
 class Routes:
@@ -162,6 +148,12 @@ class Routes:
                 client_id=conn.id,
                 max_attempts=f["max_attempts"],
             )
+            # the same job sent again by its client (after `unavailable`, or from a
+            # new socket) is answered with its stored state; if it has finished, the
+            # final frame follows the reply, as for subscribe_job
+            finished = None
+            if result.status in TERMINAL_STATUSES:
+                finished = await self.svc.get_job(job_id)
         except BaseException:
             self.registry.unsubscribe(conn, job_id)
             raise
@@ -170,7 +162,13 @@ class Routes:
         with conn.batch():  # the reply and the job's first update in one write
             conn.send(protocol.job_accepted(msg.id, job_id, result.status.value, result.position))
             self.events.flush_local()
-            conn.release_pending(job_id, keep=True)
+            if result.status in TERMINAL_STATUSES:
+                self.registry.unsubscribe(conn, job_id)
+                final = final_message(finished) if finished is not None else None
+                if final is not None:
+                    conn.send(final)
+            else:
+                conn.release_pending(job_id, keep=True)
 
     async def get_job_status(self, conn: Connection, msg: Message) -> None:
         job = await self._own_job(conn, msg.fields["job_id"])
@@ -186,7 +184,7 @@ class Routes:
             self.registry.unsubscribe(conn, job_id)
             raise
         conn.send(protocol.subscribed_job(msg.id, job_id, job.status.value))
-        final = _final_message(job)
+        final = final_message(job)
         if final is not None:
             self.registry.unsubscribe(conn, job_id)
             conn.send(final)
@@ -195,7 +193,11 @@ class Routes:
 
     async def cancel_job(self, conn: Connection, msg: Message) -> None:
         job_id = msg.fields["job_id"]
-        await self.svc.cancel_job(job_id, client_id=conn.id)
+        try:
+            await self.svc.cancel_job(job_id, client_id=conn.id)
+        except RedisError:
+            self.events.recheck(job_id)  # it may be cancelled once Redis catches up
+            raise
         job = await self._own_job(conn, job_id)
         conn.send(protocol.job_status(msg.id, job.to_dict()))
 
@@ -299,7 +301,11 @@ class Routes:
     async def complete_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)
         f = msg.fields
-        res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
+        try:
+            res = await self.svc.complete_job(f["job_id"], f["attempt"], conn.id, f["result"])
+        except RedisError:  # it may complete once Redis catches up: its client must hear
+            self.events.recheck(f["job_id"], f["attempt"], conn.id)
+            raise
         if res.outcome == "completed":  # first: the result is what its client waits for
             self.events.tell_final(
                 "completed", f["job_id"], f["attempt"], conn.id, result=f["result"]
@@ -309,9 +315,13 @@ class Routes:
     async def fail_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)
         f = msg.fields
-        res = await self.svc.fail_job(
-            f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
-        )
+        try:
+            res = await self.svc.fail_job(
+                f["job_id"], f["attempt"], conn.id, f["error"], f["retryable"]
+            )
+        except RedisError:  # as in complete_job
+            self.events.recheck(f["job_id"], f["attempt"], conn.id)
+            raise
         if res.outcome == "retrying":
             self.events.retry_scheduled()  # the promoter moves it back when it is due
         if res.outcome == "failed":

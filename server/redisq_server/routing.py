@@ -12,7 +12,10 @@ Three sources, in order of latency:
 
 An event reaches the job's subscribed clients (``job_update``, ``job_completed``,
 ``job_failed``) and the worker an assignment or a cancel concerns. The router also
-runs the retry promoter, which wakes when a retry is scheduled.
+runs the retry promoter, which wakes when a retry is scheduled, and the recheck of
+jobs whose report met a Redis failure (:meth:`EventRouter.recheck`): the events of
+a call whose reply was lost are lost with it, so such a job is read again until its
+followers here have heard how it ended.
 """
 
 from __future__ import annotations
@@ -23,19 +26,49 @@ import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from redis.exceptions import RedisError
 
 from . import protocol
 from .connections import Registry
+from .models import TERMINAL_STATUSES, JobModel
 from .operations import Assignment, Event
 from .protocol import EventName
 from .redis_service import AsyncRedisService
 
-__all__ = ["EventRouter", "forever"]
+__all__ = ["EventRouter", "final_message", "forever"]
 
 log = logging.getLogger("redisq.hub")
+
+#: how long a job whose report met a Redis failure is read again, at most
+RECHECK_FOR_S: Final = 60.0
+#: how often it is read while its fate is unknown
+RECHECK_EVERY_S: Final = 0.25
+
+
+def final_message(job: JobModel) -> dict[str, Any] | None:
+    """The frame a follower gets for a job that has already finished (the same as
+    the live one), or None if it has not finished."""
+    if job.status not in TERMINAL_STATUSES:
+        return None
+    f = {
+        "job": job.job_id,
+        "attempt": str(job.attempt),
+        "worker": job.worker_id or "",
+        "status": job.status.value,
+    }
+    return protocol.client_frame(job.status.value, job.job_id, f, job.result, job.error)
+
+
+@dataclass
+class _Unsure:
+    """A job whose fate a failed call left unknown (see :meth:`EventRouter.recheck`)."""
+
+    attempt: int | None  # the attempt the failed report was about, if any
+    worker: str | None  # the worker that sent it
+    until: float  # loop time after which it is given up
 
 
 async def forever(
@@ -81,18 +114,22 @@ class EventRouter:
         # the monitors' tap: where it reads the stream from, and its wake-up
         self._tap_cursor: str | None = None
         self._tap_wanted = asyncio.Event()
+        # jobs to read again after a call about them failed without a reply
+        self._unsure: dict[str, _Unsure] = {}
+        self._unsure_added = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------- loops
 
     def start(self) -> None:
-        """Start the inbox, local, tap and promoter loops."""
+        """Start the inbox, local, tap, promoter and recheck loops."""
         self._tasks = [
             asyncio.create_task(self._loop("fan-in", self._fan_in_step()), name="fan-in"),
             asyncio.create_task(self._loop("local", self.run_local), name="local"),
             asyncio.create_task(self._loop("tap", self._tap_step), name="tap"),
             asyncio.create_task(self._loop("promoter", self._promote_step), name="promoter"),
+            asyncio.create_task(self._loop("recheck", self._recheck_step), name="recheck"),
         ]
 
     async def stop(self) -> None:
@@ -139,6 +176,58 @@ class EventRouter:
         timeout = 1.0 if wait_s is None else min(1.0, wait_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._retry_due.wait(), timeout)
+
+    def recheck(self, job: str, attempt: int | None = None, worker: str | None = None) -> None:
+        """A call about ``job`` failed without a reply (Redis stalled past the call
+        timeout, or the connection dropped): it may have run, or still run once
+        Redis catches up, and the events it made for this hub's sockets are lost
+        with the reply. Call this when such a call could have ended the job, or
+        moved it on, while sockets here follow it (a worker's ``complete_job`` or
+        ``fail_job``, a client's ``cancel_job``, a worker's loss).
+
+        Until its fate is known, the job is read again every quarter second (once
+        Redis answers), for at most a minute. Once it has finished, its followers
+        here get the final frame, once, as if they had heard it live. For a report
+        on ``attempt`` by ``worker``: once the job has a new attempt or another
+        worker, nothing is needed (its later events reach this hub as usual)."""
+        if job not in self.registry.job_subs:
+            return
+        until = asyncio.get_running_loop().time() + RECHECK_FOR_S
+        self._unsure[job] = _Unsure(attempt, worker, until)
+        self._unsure_added.set()
+
+    async def _recheck_step(self) -> None:
+        if not self._unsure:
+            self._unsure_added.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unsure_added.wait(), 1.0)
+            return
+        now = asyncio.get_running_loop().time()
+        for job, unsure in list(self._unsure.items()):
+            if job not in self.registry.job_subs or now > unsure.until:
+                self._unsure.pop(job, None)  # told by the usual path, or given up
+                continue
+            state = await self.svc.get_job(job)  # a RedisError: the loop backs off, retries
+            if state is None or state.status in TERMINAL_STATUSES:
+                self._unsure.pop(job, None)
+                if state is not None:
+                    self.tell_finished(state)
+            elif unsure.attempt is not None and (
+                state.attempt != unsure.attempt or state.worker_id != unsure.worker
+            ):
+                self._unsure.pop(job, None)
+        await asyncio.sleep(RECHECK_EVERY_S)
+
+    def tell_finished(self, job: JobModel) -> None:
+        """Give this hub's followers of finished ``job`` its final frame and end their
+        subscriptions (nothing if none follow it here any more)."""
+        message = final_message(job)
+        subs = self.registry.job_subs.get(job.job_id)
+        if message is None or not subs:
+            return
+        for conn in list(subs):
+            conn.deliver(job.job_id, message)
+        self.registry.drop_job(job.job_id)
 
     def retry_scheduled(self) -> None:
         """A retry was scheduled: wake the promoter to learn when it is due."""

@@ -1,11 +1,20 @@
 -- Submit a job: assign it to an idle worker that accepts its type, else queue it.
 -- A(1) job id  A(2) job type  A(3) priority  A(4) params JSON  A(5) client id
 -- A(6) max attempts
--- Returns {status, position (-1 when assigned), assignment or false}.
+-- Returns {status, position (-1 when not queued), assignment or false}.
+-- The job's own client sending the same id again (say, after `unavailable`) gets
+-- the stored job's status and position, whatever it sends: the stored job stands
+-- and nothing changes. Any other caller gets DUPLICATE.
 local id, jt, priority = A(1), A(2), A(3)
 local jk = K.job(id)
 if redis.call('EXISTS', jk) == 1 then
-  return redis.error_reply('DUPLICATE job ' .. id .. ' already exists')
+  local h = redis.call('HMGET', jk, 'client', 'status', 'type')
+  if A(5) == '' or h[1] ~= A(5) then
+    return redis.error_reply('DUPLICATE job ' .. id .. ' already exists')
+  end
+  local pos = -1
+  if h[2] == 'queued' then pos = redis.call('ZRANK', K.queue(h[3]), id) or -1 end
+  return {h[2], pos, false}
 end
 local t = now()
 local seq = redis.call('INCR', K.seq())
