@@ -1,5 +1,4 @@
--- A worker reports that its job failed, and claims its next one, in one step (the
--- report proves the worker's machine alive, as complete.lua).
+-- A worker reports that its job failed, and claims its next one, in one step.
 -- A(1) job id  A(2) attempt  A(3) worker id  A(4) error text  A(5) retryable 1|0
 -- A retryable failure waits in `delayed` for an exponential backoff while the job
 -- has failed fewer than max_attempts times (requeues after a lost worker do not
@@ -8,9 +7,8 @@
 local id, attempt, w = A(1), A(2), A(3)
 local err = fence(id, attempt, w)
 local t = now()
-if err and err ~= 'CANCELLED' then return redis.error_reply(err) end
-prove(machine_of(w), t)
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
+if err then return redis.error_reply(err) end
 local jk = K.job(id)
 local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started', 'type')
 redis.call('HSET', jk, 'error', A(4))

@@ -21,8 +21,8 @@ local CALLER = ARGV[8]
 local function A(i) return ARGV[8 + i] end
 local LOCAL = {}
 
--- A job whose worker was lost avoids that worker's machine this long, unless the
--- machine proves alive first (see shun, prove): its other sockets may be dying too.
+-- A job whose worker was lost avoids that worker's machine this long (see shun):
+-- the machine's other sockets may be dying too.
 local AVOID_S = math.min(5, LEASE)
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
@@ -108,9 +108,11 @@ local function depth_add(jt, priority, n)
   end
 end
 
--- Job `id`, lost by a worker of `machine`, avoids that machine until the machine
--- proves alive (prove) or AVOID_S has passed (promote.lua): its other GPUs' sockets
--- may be dying too, and a requeued job must not bounce through them.
+-- Job `id`, lost at time `t` by a worker of `machine`, avoids that machine for
+-- AVOID_S (promote.lua ends it): no GPU of it gets the job unless that GPU has been
+-- heard from since the loss (a registration or a report sets its `heard` time). The
+-- machine's other sockets may be dying too, and a requeued job must not bounce
+-- through them. (The job's `queued` time is the time of the loss: lose_job.)
 local function shun(id, machine, t)
   if blank(machine) then return end
   redis.call('HSET', K.job(id), 'avoid', machine)
@@ -127,7 +129,8 @@ local function unshun(id, machine)
   redis.call('SREM', K.avoided(machine), id)
 end
 
--- The longest-idle worker that accepts type `jt`, skipping machine `avoid` if set.
+-- The longest-idle worker that accepts type `jt`, skipping machine `avoid` if set
+-- (the job was just lost there: none of its idle GPUs has been heard from since).
 -- Every worker skipped is a GPU of that one machine.
 local function idle_worker(jt, avoid)
   local key = K.idle(jt)
@@ -191,10 +194,11 @@ local function enqueue(id, t, fresh, returned, j)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
 
--- The first job in the queue of type `jt` that does not avoid the machine whose
--- avoided set is `avoided` (false: none does, take the head): id, score or nil.
--- Every job skipped is one that avoids that machine.
-local function queue_head(jt, avoided, t)
+-- The first job in the queue of type `jt` that worker `w` may take: one that does
+-- not avoid w's machine (`avoided`: that machine's avoided set, false if none
+-- avoids it), or was lost there before w was last `heard` from, or whose avoidance
+-- has lapsed. Returns id, score or nil. Every job skipped avoids w's machine.
+local function queue_head(jt, avoided, heard, t)
   local key = K.queue(jt)
   if not avoided then
     local top = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
@@ -207,7 +211,10 @@ local function queue_head(jt, avoided, t)
       local id = page[i]
       if redis.call('SISMEMBER', avoided, id) == 0 then return id, tonumber(page[i + 1]) end
       local until_t = tonumber(redis.call('ZSCORE', K.avoid(), id))
-      if not until_t or until_t <= t then return id, tonumber(page[i + 1]) end -- lapsed
+      local lost_at = tonumber(redis.call('HGET', K.job(id), 'queued'))
+      if not until_t or until_t <= t or (heard and lost_at and heard >= lost_at) then
+        return id, tonumber(page[i + 1])
+      end
     end
     if #page < 32 then return nil end
     from = from + 16
@@ -216,15 +223,20 @@ end
 
 -- Worker `w` (accepting `types`, read if not given) is free: hand it the best
 -- queued job over all its types (priority, then the global submission order) that
--- does not avoid its machine, or mark it idle. Returns an assignment or false.
+-- it may take (queue_head), or mark it idle. Returns an assignment or false.
 local function claim_next(w, t, types)
   local wk = K.worker(w)
   types = types or split(redis.call('HGET', wk, 'types'))
   local avoided = K.avoided(machine_of(w))
-  if redis.call('EXISTS', avoided) == 0 then avoided = false end
+  local heard = nil
+  if redis.call('EXISTS', avoided) == 1 then
+    heard = tonumber(redis.call('HGET', wk, 'heard'))
+  else
+    avoided = false
+  end
   local best, best_score, best_type = nil, nil, nil
   for _, jt in ipairs(types) do
-    local id, s = queue_head(jt, avoided, t)
+    local id, s = queue_head(jt, avoided, heard, t)
     if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
   if best then
@@ -245,7 +257,7 @@ local function release(w, t, outcome)
   local since = tonumber(h[1])
   if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
   if outcome then redis.call('HINCRBY', wk, outcome, 1) end
-  redis.call('HSET', wk, 'seen', ts(t))
+  redis.call('HSET', wk, 'seen', ts(t), 'heard', ts(t))
   return claim_next(w, t, split(h[2]))
 end
 
@@ -307,8 +319,8 @@ local function lose_job(id, w, t, count)
   enqueue(id, t, false, false)
 end
 
--- Jobs `ids` avoid no machine any more: each one still queued goes, in queue order,
--- to the longest-idle worker that takes it (if any), as at submission.
+-- Jobs `ids` avoid no machine any more (promote.lua): each one still queued goes,
+-- in queue order, to the longest-idle worker that takes it (if any).
 local function redispatch(ids, t)
   local queued = {}
   for _, id in ipairs(ids) do
@@ -328,17 +340,6 @@ local function redispatch(ids, t)
       assign(id, w, t, false, {j[2], j[3], j[4], j[5]}, true)
     end
   end
-end
-
--- A worker of `machine` reported on a job or registered: the machine is alive, so
--- the jobs that avoided it may run there again (redispatch). Call it before the
--- worker claims its next job.
-local function prove(machine, t)
-  local key = K.avoided(machine)
-  if redis.call('EXISTS', key) == 0 then return end
-  local ids = redis.call('SMEMBERS', key)
-  for _, id in ipairs(ids) do unshun(id, machine) end
-  redispatch(ids, t)
 end
 
 -- Take worker `w` out of service; requeue its job. Only if `session` is current.

@@ -2,8 +2,8 @@
 -- becomes ready: it claims its best queued job or is marked idle.
 -- A(1) worker id  A(2) machine id  A(3) job types, comma-separated  A(4) capabilities
 -- JSON  A(5) hub id  A(6) session (unique per connection)
--- A job still held by an earlier session of this worker is requeued first. The
--- registration proves the machine alive (prove): jobs that avoided it may run there.
+-- A job still held by an earlier session of this worker is requeued first (and may
+-- come straight back: a worker that registers has been heard from, see shun).
 -- Returns an assignment or false.
 local w = A(1)
 local t = now()
@@ -14,10 +14,10 @@ if old[1] and old[2] ~= 'offline' then drop_worker(w, old[1], t, 1) end
 -- first registration, so busy_s / (now - registered) stays a share of wall time
 redis.call('HSETNX', wk, 'registered', ts(t))
 redis.call('HSET', wk, 'id', w, 'machine', A(2), 'types', A(3), 'caps', A(4), 'hub', A(5),
-  'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'seen', ts(t), 'since', ts(t))
+  'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'seen', ts(t), 'since', ts(t),
+  'heard', ts(t))
 redis.call('PERSIST', wk)
 redis.call('ZADD', K.workers(), ts(t + LEASE), w)
 for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
 emit(t, 'worker_up', {'worker', w, 'hub', A(5)})
-prove(A(2), t)
 return claim_next(w, t)
