@@ -35,6 +35,7 @@ from redisq_server import EngineLimits, RedisService, Settings, WorkerModel
 from redisq_server.main import Hub
 
 from .client import QueueClient
+from .frames import policy_text
 from .mock_worker import MockWorker
 from .redis_process import RedisNotInstalled, RedisProcess
 
@@ -359,12 +360,14 @@ class LocalStack:
             ("Namespace", html.escape(self.namespace)),
             ("State", "closed" if self._closed else "running"),
             ("Dashboard", f"<a href='{link}' target='_blank' style='{_LINK}'>{link}</a>"),
+            ("Policy", html.escape(policy_text(self.settings.limits.policy))),
         ]
         if s:
             rows += [
                 ("Workers", f"{s['workers']} ({s['workers_busy']} busy, {s['workers_idle']} idle)"),
                 ("Queued", str(s["queued"])),
                 ("Running", str(s["running"])),
+                ("Scheduled", str(s["scheduled"])),
                 ("Completed", str(s["totals"]["completed"])),
                 (
                     "Throughput now",

@@ -24,9 +24,11 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "done": "done:{}",  # ZSET per terminal status: job ids by finish time (trimmed to TTL)
     "workers": "workers",  # ZSET: live workers by liveness deadline
     "leases": "leases",  # ZSET: assigned/running job ids by lease deadline
-    "delayed": "delayed",  # ZSET: retrying job ids by due time
+    "delayed": "delayed",  # ZSET: retrying and scheduled job ids by due time
+    "scheduled": "scheduled",  # ZSET: the scheduled (delayed-start) ones among them
     "events": "events",  # STREAM: every lifecycle event, capped
     "stats": "stats",  # HASH: O(1) counters, total and per job type
+    "policy": "policy",  # HASH: the scheduling policy the hubs run (written at hub start)
     "seq": "seq",  # STRING: submission sequence (FIFO within a priority)
     "types": "types",  # SET: every job type seen (submitted or accepted)
     "hubs": "hubs",  # ZSET: live hubs by liveness deadline
@@ -90,12 +92,20 @@ class Keys:
         return self.prefix + KEY_TEMPLATES["delayed"]
 
     @property
+    def scheduled(self) -> str:
+        return self.prefix + KEY_TEMPLATES["scheduled"]
+
+    @property
     def events(self) -> str:
         return self.prefix + KEY_TEMPLATES["events"]
 
     @property
     def stats(self) -> str:
         return self.prefix + KEY_TEMPLATES["stats"]
+
+    @property
+    def policy(self) -> str:
+        return self.prefix + KEY_TEMPLATES["policy"]
 
     @property
     def seq(self) -> str:

@@ -39,6 +39,7 @@ MAX_SEQ: Final = (1 << SEQ_BITS) - 1
 class JobStatus(StrEnum):
     """Where a job is in its lifecycle (see TRANSITIONS)."""
 
+    SCHEDULED = "scheduled"  # submitted with a delay: waits in `delayed` until due
     QUEUED = "queued"
     ASSIGNED = "assigned"
     RUNNING = "running"
@@ -53,7 +54,9 @@ TERMINAL_STATUSES: Final = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, Job
 #: The job state machine. The Lua scripts are its only writers; this table is what
 #: they implement and what the tests check them against.
 TRANSITIONS: Final[Mapping[JobStatus | None, frozenset[JobStatus]]] = {
-    None: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED}),  # submit
+    None: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.SCHEDULED}),  # submit
+    # due (the promoter): queued, or straight onto an idle worker; or cancelled first
+    JobStatus.SCHEDULED: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.ASSIGNED, JobStatus.CANCELLED}),
     JobStatus.ASSIGNED: frozenset(
         {
@@ -154,6 +157,7 @@ class JobModel:
     assigned: float | None = None
     started: float | None = None
     finished: float | None = None
+    due: float | None = None  # a delayed job's run time (set while it is scheduled, kept after)
 
     @classmethod
     def from_redis(cls, job_id: str, h: Mapping[str, str], position: int | None = None) -> JobModel:
@@ -185,6 +189,7 @@ class JobModel:
             assigned=_opt_float(h.get("assigned")),
             started=_opt_float(h.get("started")),
             finished=_opt_float(h.get("finished")),
+            due=_opt_float(h.get("due")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -156,11 +156,16 @@ class AsyncRedisService(_Shell):
         job_id: str | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """Queue a job, or assign it at once to an idle worker that accepts its type.
 
         If ``result.assignment`` is set, the caller (a hub) must deliver it to that
-        worker; the ``assigned`` event tells the worker's hub as well.
+        worker; the ``assigned`` event tells the worker's hub as well. With
+        ``delay_s`` or ``run_at`` still ahead the job is ``scheduled``: a hub's
+        promoter queues it when due (a hub must wake its promoter, see
+        ``EventRouter.retry_scheduled``).
         """
         return await self._run(
             self.ops.submit(
@@ -170,6 +175,8 @@ class AsyncRedisService(_Shell):
                 job_id=job_id,
                 client_id=client_id,
                 max_attempts=max_attempts,
+                delay_s=delay_s,
+                run_at=run_at,
             )
         )
 
@@ -381,9 +388,13 @@ class RedisService(_Shell):
         job_id: str | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """Queue a job, or assign it at once to an idle worker that accepts its type
-        (that worker's hub pushes it). Raises ProtocolError for bad input."""
+        (that worker's hub pushes it). Raises ProtocolError for bad input. With
+        ``delay_s`` or ``run_at`` ahead it is ``scheduled`` until a hub's promoter
+        queues it when due (no hub running: it stays scheduled)."""
         return self._run(
             self.ops.submit(
                 job_type,
@@ -392,6 +403,8 @@ class RedisService(_Shell):
                 job_id=job_id,
                 client_id=client_id,
                 max_attempts=max_attempts,
+                delay_s=delay_s,
+                run_at=run_at,
             )
         )
 
@@ -435,7 +448,8 @@ class RedisService(_Shell):
     # -- bulk reads for monitors (pipelined; no KEYS, no SCAN)
     def job_ids(self, status: str, limit: int = 1000) -> list[str]:
         """Ids of jobs in ``status``: ``queued`` (queue order), ``active`` (assigned,
-        running, retrying), or a finished status (newest first)."""
+        running, retrying, scheduled), ``scheduled`` (by due time), or a finished
+        status (newest first)."""
         validate_limit(limit, most=1 << 62)
         k = self.keys
         r: Any = self.redis
@@ -455,11 +469,13 @@ class RedisService(_Shell):
                 p.zrange(k.delayed, 0, limit - 1)
                 running, delayed = p.execute()
             return [*running, *delayed][:limit]
+        if status == "scheduled":
+            return list(r.zrange(k.scheduled, 0, limit - 1))
         if status in {s.value for s in TERMINAL_STATUSES}:
             return list(r.zrevrange(k.done(status), 0, limit - 1))
         raise ProtocolError(
             ErrorCode.INVALID_FIELD,
-            "status: expected queued, active, completed, failed or cancelled",
+            "status: expected queued, active, scheduled, completed, failed or cancelled",
         )
 
     def get_jobs(self, job_ids: Sequence[str]) -> list[JobModel]:

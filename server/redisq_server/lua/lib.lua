@@ -4,8 +4,9 @@
 -- ARGV header, the same for every script (see redis_service.py, _Shell._call):
 --   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
 --   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
---   8 the calling hub's id ('' when the caller is not a hub)
--- Script arguments follow from ARGV[9] on: use A(i).
+--   8 aging step in ms (0: off)   9 fair share: 'off' or 'client'
+--   10 the calling hub's id ('' when the caller is not a hub)
+-- Script arguments follow from ARGV[11] on: use A(i).
 --
 -- Every script's reply is wrapped as {reply, LOCAL} (redis_service.script_source):
 -- LOCAL holds the events for the calling hub's own sockets, so that a hub never
@@ -17,8 +18,10 @@ local MAXLEN = ARGV[4]
 local MAX_LOST = tonumber(ARGV[5])
 local BACKOFF_BASE = tonumber(ARGV[6])
 local BACKOFF_MAX = tonumber(ARGV[7])
-local CALLER = ARGV[8]
-local function A(i) return ARGV[8 + i] end
+local AGING_MS = tonumber(ARGV[8])
+local FAIR = ARGV[9] == 'client'
+local CALLER = ARGV[10]
+local function A(i) return ARGV[10 + i] end
 local LOCAL = {}
 
 -- A job whose worker was lost avoids that worker's machine this long, unless the
@@ -27,6 +30,7 @@ local AVOID_S = math.min(5, LEASE)
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
+local MAX_DELAY_S = 31622400 -- protocol.MAX_DELAY_S
 
 local function now()
   local t = redis.call('TIME')

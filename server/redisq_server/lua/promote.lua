@@ -1,4 +1,5 @@
--- Move retrying jobs whose backoff has passed back to a worker or their queue, and
+-- Move retrying jobs whose backoff has passed, and scheduled jobs now due, to a
+-- worker or their queue (a scheduled job enters its queue now: its wait starts), and
 -- end the avoidances (shun, lib.lua) whose time has passed: such a job, if still
 -- queued, goes to an idle worker of the machine it avoided, if one waits.
 -- A(1) how many of each to handle in this call
@@ -10,6 +11,7 @@ local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', ts(t), 'LIMIT', 0, 
 local out = {#due, -1}
 for _, id in ipairs(due) do
   redis.call('ZREM', K.delayed(), id)
+  redis.call('ZREM', K.scheduled(), id)
   local a = enqueue(id, t, false, true)
   if a then
     out[#out + 1] = a

@@ -1,0 +1,133 @@
+"""Scheduling policies on a real hub with real mock workers: delayed jobs, aging and
+fair share per client (docs/scheduling.md). Strict priority, the default, is covered
+unchanged by test_engine.py and test_hub.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from redisq_lab import MockWorker, QueueClient
+from redisq_server import AsyncRedisService, EngineLimits, JobStatus, RedisService
+from redisq_server.main import Hub
+from redisq_server.protocol import ErrorCode, ProtocolError
+
+from .helpers import hub_settings, wait_for
+
+#: how late a due job may reach its worker: the promoter wakes on the submit and
+#: sleeps exactly until the due time, so this is a bound on a loaded test machine
+SOON_S = 0.5
+
+
+@asynccontextmanager
+async def running_hub(redis_url: str, limits: EngineLimits) -> AsyncIterator[Hub]:
+    async with Hub(hub_settings(redis_url, limits)) as hub:
+        yield hub
+
+
+async def first_update(client: QueueClient, job_id: str, status: str) -> dict[str, Any]:
+    """The first update of ``job_id`` with ``status`` (bounded by the caller)."""
+    async for update in client.follow(job_id):
+        if update.get("status") == status:
+            return update
+    raise AssertionError(f"{job_id} ended without status {status}")
+
+
+# ------------------------------------------------------------------ delayed jobs
+
+
+async def test_delayed_job_waits_scheduled_then_runs_soon_after_its_time(
+    redis_url: str, limits: EngineLimits, svc: AsyncRedisService
+) -> None:
+    async with (
+        running_hub(redis_url, limits) as hub,
+        MockWorker("m1", 1, hub=hub, job_types=["render"], run_time=0.0),
+        QueueClient(hub, "alice") as client,
+    ):
+        job_id = await client.submit("render", params={}, delay_s=0.4)
+        assert client.traces[job_id].status == "scheduled"
+        job = await svc.get_job(job_id)
+        assert job is not None and job.status is JobStatus.SCHEDULED and job.position is None
+        assert job.due is not None and job.created is not None
+        assert job.due == pytest.approx(job.created + 0.4, abs=1e-3)
+        stats = await svc.get_stats()
+        assert (stats["scheduled"], stats["retrying"], stats["queued"]) == (1, 0, 0)
+        # the worker is idle all along: only the due time holds the job back
+        await asyncio.wait_for(client.result(job_id), 5)
+        done = await svc.get_job(job_id)
+        assert done is not None and done.assigned is not None
+        assert done.due is not None and done.due <= done.assigned < done.due + SOON_S
+        assert done.queued == pytest.approx(done.assigned, abs=0.05)  # its wait starts when due
+        assert (await svc.get_stats())["scheduled"] == 0
+
+
+async def test_due_job_with_no_idle_worker_is_queued_with_its_priority(
+    redis_url: str, limits: EngineLimits, svc: AsyncRedisService
+) -> None:
+    async with running_hub(redis_url, limits) as hub, QueueClient(hub, "alice") as client:
+        early = await client.submit("train", priority=1)
+        late = await client.submit("train", priority=5, delay_s=0.2)
+        update = await asyncio.wait_for(first_update(client, late, "queued"), 5)
+        assert update["event"] == "promoted"
+        job = await svc.get_job(late)
+        assert job is not None and job.status is JobStatus.QUEUED
+        assert job.position == 0  # ahead of the earlier job of lower priority
+        first = await svc.get_job(early)
+        assert first is not None and first.position == 1
+
+
+async def test_cancel_a_scheduled_job(
+    redis_url: str, limits: EngineLimits, svc: AsyncRedisService, sync_svc: RedisService
+) -> None:
+    async with running_hub(redis_url, limits) as hub, QueueClient(hub, "alice") as client:
+        job_id = await client.submit("render", delay_s=60)
+        assert sync_svc.job_ids("scheduled") == [job_id]
+        assert job_id in sync_svc.job_ids("active")
+        cancelled = await svc.cancel_job(job_id, "alice")
+        assert cancelled.status is JobStatus.CANCELLED and cancelled.worker_id is None
+        stats = await svc.get_stats()
+        assert (stats["scheduled"], stats["retrying"]) == (0, 0)
+        assert sync_svc.job_ids("scheduled") == [] and sync_svc.job_ids("active") == []
+        assert sync_svc.job_ids("cancelled") == [job_id]
+
+
+async def test_delay_fields_are_checked(svc: AsyncRedisService) -> None:
+    with pytest.raises(ProtocolError) as both:
+        await svc.submit_job("render", delay_s=1, run_at=2e9)
+    assert both.value.code is ErrorCode.INVALID_FIELD
+    for bad in (-1, float("nan"), 400 * 86_400, True):
+        with pytest.raises(ProtocolError):
+            await svc.submit_job("render", delay_s=bad)
+    t = (await svc.get_stats())["time"]
+    with pytest.raises(ProtocolError) as far:
+        await svc.submit_job("render", run_at=t + 400 * 86_400)
+    assert far.value.code is ErrorCode.INVALID_FIELD
+    past = await svc.submit_job("render", run_at=t - 10)  # already due: queued at once
+    assert past.status is JobStatus.QUEUED and past.position == 0
+    zero = await svc.submit_job("render", delay_s=0)
+    assert zero.status is JobStatus.QUEUED and zero.position == 1
+    later = await svc.submit_job("render", run_at=t + 30)
+    assert later.status is JobStatus.SCHEDULED and later.position is None
+
+
+async def test_a_hub_started_later_promotes_what_is_due(
+    redis_url: str, limits: EngineLimits, svc: AsyncRedisService
+) -> None:
+    # submitted with no hub running: any hub's promoter queues it once due
+    result = await svc.submit_job("render", delay_s=0.1, client_id="alice")
+    assert result.status is JobStatus.SCHEDULED
+    async with (
+        running_hub(redis_url, replace(limits)) as hub,
+        MockWorker("m1", 1, hub=hub, job_types=["render"], run_time=0.0),
+    ):
+
+        async def done() -> bool:
+            job = await svc.get_job(result.job_id)
+            return job is not None and job.status is JobStatus.COMPLETED
+
+        await wait_for(done, timeout=5, what="the due job ran")
