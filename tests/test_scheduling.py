@@ -15,6 +15,7 @@ import pytest
 from redisq_lab import MockWorker, QueueClient
 from redisq_server import AsyncRedisService, EngineLimits, JobStatus, RedisService
 from redisq_server.main import Hub
+from redisq_server.models import aged_score, entered_ms
 from redisq_server.protocol import ErrorCode, ProtocolError
 
 from .helpers import hub_settings, wait_for
@@ -131,3 +132,73 @@ async def test_a_hub_started_later_promotes_what_is_due(
             return job is not None and job.status is JobStatus.COMPLETED
 
         await wait_for(done, timeout=5, what="the due job ran")
+
+
+# ------------------------------------------------------------------------ aging
+
+
+async def run_in_order(hub: Hub, svc: AsyncRedisService, job_ids: list[str]) -> list[str]:
+    """Start one GPU on ``hub``, let it run every job, and return the jobs in the
+    order the GPU got them (by their server-clock assignment times)."""
+    async with MockWorker("solo", 1, hub=hub, job_types=["render"], run_time=0.0):
+
+        async def all_done() -> list[Any] | None:
+            jobs = [await svc.get_job(j) for j in job_ids]
+            ok = all(j is not None and j.status is JobStatus.COMPLETED for j in jobs)
+            return jobs if ok else None
+
+        jobs = await wait_for(all_done, timeout=10, what="every job completed")
+    return [j.job_id for j in sorted(jobs, key=lambda j: j.assigned)]
+
+
+async def server_time_reaches(svc: AsyncRedisService, t: float) -> None:
+    """Wait until the Redis server's clock shows ``t`` (bounded)."""
+
+    async def reached() -> bool:
+        return bool((await svc.get_stats())["time"] >= t)
+
+    await wait_for(reached, timeout=10, what=f"server time {t}")
+
+
+async def test_aging_a_low_priority_job_that_waited_three_steps_runs_first(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    aging = replace(limits, aging_s=1.0)
+    aged = AsyncRedisService(redis_url, limits=aging)
+    async with running_hub(redis_url, aging) as hub:
+        old = (await aged.submit_job("render", 0, client_id="c")).job_id
+        created = (await aged.get_job(old)).created  # type: ignore[union-attr]
+        assert created is not None
+        await server_time_reaches(aged, created + 1.0)
+        mid = (await aged.submit_job("render", 2, client_id="c")).job_id  # 1 s later
+        await server_time_reaches(aged, created + 3.0)
+        late = (await aged.submit_job("render", 2, client_id="c")).job_id  # 3 s later
+        # one step per second: old (p0) has gained 2 steps on mid, not enough; 3 on late
+        positions = [(await aged.get_job(j)).position for j in (mid, old, late)]  # type: ignore[union-attr]
+        assert positions == [0, 1, 2]
+        assert await run_in_order(hub, aged, [old, mid, late]) == [mid, old, late]
+    await aged.aclose()
+
+
+async def test_aging_scores_match_the_model_and_survive_a_requeue(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    aging = replace(limits, aging_s=0.25)
+    svc = AsyncRedisService(redis_url, limits=aging)
+    r: Any = svc.redis
+    queue = svc.keys.queue("render")
+    try:
+        ids = [(await svc.submit_job("render", p, client_id="c")).job_id for p in (0, 7, -3)]
+        for jid in ids:
+            h = await r.hgetall(svc.keys.job(jid))
+            entered = entered_ms(float(h["created"]))
+            expected = aged_score(int(h["priority"]), entered, 250, int(h["seq"]))
+            assert await r.zscore(queue, jid) == expected
+        before = await r.zrange(queue, 0, -1, withscores=True)
+        # a worker takes the head and is lost: the job goes back with the same score
+        a = await svc.register_worker("m1:gpu0", ["render"], session="s1")
+        assert a is not None and a.job_id == before[0][0] == ids[1]
+        assert await svc.worker_lost("m1:gpu0", "s1")
+        assert await r.zrange(queue, 0, -1, withscores=True) == before
+    finally:
+        await svc.aclose()

@@ -155,8 +155,10 @@ class EngineLimits:
     fair_share: str = "off"  # "client": round-robin over client ids within a priority
 
     def __post_init__(self) -> None:
-        if not 0 <= self.aging_s <= MAX_AGING_S:
-            raise ValueError(f"aging_s={self.aging_s!r}: expected 0 (off) to {MAX_AGING_S} s")
+        if not (self.aging_s == 0 or 0.001 <= self.aging_s <= MAX_AGING_S):
+            raise ValueError(
+                f"aging_s={self.aging_s!r}: expected 0 (off) or 0.001 to {MAX_AGING_S} s"
+            )
         if self.fair_share not in FAIR_SHARE_MODES:
             modes = " or ".join(FAIR_SHARE_MODES)
             raise ValueError(f"fair_share={self.fair_share!r}: expected {modes}")

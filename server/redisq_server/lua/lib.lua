@@ -44,9 +44,21 @@ local function ts(t)
   return last_ts
 end
 
--- models.queue_score: exact below 2^53; formatted without an exponent.
-local function score(priority, seq)
-  return string.format('%.0f', (MAX_PRIORITY - tonumber(priority)) * SEQ_SPACE + tonumber(seq))
+-- The queue score of a job (smaller runs first), formatted without an exponent.
+-- Strict (AGING_MS 0): models.queue_score, priority then seq, exact below 2^53.
+-- Aging: models.aged_score from `entered` (the job's `due` or `created` text, Unix
+-- seconds): key = ms since the aging epoch + AGING_MS * (MAX_PRIORITY - priority),
+-- below 2^41, times 4096 plus seq mod 4096; every step is an exact integer in a double.
+local AGING_EPOCH_MS = 1735689600000 -- models.AGING_EPOCH_MS
+local AGED_TIME_MAX = 1099511627775 -- 2^40 - 1, models.AGED_TIME_BITS
+local function score(priority, seq, entered)
+  if AGING_MS == 0 then
+    return string.format('%.0f', (MAX_PRIORITY - tonumber(priority)) * SEQ_SPACE + tonumber(seq))
+  end
+  local ms = math.floor(tonumber(entered) * 1000) - AGING_EPOCH_MS
+  ms = math.min(math.max(ms, 0), AGED_TIME_MAX)
+  local key = ms + AGING_MS * (MAX_PRIORITY - tonumber(priority))
+  return string.format('%.0f', key * 4096 + tonumber(seq) % 4096)
 end
 
 local function split(s)
@@ -180,17 +192,19 @@ end
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
--- `j`: the job's {type, priority, seq, client, params, avoid} if the caller has them.
+-- `j`: the job's {type, priority, seq, client, params, avoid, created, due} if the
+-- caller has them (`avoid`, `due` false when unset; aging scores from due or created).
 -- A job that avoids a machine (shun) goes to no worker of it.
 -- Returns assignment, position (one of them is false); `returned` as for assign.
 local function enqueue(id, t, fresh, returned, j)
   local jk = K.job(id)
-  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params', 'avoid')
+  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params', 'avoid',
+    'created', 'due')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = idle_worker(j[1], j[6])
   if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
   redis.call('HSET', jk, 'status', 'queued')
-  redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
+  redis.call('ZADD', K.queue(j[1]), score(j[2], j[3], j[8] or j[7]), id)
   depth_add(j[1], j[2], 1)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end

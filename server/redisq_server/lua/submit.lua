@@ -37,6 +37,6 @@ end
 emit(t, 'submitted', {'job', id, 'status', 'queued', 'jtype', jt, 'priority', priority,
   'client', A(5)})
 local a, pos = enqueue(id, t, true, true,
-  {jt, priority, seq, A(5) ~= '' and A(5) or false, A(4)})
+  {jt, priority, seq, A(5) ~= '' and A(5) or false, A(4), false, ts(t), false})
 if a then return {'assigned', -1, a} end
 return {'queued', pos, false}
