@@ -202,3 +202,110 @@ async def test_aging_scores_match_the_model_and_survive_a_requeue(
         assert await r.zrange(queue, 0, -1, withscores=True) == before
     finally:
         await svc.aclose()
+
+
+# ------------------------------------------------------------- fair share per client
+
+
+async def burst_then_single(svc: AsyncRedisService, n: int = 50) -> tuple[list[str], str]:
+    """Client ``burst`` queues ``n`` jobs, then client ``single`` queues one (all
+    priority 0, no worker connected yet)."""
+    burst = [(await svc.submit_job("render", 0, client_id="burst")).job_id for _ in range(n)]
+    single = (await svc.submit_job("render", 0, client_id="single")).job_id
+    return burst, single
+
+
+async def test_fair_share_a_single_job_runs_within_two_assignments_of_a_burst(
+    redis_url: str, limits: EngineLimits, sync_svc: RedisService
+) -> None:
+    fair = replace(limits, fair_share="client")
+    svc = AsyncRedisService(redis_url, limits=fair)
+    try:
+        async with running_hub(redis_url, fair) as hub:
+            burst, single = await burst_then_single(svc)
+            # every queued job is counted and listed, though only heads are in the queue
+            stats = await svc.get_stats()
+            assert stats["queued"] == 51 and stats["job_types"]["render"]["by_priority"] == {0: 51}
+            listed = sync_svc.job_ids("queued")
+            assert set(listed) == {*burst, single} and listed[:3] == [burst[0], single, burst[1]]
+            assert [(await svc.get_job(j)).position for j in (burst[0], single)] == [0, 1]  # type: ignore[union-attr]
+            order = await run_in_order(hub, svc, [*burst, single])
+        assert order.index(single) <= 1  # within the first two assignments
+        assert [j for j in order if j != single] == burst  # the burst keeps its own order
+        assert (await svc.get_stats())["queued"] == 0
+        assert sync_svc.redis.exists(svc.keys.subs("render")) == 0  # no sub-queue left
+    finally:
+        await svc.aclose()
+
+
+async def test_fair_share_with_a_busy_worker_the_next_assignment_is_the_other_client(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    fair = replace(limits, fair_share="client")
+    svc = AsyncRedisService(redis_url, limits=fair)
+    try:
+        async with (
+            running_hub(redis_url, fair) as hub,
+            MockWorker("solo", 1, hub=hub, job_types=["render"], run_time=0.02),
+            QueueClient(hub, "burst") as burst_client,
+            QueueClient(hub, "single") as single_client,
+        ):
+            burst = await burst_client.submit_many(
+                [{"job_type": "render", "params": {}} for _ in range(50)]
+            )
+            single = await single_client.submit("render")
+            await asyncio.wait_for(single_client.result(single), 10)
+            done = await svc.get_job(single)
+            assert done is not None and done.queued is not None and done.assigned is not None
+            jobs = [await svc.get_job(j) for j in burst]
+            between = [
+                j for j in jobs if j and j.assigned and done.queued < j.assigned < done.assigned
+            ]
+            # the single job was one of the next two assignments after it was queued
+            assert len(between) <= 1
+    finally:
+        await svc.aclose()
+
+
+async def test_fair_share_cancel_and_requeue_of_a_head_keep_the_queue_right(
+    redis_url: str, limits: EngineLimits, sync_svc: RedisService
+) -> None:
+    fair = replace(limits, fair_share="client")
+    svc = AsyncRedisService(redis_url, limits=fair)
+    r: Any = svc.redis
+    queue = svc.keys.queue("render")
+    try:
+        a = [(await svc.submit_job("render", 0, client_id="a")).job_id for _ in range(3)]
+        b = (await svc.submit_job("render", 0, client_id="b")).job_id
+        assert await r.zrange(queue, 0, -1) == [a[0], b]
+        # cancelling a's head puts a's next job in the queue, behind b
+        await svc.cancel_job(a[0], "a")
+        assert await r.zrange(queue, 0, -1) == [b, a[1]]
+        # a worker takes b and is lost: b comes back at its place
+        got = await svc.register_worker("m1:gpu0", ["render"], session="s1")
+        assert got is not None and got.job_id == b
+        assert await r.zrange(queue, 0, -1) == [a[1]]
+        assert await svc.worker_lost("m1:gpu0", "s1")
+        assert await r.zrange(queue, 0, -1) == [b, a[1]]
+        # a job of higher priority from a becomes a's head at once
+        urgent = (await svc.submit_job("render", 9, client_id="a")).job_id
+        assert await r.zrange(queue, 0, -1) == [urgent, b]
+        assert sync_svc.job_ids("queued") == [urgent, b, a[1], a[2]]
+        stats = await svc.get_stats()
+        assert stats["queued"] == 4
+        # the last of a's jobs to leave empties its sub-queue
+        for j in (urgent, a[1], a[2]):
+            await svc.cancel_job(j)
+        assert await r.smembers(svc.keys.subs("render")) == {"b"}
+    finally:
+        await svc.aclose()
+
+
+async def test_strict_is_the_default_and_a_burst_holds_a_later_client_behind_it(
+    redis_url: str, limits: EngineLimits, svc: AsyncRedisService
+) -> None:
+    assert limits.policy == {"aging_s": 0.0, "fair_share": "off"}
+    async with running_hub(redis_url, limits) as hub:
+        burst, single = await burst_then_single(svc, n=20)
+        assert (await svc.get_job(single)).position == 20  # type: ignore[union-attr]
+        assert await run_in_order(hub, svc, [*burst, single]) == [*burst, single]

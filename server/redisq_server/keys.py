@@ -19,6 +19,10 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "job": "job:{}",  # HASH, one job (expires result_ttl after it finishes)
     "queue": "queue:{}",  # ZSET per job type: queued ids by queue_score
     "depth": "depth:{}",  # HASH per job type: priority -> queued count
+    # fair share per client: per type and client (arg "type:client") a ZSET of that
+    # client's queued jobs by queue score; the type's queue then holds each one's head
+    "sub": "sub:{}",
+    "subs": "subs:{}",  # SET per job type: client ids with a non-empty sub-queue
     "worker": "worker:{}",  # HASH, one worker (GPU socket)
     "idle": "idle:{}",  # ZSET per job type: idle workers by idle-since time
     "done": "done:{}",  # ZSET per terminal status: job ids by finish time (trimmed to TTL)
@@ -69,6 +73,14 @@ class Keys:
 
     def depth(self, job_type: str) -> str:
         return self.prefix + KEY_TEMPLATES["depth"].format(job_type)
+
+    def sub(self, job_type: str, client_id: str) -> str:
+        """The fair-share sub-queue of ``client_id``'s jobs of ``job_type`` ('' for
+        jobs submitted with no client id)."""
+        return self.prefix + KEY_TEMPLATES["sub"].format(f"{job_type}:{client_id}")
+
+    def subs(self, job_type: str) -> str:
+        return self.prefix + KEY_TEMPLATES["subs"].format(job_type)
 
     def worker(self, worker_id: str) -> str:
         return self.prefix + KEY_TEMPLATES["worker"].format(worker_id)

@@ -454,15 +454,7 @@ class RedisService(_Shell):
         k = self.keys
         r: Any = self.redis
         if status == "queued":
-            types = sorted(r.smembers(k.types))
-            with r.pipeline(transaction=False) as p:
-                for jt in types:
-                    p.zrange(k.queue(jt), 0, limit - 1, withscores=True)
-                per_type = p.execute()
-            merged = sorted(
-                ((score, jid) for rows in per_type for jid, score in rows), key=lambda x: x[0]
-            )
-            return [jid for _, jid in merged[:limit]]
+            return self._queued_ids(limit)
         if status == "active":
             with r.pipeline(transaction=False) as p:
                 p.zrange(k.leases, 0, limit - 1)
@@ -477,6 +469,43 @@ class RedisService(_Shell):
             ErrorCode.INVALID_FIELD,
             "status: expected queued, active, scheduled, completed, failed or cancelled",
         )
+
+    def _queued_ids(self, limit: int) -> list[str]:
+        """Queued job ids in queue order. Under fair share (sub-queues exist) the
+        order beyond the heads is approximate: the heads, then each head's client's
+        second job in the heads' order, then the third, ... (docs/scheduling.md)."""
+        k = self.keys
+        r: Any = self.redis
+        types = sorted(r.smembers(k.types))
+        with r.pipeline(transaction=False) as p:
+            for jt in types:
+                p.zrange(k.queue(jt), 0, limit - 1, withscores=True)
+                p.smembers(k.subs(jt))
+            replies = p.execute()
+        per_type, subs = replies[::2], replies[1::2]
+        merged = sorted(
+            (
+                (score, jid, jt)
+                for jt, rows in zip(types, per_type, strict=True)
+                for jid, score in rows
+            ),
+            key=lambda x: x[0],
+        )
+        heads = [(jid, jt) for _, jid, jt in merged[:limit]]
+        clients = [(jt, c) for jt, cs in zip(types, subs, strict=True) for c in sorted(cs)]
+        if not clients or len(heads) >= limit:
+            return [jid for jid, _ in heads]
+        with r.pipeline(transaction=False) as p:
+            for jt, c in clients:
+                p.zrange(k.sub(jt, c), 0, limit - 1)
+            queues = {ids[0]: ids[1:] for ids in p.execute() if ids}
+        out = [jid for jid, _ in heads]
+        rest = [queues.get(jid, []) for jid, _ in heads]
+        for i in range(max((len(q) for q in rest), default=0)):
+            out += [q[i] for q in rest if i < len(q)]
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     def get_jobs(self, job_ids: Sequence[str]) -> list[JobModel]:
         """The jobs that still exist among ``job_ids``, in order (one pipeline)."""

@@ -15,7 +15,7 @@ if st == 'completed' or st == 'failed' or st == 'cancelled' then return {st, fal
 local t = now()
 local hub = false
 if st == 'queued' then
-  redis.call('ZREM', K.queue(j[3]), id)
+  unqueue(id, j[3], j[2], t)
   depth_add(j[3], j[4], -1)
 elseif st == 'retrying' or st == 'scheduled' then
   redis.call('ZREM', K.delayed(), id)

@@ -189,6 +189,57 @@ local function assign(id, w, t, returned, j, from_idle)
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
+-- Fair share per client (docs/scheduling.md). Each client's queued jobs of a type
+-- wait in its sub-queue K.sub(type:client) by their queue score; the type's queue
+-- holds only each client's head (the first of its sub-queue), under its head
+-- score: given once, when the job first becomes its client's head (its own score if
+-- that is at submission, else one with a fresh seq and the time now, which puts it
+-- behind every head already waiting at its priority), and kept in its `head` field,
+-- so a displaced or requeued head gets its place back.
+local function head_score(id, t)
+  local h = redis.call('HMGET', K.job(id), 'head', 'priority')
+  if h[1] then return h[1] end
+  local s = score(h[2], redis.call('INCR', K.seq()), ts(t))
+  redis.call('HSET', K.job(id), 'head', s)
+  return s
+end
+
+-- Queue job `id` (type `jt`, client `c`, queue score `s`) in its client's sub-queue;
+-- if it is now the client's first, it replaces the client's head in the type's queue.
+-- Returns its position: exact for a head, else a lower bound (its head's position
+-- plus the jobs ahead of it in the sub-queue).
+local function fair_enqueue(id, jt, c, s, fresh, t)
+  local sk = K.sub(jt .. ':' .. c)
+  redis.call('ZADD', sk, s, id)
+  redis.call('SADD', K.subs(jt), c)
+  local first = redis.call('ZRANGE', sk, 0, 1)
+  if first[1] == id then
+    if first[2] then redis.call('ZREM', K.queue(jt), first[2]) end -- the old head waits again
+    if fresh then redis.call('HSET', K.job(id), 'head', s) else s = head_score(id, t) end
+    redis.call('ZADD', K.queue(jt), s, id)
+    return redis.call('ZRANK', K.queue(jt), id)
+  end
+  return (redis.call('ZRANK', K.queue(jt), first[1]) or 0) + redis.call('ZRANK', sk, id)
+end
+
+-- Take queued job `id` (type `jt`, client `c` or false) out of its queue, and out of
+-- its client's sub-queue if it is in one: then the client's next job, if any,
+-- becomes its head. Works on the keys as they are, whatever the policy now.
+-- The caller adjusts the depth count.
+local function unqueue(id, jt, c, t)
+  local was_head = redis.call('ZREM', K.queue(jt), id) == 1
+  c = c or ''
+  local sk = K.sub(jt .. ':' .. c)
+  if redis.call('ZREM', sk, id) == 1 then
+    local nxt = redis.call('ZRANGE', sk, 0, 0)[1]
+    if not nxt then
+      redis.call('SREM', K.subs(jt), c)
+    elseif was_head then
+      redis.call('ZADD', K.queue(jt), head_score(nxt, t), nxt)
+    end
+  end
+end
+
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
@@ -204,8 +255,10 @@ local function enqueue(id, t, fresh, returned, j)
   local w = idle_worker(j[1], j[6])
   if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
   redis.call('HSET', jk, 'status', 'queued')
-  redis.call('ZADD', K.queue(j[1]), score(j[2], j[3], j[8] or j[7]), id)
+  local s = score(j[2], j[3], j[8] or j[7])
   depth_add(j[1], j[2], 1)
+  if FAIR then return false, fair_enqueue(id, j[1], j[4] or '', s, fresh, t) end
+  redis.call('ZADD', K.queue(j[1]), s, id)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
 
@@ -246,8 +299,8 @@ local function claim_next(w, t, types)
     if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
   if best then
-    redis.call('ZREM', K.queue(best_type), best)
     local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
+    unqueue(best, best_type, j[3], t)
     depth_add(best_type, j[2], -1)
     return assign(best, w, t, true, j, false)
   end
@@ -341,7 +394,7 @@ local function redispatch(ids, t)
     local id, j = q[2], q[3]
     local w = redis.call('ZRANGE', K.idle(j[2]), 0, 0)[1]
     if w then
-      redis.call('ZREM', K.queue(j[2]), id)
+      unqueue(id, j[2], j[4], t)
       depth_add(j[2], j[3], -1)
       assign(id, w, t, false, {j[2], j[3], j[4], j[5]}, true)
     end

@@ -7,8 +7,11 @@ local t = now()
 local window = tonumber(A(1))
 local types = {}
 for _, jt in ipairs(redis.call('SMEMBERS', K.types())) do
-  types[#types + 1] = {jt, redis.call('ZCARD', K.queue(jt)), redis.call('HGETALL', K.depth(jt)),
-    redis.call('ZCARD', K.idle(jt))}
+  -- every queued job, also those behind their client's head (fair share)
+  local depth = redis.call('HGETALL', K.depth(jt))
+  local queued = 0
+  for i = 2, #depth, 2 do queued = queued + tonumber(depth[i]) end
+  types[#types + 1] = {jt, queued, depth, redis.call('ZCARD', K.idle(jt))}
 end
 local n_scheduled = redis.call('ZCARD', K.scheduled())
 local n_idle = 0
