@@ -5,6 +5,8 @@ unchanged by test_engine.py and test_hub.py."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -12,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from redisq_lab import MockWorker, QueueClient
+from redisq_lab import LocalStack, MockWorker, QueueClient, cli
+from redisq_lab.frames import policy_text
 from redisq_server import AsyncRedisService, EngineLimits, JobStatus, RedisService
 from redisq_server.main import Hub
 from redisq_server.models import aged_score, entered_ms
 from redisq_server.protocol import ErrorCode, ProtocolError
 
-from .helpers import hub_settings, wait_for
+from .helpers import hub_settings, invariant_violations, wait_for
 
 #: how late a due job may reach its worker: the promoter wakes on the submit and
 #: sleeps exactly until the due time, so this is a bound on a loaded test machine
@@ -309,3 +312,83 @@ async def test_strict_is_the_default_and_a_burst_holds_a_later_client_behind_it(
         burst, single = await burst_then_single(svc, n=20)
         assert (await svc.get_job(single)).position == 20  # type: ignore[union-attr]
         assert await run_in_order(hub, svc, [*burst, single]) == [*burst, single]
+
+
+async def test_fair_share_under_concurrent_load_runs_every_job_once(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    # three clients submit while four workers complete and claim, all at once
+    fair = replace(limits, fair_share="client", aging_s=0.5)
+    svc = AsyncRedisService(redis_url, limits=fair)
+    n = 150
+    try:
+        got = [
+            await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}") for i in range(4)
+        ]
+        ran: list[str] = []
+
+        async def submit(client: str) -> list[str]:
+            return [
+                (await svc.submit_job("render", k % 3, client_id=client)).job_id for k in range(n)
+            ]
+
+        async def work(i: int, a: Any) -> None:
+            while True:
+                while a is None:
+                    a = await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}")
+                    if a is None and done.is_set():
+                        return
+                    await asyncio.sleep(0.001)
+                ran.append(a.job_id)
+                a = (await svc.complete_job(a.job_id, a.attempt, a.worker_id)).next
+
+        done = asyncio.Event()
+        workers = [asyncio.create_task(work(i, a)) for i, a in enumerate(got)]
+        ids = [j for batch in await asyncio.gather(*(submit(c) for c in "abc")) for j in batch]
+        done.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 30)
+        assert sorted(ran) == sorted(ids)  # every job ran, exactly once
+        stats = await svc.get_stats()
+        assert stats["queued"] == 0 and stats["totals"]["completed"] == 3 * n
+        r: Any = svc.redis
+        assert await r.exists(svc.keys.queue("render"), svc.keys.subs("render")) == 0
+        assert await invariant_violations(r, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
+# --------------------------------------------------------------- where it shows
+
+
+async def test_the_policy_shows_in_health_stats_summary_and_card(
+    redis_url: str, limits: EngineLimits, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fair = replace(limits, fair_share="client", aging_s=2.0)
+    svc = AsyncRedisService(redis_url, limits=limits)  # a reader with the default policy
+    try:
+        assert (await svc.get_stats())["policy"] is None  # no hub has started
+        async with running_hub(redis_url, fair) as hub:
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(None, _health, hub.port)
+            assert body["policy"] == {"aging_s": 2.0, "fair_share": "client"}
+            # a reader sees what the hubs run, not its own setting
+            assert (await svc.get_stats())["policy"] == {"aging_s": 2.0, "fair_share": "client"}
+            argv = ["--redis-url", redis_url, "--namespace", limits.namespace, "summary"]
+            assert await loop.run_in_executor(None, cli.main, argv) == 0
+            out = capsys.readouterr().out
+            assert "policy      aging 2 s/step, fair share by client" in out
+            assert "scheduled   0" in out
+    finally:
+        await svc.aclose()
+    assert policy_text({"aging_s": 0.0, "fair_share": "off"}) == "strict priority"
+
+
+def test_the_stack_card_shows_its_policy() -> None:
+    with LocalStack(aging_s=0.5) as stack:
+        assert "aging 0.5 s/step" in stack._repr_html_()
+        assert "Scheduled" in stack._repr_html_()
+
+
+def _health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return dict(json.loads(r.read()))
