@@ -76,13 +76,14 @@ async def test_due_job_with_no_idle_worker_is_queued_with_its_priority(
     async with running_hub(redis_url, limits) as hub, QueueClient(hub, "alice") as client:
         early = await client.submit("train", priority=1)
         late = await client.submit("train", priority=5, delay_s=0.2)
+        mid = await client.submit("train", priority=5)  # queued before `late` is due
         update = await asyncio.wait_for(first_update(client, late, "queued"), 5)
         assert update["event"] == "promoted"
         job = await svc.get_job(late)
         assert job is not None and job.status is JobStatus.QUEUED
-        assert job.position == 0  # ahead of the earlier job of lower priority
-        first = await svc.get_job(early)
-        assert first is not None and first.position == 1
+        # behind the job of its priority queued before it was due, ahead of a lower one
+        positions = [(await svc.get_job(j)).position for j in (mid, late, early)]  # type: ignore[union-attr]
+        assert positions == [0, 1, 2]
 
 
 async def test_cancel_a_scheduled_job(
@@ -322,31 +323,38 @@ async def test_fair_share_under_concurrent_load_runs_every_job_once(
     svc = AsyncRedisService(redis_url, limits=fair)
     n = 150
     try:
-        got = [
-            await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}") for i in range(4)
-        ]
+        inbox: dict[str, asyncio.Queue[Any]] = {}
+        for i in range(4):
+            inbox[f"m1:gpu{i}"] = asyncio.Queue()
+            await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}")
         ran: list[str] = []
 
         async def submit(client: str) -> list[str]:
-            return [
-                (await svc.submit_job("render", k % 3, client_id=client)).job_id for k in range(n)
-            ]
+            out = []
+            for k in range(n):
+                r = await svc.submit_job("render", k % 3, client_id=client)
+                if r.assignment is not None:  # an idle worker took it at once
+                    inbox[r.assignment.worker_id].put_nowait(r.assignment)
+                out.append(r.job_id)
+            return out
 
-        async def work(i: int, a: Any) -> None:
+        async def work(worker_id: str) -> None:
             while True:
-                while a is None:
-                    a = await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}")
-                    if a is None and done.is_set():
-                        return
-                    await asyncio.sleep(0.001)
-                ran.append(a.job_id)
-                a = (await svc.complete_job(a.job_id, a.attempt, a.worker_id)).next
+                a = await inbox[worker_id].get()
+                while a is not None:
+                    ran.append(a.job_id)
+                    a = (await svc.complete_job(a.job_id, a.attempt, a.worker_id)).next
 
-        done = asyncio.Event()
-        workers = [asyncio.create_task(work(i, a)) for i, a in enumerate(got)]
+        workers = [asyncio.create_task(work(w)) for w in inbox]
         ids = [j for batch in await asyncio.gather(*(submit(c) for c in "abc")) for j in batch]
-        done.set()
-        await asyncio.wait_for(asyncio.gather(*workers), 30)
+
+        async def all_ran() -> bool:
+            return len(ran) >= len(ids)
+
+        await wait_for(all_ran, timeout=30, what="every job ran")
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         assert sorted(ran) == sorted(ids)  # every job ran, exactly once
         stats = await svc.get_stats()
         assert stats["queued"] == 0 and stats["totals"]["completed"] == 3 * n

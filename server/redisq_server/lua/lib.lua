@@ -192,10 +192,12 @@ end
 -- Fair share per client (docs/scheduling.md). Each client's queued jobs of a type
 -- wait in its sub-queue K.sub(type:client) by their queue score; the type's queue
 -- holds only each client's head (the first of its sub-queue), under its head
--- score: given once, when the job first becomes its client's head (its own score if
--- that is at submission, else one with a fresh seq and the time now, which puts it
--- behind every head already waiting at its priority), and kept in its `head` field,
--- so a displaced or requeued head gets its place back.
+-- score: given once, when the job first becomes its client's head, and kept in its
+-- `head` field, so a displaced or requeued head gets its place back. A job that
+-- becomes head as it enters the queue (submitted, due, retried, requeued) takes its
+-- own queue score; one that becomes head when its client's previous head leaves
+-- takes a fresh seq and the time now (head_score), which puts it behind every head
+-- already waiting at its priority: the round-robin.
 local function head_score(id, t)
   local h = redis.call('HMGET', K.job(id), 'head', 'priority')
   if h[1] then return h[1] end
@@ -208,15 +210,19 @@ end
 -- if it is now the client's first, it replaces the client's head in the type's queue.
 -- Returns its position: exact for a head, else a lower bound (its head's position
 -- plus the jobs ahead of it in the sub-queue).
-local function fair_enqueue(id, jt, c, s, fresh, t)
+local function fair_enqueue(id, jt, c, s, fresh)
   local sk = K.sub(jt .. ':' .. c)
   redis.call('ZADD', sk, s, id)
   redis.call('SADD', K.subs(jt), c)
   local first = redis.call('ZRANGE', sk, 0, 1)
   if first[1] == id then
     if first[2] then redis.call('ZREM', K.queue(jt), first[2]) end -- the old head waits again
-    if fresh then redis.call('HSET', K.job(id), 'head', s) else s = head_score(id, t) end
-    redis.call('ZADD', K.queue(jt), s, id)
+    local hs = not fresh and redis.call('HGET', K.job(id), 'head')
+    if not hs then
+      hs = s
+      redis.call('HSET', K.job(id), 'head', s)
+    end
+    redis.call('ZADD', K.queue(jt), hs, id)
     return redis.call('ZRANK', K.queue(jt), id)
   end
   return (redis.call('ZRANK', K.queue(jt), first[1]) or 0) + redis.call('ZRANK', sk, id)
@@ -257,7 +263,7 @@ local function enqueue(id, t, fresh, returned, j)
   redis.call('HSET', jk, 'status', 'queued')
   local s = score(j[2], j[3], j[8] or j[7])
   depth_add(j[1], j[2], 1)
-  if FAIR then return false, fair_enqueue(id, j[1], j[4] or '', s, fresh, t) end
+  if FAIR then return false, fair_enqueue(id, j[1], j[4] or '', s, fresh) end
   redis.call('ZADD', K.queue(j[1]), s, id)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
