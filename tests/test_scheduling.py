@@ -400,3 +400,33 @@ def test_the_stack_card_shows_its_policy() -> None:
 def _health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
         return dict(json.loads(r.read()))
+
+
+async def test_fair_share_when_avoidances_end_every_idle_gpu_gets_a_head(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    # two jobs of one client lost by machine m avoid it; m's other GPUs idle meanwhile
+    fair = replace(limits, fair_share="client", lease_s=0.3)  # avoidance: 0.3 s
+    svc = AsyncRedisService(redis_url, limits=fair)
+    try:
+        for i in range(4):
+            await svc.register_worker(f"m:gpu{i}", ["render"], session=f"s{i}")
+        h1 = await svc.submit_job("render", client_id="a")
+        h2 = await svc.submit_job("render", client_id="a")
+        assert h1.assignment and h2.assignment
+        assert await svc.worker_lost(h1.assignment.worker_id, h1.assignment.session)
+        assert await svc.worker_lost(h2.assignment.worker_id, h2.assignment.session)
+        for jid in (h1.job_id, h2.job_id):
+            job = await svc.get_job(jid)
+            assert job is not None and job.status is JobStatus.QUEUED
+        t = (await svc.get_stats())["time"]
+        await server_time_reaches(svc, t + 0.35)
+        await svc.promote()  # ends both avoidances (assignments go out as events)
+        # both go to m's idle GPUs: h1 as a's head, then h2, which became the head
+        for jid in (h1.job_id, h2.job_id):
+            job = await svc.get_job(jid)
+            assert job is not None and job.status is JobStatus.ASSIGNED, job
+        assert (await svc.get_stats())["queued"] == 0
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()

@@ -231,7 +231,7 @@ end
 -- Take queued job `id` (type `jt`, client `c` or false) out of its queue, and out of
 -- its client's sub-queue if it is in one: then the client's next job, if any,
 -- becomes its head. Works on the keys as they are, whatever the policy now.
--- The caller adjusts the depth count.
+-- The caller adjusts the depth count. Returns true when a next head entered the queue.
 local function unqueue(id, jt, c, t)
   local was_head = redis.call('ZREM', K.queue(jt), id) == 1
   c = c or ''
@@ -242,8 +242,10 @@ local function unqueue(id, jt, c, t)
       redis.call('SREM', K.subs(jt), c)
     elseif was_head then
       redis.call('ZADD', K.queue(jt), head_score(nxt, t), nxt)
+      return true
     end
   end
+  return false
 end
 
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
@@ -396,13 +398,32 @@ local function redispatch(ids, t)
     end
   end
   table.sort(queued, function(a, b) return a[1] < b[1] end)
+  local promoted = {}
   for _, q in ipairs(queued) do
     local id, j = q[2], q[3]
     local w = redis.call('ZRANGE', K.idle(j[2]), 0, 0)[1]
     if w then
-      unqueue(id, j[2], j[4], t)
+      if unqueue(id, j[2], j[4], t) then promoted[j[2]] = true end
       depth_add(j[2], j[3], -1)
       assign(id, w, t, false, {j[2], j[3], j[4], j[5]}, true)
+    end
+  end
+  -- fair share: a head that entered the queue above may be one that other idle
+  -- workers (of the machine its client's previous head avoided) can take now
+  local types = {}
+  for jt in pairs(promoted) do types[#types + 1] = jt end
+  table.sort(types)
+  for _, jt in ipairs(types) do
+    for _, w in ipairs(redis.call('ZRANGE', K.idle(jt), 0, -1)) do
+      local avoided = K.avoided(machine_of(w))
+      if redis.call('EXISTS', avoided) == 0 then avoided = false end
+      local id = queue_head(jt, avoided, t)
+      if id then
+        local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'client', 'params', 'avoid')
+        unqueue(id, jt, j[3], t)
+        depth_add(jt, j[2], -1)
+        assign(id, w, t, false, j, true)
+      end
     end
   end
 end
