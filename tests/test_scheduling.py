@@ -386,6 +386,10 @@ async def test_the_policy_shows_in_health_stats_summary_and_card(
             out = capsys.readouterr().out
             assert "policy      aging 2 s/step, fair share by client" in out
             assert "scheduled   0" in out
+            top = [*argv[:-1], "top", "--iterations", "1"]
+            assert await loop.run_in_executor(None, cli.main, top) == 0
+            frame = capsys.readouterr().out
+            assert "0 scheduled" in frame and "aging 2 s/step, fair share by client" in frame
     finally:
         await svc.aclose()
     assert policy_text({"aging_s": 0.0, "fair_share": "off"}) == "strict priority"
