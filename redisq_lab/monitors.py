@@ -103,9 +103,11 @@ def _read_jobs(service: RedisService, status: str, limit: int) -> list[JobModel]
 class JobMonitor(NamespaceReader):
     """Jobs of one namespace as DataFrames (see :func:`jobs_frame` for the columns).
 
-    Queued jobs come in queue order (priority, then submission); active jobs by
-    lease deadline, then retrying ones; finished jobs newest first. Finished jobs
-    are kept for the engine's result TTL (a day by default).
+    Queued jobs come in queue order (priority, then submission, or the order aging
+    gives; under fair share the heads in order, then the clients' next jobs round
+    by round: see docs/scheduling.md); active jobs by lease deadline, then retrying
+    and scheduled ones; scheduled jobs by due time; finished jobs newest first.
+    Finished jobs are kept for the engine's result TTL (a day by default).
     """
 
     def get_jobs(self, status: str, limit: int | None = None) -> pd.DataFrame:
