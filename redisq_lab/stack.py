@@ -226,7 +226,10 @@ class LocalStack:
         params: dict[str, Any] | None = None,
         **kw: Any,
     ) -> str:
-        """Submit one job straight into the queue (no socket); returns its id."""
+        """Submit one job straight into the queue (no socket); returns its id.
+        ``kw``: ``RedisService.add_job``'s (``client_id``, ``max_attempts``,
+        ``delay_s``, ``run_at``, ...); a delayed job submitted here reaches the hub's
+        promoter within a second of its time (a client's submit wakes it at once)."""
         with self.service() as svc:
             return svc.add_job(job_type=job_type, priority=priority, params=params, **kw).job_id
 

@@ -21,7 +21,7 @@ from redisq_server.main import Hub
 from redisq_server.models import aged_score, entered_ms
 from redisq_server.protocol import ErrorCode, ProtocolError
 
-from .helpers import hub_settings, invariant_violations, wait_for
+from .helpers import hub_settings, invariant_violations, wait_for, wait_sync
 
 #: how late a due job may reach its worker: the promoter wakes on the submit and
 #: sleeps exactly until the due time, so this is a bound on a loaded test machine
@@ -434,3 +434,19 @@ async def test_fair_share_when_avoidances_end_every_idle_gpu_gets_a_head(
         assert await invariant_violations(svc.redis, svc.keys) == []
     finally:
         await svc.aclose()
+
+
+def test_a_stack_submits_a_delayed_job_without_a_socket() -> None:
+    with LocalStack() as stack:
+        stack.add_workers(machines=1, gpus=1, run_time=0.0, progress_steps=1)
+        job_id = stack.submit("inference", delay_s=0.3, client_id="lab")
+        with stack.service() as svc:
+            job = svc.get_job(job_id)
+            assert job is not None and job.status is JobStatus.SCHEDULED
+
+            def done() -> Any:
+                j = svc.get_job(job_id)
+                return j if j is not None and j.status is JobStatus.COMPLETED else None
+
+            finished = wait_sync(done, timeout=10, what="the delayed job completed")
+        assert finished.due <= finished.assigned < finished.due + 1.5  # promoter: <= 1 s

@@ -394,7 +394,8 @@ class RedisService(_Shell):
         """Queue a job, or assign it at once to an idle worker that accepts its type
         (that worker's hub pushes it). Raises ProtocolError for bad input. With
         ``delay_s`` or ``run_at`` ahead it is ``scheduled`` until a hub's promoter
-        queues it when due (no hub running: it stays scheduled)."""
+        queues it when due: within a second of its time, as the hubs' promoters check
+        at least once a second (no hub running: it stays scheduled)."""
         return self._run(
             self.ops.submit(
                 job_type,
@@ -416,6 +417,9 @@ class RedisService(_Shell):
         params: Mapping[str, Any] | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        *,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """:meth:`submit_job` under the seed's name and argument order."""
         return self.submit_job(
@@ -425,6 +429,8 @@ class RedisService(_Shell):
             job_id=job_id,
             client_id=client_id,
             max_attempts=max_attempts,
+            delay_s=delay_s,
+            run_at=run_at,
         )
 
     def get_job(self, job_id: str) -> JobModel | None:
