@@ -13,6 +13,7 @@ What they share is in :mod:`benchmarks.common`.
     python -m benchmarks --only drain,latency --peers none
     python -m benchmarks --only drain,latency --hub-place main  # hub in this process
     python -m benchmarks --only engine           # the engine alone, no hub
+    python -m benchmarks --only policies --peers none  # scheduling policies vs strict
     python -m benchmarks --only peers --peers rq,arq
     python -m benchmarks --only drain --profile  # + a pyinstrument profile of the hub
 """
@@ -35,13 +36,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, footprint, ours, peers
+from benchmarks import engine, footprint, ours, peers, policies
 from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
 from redisq_server.main import served_loop
 
-PARTS = ("drain", "latency", "enqueue", "memory", "growth", "engine", "peers")
+PARTS = ("drain", "latency", "enqueue", "memory", "growth", "engine", "policies", "peers")
 RESULTS = Path(__file__).resolve().parent / "results"
 DB_OURS, DB_SCRATCH = 0, 1  # peers get databases 2, 3, ...
 
@@ -77,6 +78,9 @@ class Sizes:
     peer_latency_budget_s: float = 10.0
     engine_jobs: int = 20_000  # each operation of the engine part, per concurrency
     engine_concurrency: tuple[int, ...] = (8, 1)
+    policy_jobs: int = 20_000  # the policies part: jobs per policy
+    policy_gpus: int = 4
+    policy_clients: int = 10
 
 
 QUICK = Sizes(
@@ -103,6 +107,7 @@ QUICK = Sizes(
     peer_drain_budget_s=5.0,
     peer_latency_budget_s=3.0,
     engine_jobs=500,
+    policy_jobs=600,
 )
 
 
@@ -344,6 +349,19 @@ async def _ours(
         finally:
             await flush_scratch()
 
+    async def policies_cost() -> Any:
+        _log(
+            f"policies: {sz.policy_jobs:,} jobs per policy from {sz.policy_clients} clients, "
+            f"{sz.policy_gpus} workers, no hub"
+        )
+        await flush_scratch()
+        try:
+            return await policies.measure(
+                scratch, "policies", sz.policy_jobs, sz.policy_gpus, sz.policy_clients, sz.reps
+            )
+        finally:
+            await flush_scratch()
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -352,6 +370,7 @@ async def _ours(
         "memory": memory,
         "growth": growth,
         "engine": engine_alone,
+        "policies": policies_cost,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -652,6 +671,8 @@ def format_tables(result: dict[str, Any]) -> str:
         )
     if "engine" in o:
         lines += ["", *_engine_lines(o["engine"])]
+    if "policies" in o:
+        lines += ["", *policies.lines(o["policies"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())

@@ -26,6 +26,7 @@ from .cli_base import (
     open_monitors,
     positive_int,
 )
+from .frames import policy_text
 from .monitors import JOB_STATUSES
 
 __all__ = ["machine_table"]
@@ -69,6 +70,8 @@ def _summary_table(stats: Mapping[str, Any]) -> str:
         "queued": stats["queued"],
         "running": stats["running"],
         "retrying": stats["retrying"],
+        "scheduled": stats["scheduled"],
+        "policy": policy_text(stats["policy"]),
         "workers": f"{stats['workers']} ({stats['workers_idle']} idle, "
         f"{stats['workers_busy']} busy)",
         "throughput": f"{stats['throughput_per_s']:.3f} jobs/s over {stats['window_s']:g} s",

@@ -10,6 +10,7 @@ from typing import Any
 
 from .cli_base import Monitors, cell, command, open_monitors, positive_float, positive_int
 from .cli_read import machine_table
+from .frames import policy_text
 
 __all__ = ["TopView"]
 
@@ -53,8 +54,10 @@ class TopView:
         head.add_row("redisq top", f"{stats['namespace']}  {cell(stats['time'])}  (Ctrl-C to quit)")
         head.add_row(
             "jobs",
-            f"{stats['queued']} queued  {stats['running']} running  {stats['retrying']} retrying",
+            f"{stats['queued']} queued  {stats['running']} running  {stats['retrying']} retrying"
+            f"  {stats['scheduled']} scheduled",
         )
+        head.add_row("policy", policy_text(stats["policy"]))
         head.add_row(
             "workers",
             f"{stats['workers']} GPUs: {stats['workers_busy']} busy, {stats['workers_idle']} idle",

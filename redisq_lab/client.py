@@ -183,15 +183,25 @@ class QueueClient:
         *,
         job_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> str:
         """Submit a job and return its id once the hub accepted it.
 
+        ``delay_s`` (seconds) or ``run_at`` (Unix seconds by the Redis server's
+        clock), not both: the job is ``scheduled`` until then, then queued.
         Await :meth:`result` (or iterate :meth:`follow`) to learn how it ends.
         """
         job_id = job_id or secrets.token_hex(16)
         trace = self.traces[job_id] = JobTrace(job_id, submitted=time.monotonic())
         msg = protocol.submit_job(
-            job_type, priority, params, job_id=job_id, max_attempts=max_attempts
+            job_type,
+            priority,
+            params,
+            job_id=job_id,
+            max_attempts=max_attempts,
+            delay_s=delay_s,
+            run_at=run_at,
         )
         try:
             reply = await self.request(msg)

@@ -31,6 +31,7 @@ __all__ = [
     "job_spans",
     "jobs_frame",
     "percentiles",
+    "policy_text",
     "seconds",
     "server_time",
     "timestamp",
@@ -43,7 +44,7 @@ QUANTILES: Final = (50, 95, 99)
 
 #: The statuses :meth:`~redisq_lab.monitors.JobMonitor.get_jobs` accepts; ``active``
 #: is assigned, running and retrying jobs together.
-JOB_STATUSES: Final = ("queued", "active", "completed", "failed", "cancelled")
+JOB_STATUSES: Final = ("queued", "active", "scheduled", "completed", "failed", "cancelled")
 
 #: Lifecycle steps with a time column in job frames, in order.
 JOB_TIMES: Final = ("created", "queued", "assigned", "started", "finished")
@@ -300,3 +301,16 @@ def events_frame(events: Sequence[Event]) -> pd.DataFrame:
     for field in extra:
         data[field] = _strings([e.fields.get(field) for e in events])
     return pd.DataFrame(data, columns=["event_id", *_EVENT_COLUMNS, *extra])
+
+
+def policy_text(policy: Mapping[str, Any] | None) -> str:
+    """The scheduling policy in one line, e.g. ``strict priority`` or ``aging 1 s/step,
+    fair share by client``; ``unknown (no hub started)`` for None."""
+    if policy is None:
+        return "unknown (no hub started)"
+    parts = []
+    if policy["aging_s"]:
+        parts.append(f"aging {policy['aging_s']:g} s/step")
+    if policy["fair_share"] != "off":
+        parts.append(f"fair share by {policy['fair_share']}")
+    return ", ".join(parts) or "strict priority"

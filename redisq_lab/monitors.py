@@ -68,7 +68,13 @@ __all__ = [
     "workers_frame",
 ]
 
-_DEFAULT_LIMIT: Final = {"queued": 1000, "active": 1000, "completed": 10, "failed": 10}
+_DEFAULT_LIMIT: Final = {
+    "queued": 1000,
+    "active": 1000,
+    "scheduled": 1000,
+    "completed": 10,
+    "failed": 10,
+}
 
 
 class NotFoundError(KeyError):
@@ -97,15 +103,18 @@ def _read_jobs(service: RedisService, status: str, limit: int) -> list[JobModel]
 class JobMonitor(NamespaceReader):
     """Jobs of one namespace as DataFrames (see :func:`jobs_frame` for the columns).
 
-    Queued jobs come in queue order (priority, then submission); active jobs by
-    lease deadline, then retrying ones; finished jobs newest first. Finished jobs
-    are kept for the engine's result TTL (a day by default).
+    Queued jobs come in queue order (priority, then submission, or the order aging
+    gives; under fair share the heads in order, then the clients' next jobs round
+    by round: see docs/scheduling.md); active jobs by lease deadline, then retrying
+    and scheduled ones; scheduled jobs by due time; finished jobs newest first.
+    Finished jobs are kept for the engine's result TTL (a day by default).
     """
 
     def get_jobs(self, status: str, limit: int | None = None) -> pd.DataFrame:
         """Up to ``limit`` jobs in ``status``: ``queued``, ``active`` (assigned,
-        running or retrying), ``completed``, ``failed`` or ``cancelled``. The default
-        limit is 1000 for queued and active jobs and 10 for finished ones.
+        running, retrying or scheduled), ``scheduled`` (delayed jobs not yet due,
+        soonest first), ``completed``, ``failed`` or ``cancelled``. The default
+        limit is 1000 for queued, active and scheduled jobs and 10 for finished ones.
         Raises ValueError for any other status or a limit below 1."""
         if limit is None:
             limit = _DEFAULT_LIMIT.get(status, 10)
@@ -116,8 +125,12 @@ class JobMonitor(NamespaceReader):
         return self.get_jobs("queued", limit)
 
     def get_active_jobs(self, limit: int = 1000) -> pd.DataFrame:
-        """Jobs held by a worker (assigned or running) or waiting to retry."""
+        """Jobs held by a worker (assigned or running), waiting to retry, or scheduled."""
         return self.get_jobs("active", limit)
+
+    def get_scheduled_jobs(self, limit: int = 1000) -> pd.DataFrame:
+        """Delayed jobs not yet due (``scheduled``), soonest first."""
+        return self.get_jobs("scheduled", limit)
 
     def get_completed_jobs(self, limit: int = 10) -> pd.DataFrame:
         """The most recently completed jobs, newest first."""
@@ -268,6 +281,9 @@ class RedisMonitor(NamespaceReader):
 
         Keys: ``time`` (server time, UTC Timestamp), ``namespace``, ``queued``,
         ``running`` (jobs held by a worker: assigned or running), ``retrying``,
+        ``scheduled`` (delayed jobs not yet due), ``policy`` (the scheduling policy
+        the namespace's hubs run: ``{"aging_s", "fair_share"}``, None before a hub
+        started),
         ``depth_by_type`` (``{job_type: queued}``), ``depth_by_priority``
         (``{priority: queued}`` over all types, highest first), ``workers``,
         ``workers_idle``, ``workers_busy``, ``throughput_per_s`` (jobs completed per
@@ -287,6 +303,9 @@ class RedisMonitor(NamespaceReader):
             "queued": stats["queued"],
             "running": stats["running"],
             "retrying": stats["retrying"],
+            # absent when redisq_server is older than this lab (installed apart)
+            "scheduled": stats.get("scheduled", 0),
+            "policy": stats.get("policy"),
             "depth_by_type": {jt: t["queued"] for jt, t in sorted(stats["job_types"].items())},
             "depth_by_priority": depth_by_priority(stats["job_types"]),
             "workers": stats["workers"],

@@ -35,6 +35,7 @@ from redisq_server import EngineLimits, RedisService, Settings, WorkerModel
 from redisq_server.main import Hub
 
 from .client import QueueClient
+from .frames import policy_text
 from .mock_worker import MockWorker
 from .redis_process import RedisNotInstalled, RedisProcess
 
@@ -225,7 +226,10 @@ class LocalStack:
         params: dict[str, Any] | None = None,
         **kw: Any,
     ) -> str:
-        """Submit one job straight into the queue (no socket); returns its id."""
+        """Submit one job straight into the queue (no socket); returns its id.
+        ``kw``: ``RedisService.add_job``'s (``client_id``, ``max_attempts``,
+        ``delay_s``, ``run_at``, ...); a delayed job submitted here reaches the hub's
+        promoter within a second of its time (a client's submit wakes it at once)."""
         with self.service() as svc:
             return svc.add_job(job_type=job_type, priority=priority, params=params, **kw).job_id
 
@@ -359,12 +363,14 @@ class LocalStack:
             ("Namespace", html.escape(self.namespace)),
             ("State", "closed" if self._closed else "running"),
             ("Dashboard", f"<a href='{link}' target='_blank' style='{_LINK}'>{link}</a>"),
+            ("Policy", html.escape(policy_text(self.settings.limits.policy))),
         ]
         if s:
             rows += [
                 ("Workers", f"{s['workers']} ({s['workers_busy']} busy, {s['workers_idle']} idle)"),
                 ("Queued", str(s["queued"])),
                 ("Running", str(s["running"])),
+                ("Scheduled", str(s["scheduled"])),
                 ("Completed", str(s["totals"]["completed"])),
                 (
                     "Throughput now",

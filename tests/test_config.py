@@ -38,6 +38,8 @@ def test_every_variable_is_read() -> None:
         "REDISQ_BACKOFF_BASE_S": "0.5",
         "REDISQ_BACKOFF_MAX_S": "9",
         "REDISQ_MAX_ATTEMPTS": "4",
+        "REDISQ_AGING_S": "2.5",
+        "REDISQ_FAIR_SHARE": "client",
         "REDISQ_MAX_PARAMS_BYTES": "100",
         "REDISQ_MAX_RESULT_BYTES": "200",
         "HUB_MAX_FRAME_BYTES": "300",
@@ -75,6 +77,7 @@ def test_every_variable_is_read() -> None:
         4,
     )
     assert (lim.max_params_bytes, lim.max_result_bytes) == (100, 200)
+    assert lim.policy == {"aging_s": 2.5, "fair_share": "client"}
     assert (s.max_frame_bytes, s.send_queue_frames, s.max_subscriptions, s.max_connections) == (
         300,
         10,
@@ -92,6 +95,16 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("REDISQ_NAMESPACE", "envns")
     s = settings_from_args(["--port", "0", "--namespace", "flagns", "--debug"])
     assert s.hub_port == 0 and s.limits.namespace == "flagns" and s.debug
+
+
+def test_policies_default_to_strict_and_refuse_bad_values() -> None:
+    assert Settings.from_env({}).limits.policy == {"aging_s": 0.0, "fair_share": "off"}
+    with pytest.raises(ValueError, match="aging_s"):
+        Settings.from_env({"REDISQ_AGING_S": "-1"})
+    with pytest.raises(ValueError, match="aging_s"):
+        Settings.from_env({"REDISQ_AGING_S": "3601"})
+    with pytest.raises(ValueError, match="fair_share"):
+        Settings.from_env({"REDISQ_FAIR_SHARE": "job_type"})
 
 
 def test_bad_numbers_are_reported() -> None:

@@ -12,12 +12,18 @@ from hypothesis import strategies as st
 
 from redisq_server.keys import Keys, lua_prelude, validate_namespace
 from redisq_server.models import (
+    AGED_TIE_BITS,
+    AGED_TIME_BITS,
+    AGING_EPOCH_MS,
+    MAX_AGING_MS,
     MAX_SEQ,
     TERMINAL_STATUSES,
     TRANSITIONS,
     JobStatus,
+    aged_score,
     can_transition,
     decode_score,
+    entered_ms,
     queue_score,
 )
 from redisq_server.protocol import (
@@ -58,6 +64,60 @@ def test_score_rejects_out_of_range() -> None:
         queue_score(MAX_PRIORITY + 1, 0)
     with pytest.raises(ValueError, match="seq"):
         queue_score(0, MAX_SEQ + 1)
+
+
+_entered = st.integers(0, (1 << AGED_TIME_BITS) - 1)
+_aging = st.integers(1, MAX_AGING_MS)
+_prio = st.integers(MIN_PRIORITY, MAX_PRIORITY)
+_seq = st.integers(0, MAX_SEQ)
+
+
+@given(_prio, _entered, _seq, _prio, _entered, _seq, _aging)
+def test_aged_score_is_exact_and_orders_by_aged_priority_then_seq(
+    p1: int, t1: int, s1: int, p2: int, t2: int, s2: int, a: int
+) -> None:
+    x, y = aged_score(p1, t1, a, s1), aged_score(p2, t2, a, s2)
+    assert 0 <= x < 2**53 and float(x) == x  # exact as a double
+    # job 1 runs first iff it has the larger aged priority A*p - t, then by seq mod 4096
+    tie = (1 << AGED_TIE_BITS) - 1
+    assert (x < y) == ((t1 - a * p1, s1 & tie) < (t2 - a * p2, s2 & tie))
+
+
+@given(_prio, _entered, _seq, _aging, st.integers(1, 10_000))
+def test_aging_is_continuous_one_step_per_aging_ms(
+    p: int, t: int, s: int, a: int, waited: int
+) -> None:
+    # a job that entered `a * k` ms earlier ranks as one of k more priority steps
+    k = 1 + waited % 50
+    if t - a * k < 0 or p + k > MAX_PRIORITY:
+        return
+    earlier = aged_score(p, t - a * k, a, s)
+    assert earlier >> AGED_TIE_BITS == aged_score(p + k, t, a, s) >> AGED_TIE_BITS
+    # and one ms less waited ranks below it
+    assert aged_score(p, t - a * k + 1, a, s) > earlier
+
+
+def test_aging_example_of_the_issue() -> None:
+    # A = 1 s: a priority-0 job queued 3 s before a priority-2 job runs first ...
+    t = entered_ms(1_800_000_000.0)
+    assert aged_score(0, t, 1000, 1) < aged_score(2, t + 3000, 1000, 2)
+    # ... but not one queued 1 s before it (2 steps of difference, 1 s of waiting)
+    assert aged_score(0, t, 1000, 1) > aged_score(2, t + 1000, 1000, 2)
+    # and FIFO by seq on an exact tie
+    assert aged_score(0, t, 1000, 7) < aged_score(2, t + 2000, 1000, 8)
+
+
+def test_entered_ms_and_aged_score_bounds() -> None:
+    assert entered_ms(AGING_EPOCH_MS / 1000) == 0
+    assert entered_ms(AGING_EPOCH_MS / 1000 + 1.2345) == 1234
+    assert entered_ms(0.0) == 0  # before the epoch: clamped
+    assert entered_ms(1e12) == (1 << AGED_TIME_BITS) - 1  # far future: clamped
+    worst = aged_score(MIN_PRIORITY, (1 << AGED_TIME_BITS) - 1, MAX_AGING_MS, MAX_SEQ)
+    assert worst < 2**53
+    with pytest.raises(ValueError, match="aging_ms"):
+        aged_score(0, 0, 0, 0)
+    with pytest.raises(ValueError, match="entered"):
+        aged_score(0, 1 << AGED_TIME_BITS, 1, 0)
 
 
 def test_state_machine_shape() -> None:

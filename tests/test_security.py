@@ -103,7 +103,9 @@ async def test_refusals_and_health_reveal_nothing(locked_hub: Hub, redis_url: st
     status, body, kind = await aget(f"http://127.0.0.1:{locked_hub.port}/health")
     assert status == 200 and kind == "application/json"
     health = json.loads(body)
-    assert set(health) == {"status", "redis", "hub", "version", "protocol", "connections"}
+    fields = {"status", "redis", "hub", "version", "protocol", "policy", "connections"}
+    assert set(health) == fields  # the scheduling policy is no secret: two settings
+    assert set(health["policy"]) == {"aging_s", "fair_share"}
     text = body.decode()
     assert not any(t in text for t in TOKENS.values())
     assert redis_url not in text and str(locked_hub.settings.redis_url) not in text

@@ -19,6 +19,8 @@ from redis.connection import Connection, parse_url
 
 __all__ = [
     "ENV",
+    "FAIR_SHARE_MODES",
+    "MAX_AGING_S",
     "EngineLimits",
     "RedisURLError",
     "Settings",
@@ -128,6 +130,12 @@ def safe_url(url: str) -> str:
     return url
 
 
+#: the longest aging step: one priority step per hour (keeps the aged score exact)
+MAX_AGING_S: Final = 3600.0
+#: values of ``fair_share``
+FAIR_SHARE_MODES: Final = ("off", "client")
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What the queue engine enforces; shared by every hub on one namespace."""
@@ -142,6 +150,23 @@ class EngineLimits:
     default_max_attempts: int = 3
     max_params_bytes: int = 8 * 1024 * 1024
     max_result_bytes: int = 16 * 1024 * 1024
+    # scheduling policies (docs/scheduling.md): every hub of a namespace must run the same
+    aging_s: float = 0.0  # a queued job gains one priority step per aging_s waited; 0: off
+    fair_share: str = "off"  # "client": round-robin over client ids within a priority
+
+    def __post_init__(self) -> None:
+        if not (self.aging_s == 0 or 0.001 <= self.aging_s <= MAX_AGING_S):
+            raise ValueError(
+                f"aging_s={self.aging_s!r}: expected 0 (off) or 0.001 to {MAX_AGING_S} s"
+            )
+        if self.fair_share not in FAIR_SHARE_MODES:
+            modes = " or ".join(FAIR_SHARE_MODES)
+            raise ValueError(f"fair_share={self.fair_share!r}: expected {modes}")
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """The scheduling policy, as /health, the card and ``redisq summary`` show it."""
+        return {"aging_s": self.aging_s, "fair_share": self.fair_share}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineLimits:
@@ -252,6 +277,17 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
         "default_max_attempts",
         "3",
         "failures a job may have (when it names no max_attempts)",
+    ),
+    "REDISQ_AGING_S": (
+        "aging_s",
+        "0",
+        "aging: a queued job gains one priority step per this many seconds waited "
+        "(continuous; 0: off, strict priority; at most 3600)",
+    ),
+    "REDISQ_FAIR_SHARE": (
+        "fair_share",
+        "off",
+        "client: within a priority, jobs go round-robin across the clients with jobs waiting",
     ),
     "REDISQ_MAX_PARAMS_BYTES": ("max_params_bytes", "8388608", "largest params JSON"),
     "REDISQ_MAX_RESULT_BYTES": ("max_result_bytes", "16777216", "largest result JSON"),

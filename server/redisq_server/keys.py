@@ -19,14 +19,20 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "job": "job:{}",  # HASH, one job (expires result_ttl after it finishes)
     "queue": "queue:{}",  # ZSET per job type: queued ids by queue_score
     "depth": "depth:{}",  # HASH per job type: priority -> queued count
+    # fair share per client: per type and client (arg "type:client") a ZSET of that
+    # client's queued jobs by queue score; the type's queue then holds each one's head
+    "sub": "sub:{}",
+    "subs": "subs:{}",  # SET per job type: client ids with a non-empty sub-queue
     "worker": "worker:{}",  # HASH, one worker (GPU socket)
     "idle": "idle:{}",  # ZSET per job type: idle workers by idle-since time
     "done": "done:{}",  # ZSET per terminal status: job ids by finish time (trimmed to TTL)
     "workers": "workers",  # ZSET: live workers by liveness deadline
     "leases": "leases",  # ZSET: assigned/running job ids by lease deadline
-    "delayed": "delayed",  # ZSET: retrying job ids by due time
+    "delayed": "delayed",  # ZSET: retrying and scheduled job ids by due time
+    "scheduled": "scheduled",  # ZSET: the scheduled (delayed-start) ones among them
     "events": "events",  # STREAM: every lifecycle event, capped
     "stats": "stats",  # HASH: O(1) counters, total and per job type
+    "policy": "policy",  # HASH: the scheduling policy the hubs run (written at hub start)
     "seq": "seq",  # STRING: submission sequence (FIFO within a priority)
     "types": "types",  # SET: every job type seen (submitted or accepted)
     "hubs": "hubs",  # ZSET: live hubs by liveness deadline
@@ -68,6 +74,14 @@ class Keys:
     def depth(self, job_type: str) -> str:
         return self.prefix + KEY_TEMPLATES["depth"].format(job_type)
 
+    def sub(self, job_type: str, client_id: str) -> str:
+        """The fair-share sub-queue of ``client_id``'s jobs of ``job_type`` ('' for
+        jobs submitted with no client id)."""
+        return self.prefix + KEY_TEMPLATES["sub"].format(f"{job_type}:{client_id}")
+
+    def subs(self, job_type: str) -> str:
+        return self.prefix + KEY_TEMPLATES["subs"].format(job_type)
+
     def worker(self, worker_id: str) -> str:
         return self.prefix + KEY_TEMPLATES["worker"].format(worker_id)
 
@@ -90,12 +104,20 @@ class Keys:
         return self.prefix + KEY_TEMPLATES["delayed"]
 
     @property
+    def scheduled(self) -> str:
+        return self.prefix + KEY_TEMPLATES["scheduled"]
+
+    @property
     def events(self) -> str:
         return self.prefix + KEY_TEMPLATES["events"]
 
     @property
     def stats(self) -> str:
         return self.prefix + KEY_TEMPLATES["stats"]
+
+    @property
+    def policy(self) -> str:
+        return self.prefix + KEY_TEMPLATES["policy"]
 
     @property
     def seq(self) -> str:

@@ -269,6 +269,7 @@ class Hub:
             "hub": self.hub_id,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
+            "policy": self.settings.limits.policy,  # every hub of a namespace runs the same
             "connections": {
                 "clients": sum(len(c) for c in r.clients.values()),
                 "workers": len(r.workers),

@@ -9,6 +9,7 @@ rule (:mod:`redisq_server.protocol`); the engine validates through the same rule
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -17,6 +18,10 @@ from typing import Any, Final
 from .protocol import MAX_PRIORITY, validate_priority
 
 __all__ = [
+    "AGED_TIE_BITS",
+    "AGED_TIME_BITS",
+    "AGING_EPOCH_MS",
+    "MAX_AGING_MS",
     "MAX_SEQ",
     "SEQ_BITS",
     "TERMINAL_STATUSES",
@@ -25,8 +30,10 @@ __all__ = [
     "JobStatus",
     "WorkerModel",
     "WorkerStatus",
+    "aged_score",
     "can_transition",
     "decode_score",
+    "entered_ms",
     "queue_score",
 ]
 
@@ -39,6 +46,7 @@ MAX_SEQ: Final = (1 << SEQ_BITS) - 1
 class JobStatus(StrEnum):
     """Where a job is in its lifecycle (see TRANSITIONS)."""
 
+    SCHEDULED = "scheduled"  # submitted with a delay: waits in `delayed` until due
     QUEUED = "queued"
     ASSIGNED = "assigned"
     RUNNING = "running"
@@ -53,7 +61,9 @@ TERMINAL_STATUSES: Final = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, Job
 #: The job state machine. The Lua scripts are its only writers; this table is what
 #: they implement and what the tests check them against.
 TRANSITIONS: Final[Mapping[JobStatus | None, frozenset[JobStatus]]] = {
-    None: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED}),  # submit
+    None: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.SCHEDULED}),  # submit
+    # due (the promoter): queued, or straight onto an idle worker; or cancelled first
+    JobStatus.SCHEDULED: frozenset({JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.ASSIGNED, JobStatus.CANCELLED}),
     JobStatus.ASSIGNED: frozenset(
         {
@@ -114,6 +124,44 @@ def decode_score(score: float) -> tuple[int, int]:
     return MAX_PRIORITY - (s >> SEQ_BITS), s & MAX_SEQ
 
 
+#: Aging (docs/scheduling.md): times count in milliseconds from this epoch
+#: (2025-01-01 UTC), so that they fit :data:`AGED_TIME_BITS` bits until 2059.
+AGING_EPOCH_MS: Final = 1_735_689_600_000
+AGED_TIME_BITS: Final = 40
+#: the longest aging step, in ms (config.MAX_AGING_S)
+MAX_AGING_MS: Final = 3_600_000
+#: low bits of an aged score: the sequence number modulo 4096 breaks exact ties
+AGED_TIE_BITS: Final = 12
+
+
+def entered_ms(unix_s: float) -> int:
+    """A job's time of entering its queue (Unix seconds, as stored: ``created``, or
+    ``due`` for a delayed job) as whole ms since :data:`AGING_EPOCH_MS`, clamped to
+    the range an aged score holds. The Lua scripts compute the same from the same text."""
+    ms = math.floor(unix_s * 1000) - AGING_EPOCH_MS
+    return min(max(ms, 0), (1 << AGED_TIME_BITS) - 1)
+
+
+def aged_score(priority: int, entered: int, aging_ms: int, seq: int) -> int:
+    """The ZSET score of a queued job under aging with a step of ``aging_ms``: the
+    job that entered its queue at ``entered`` (:func:`entered_ms`) with ``priority``
+    runs before another iff ``aging_ms * priority - entered`` is larger, i.e. a
+    waiting job gains one priority step per ``aging_ms`` continuously, with no
+    rescoring. Exact ties go by ``seq`` modulo 4096.
+
+    Exact as a double: ``entered < 2**40`` and ``aging_ms * (MAX_PRIORITY - priority)
+    < 2**38``, so the key is below ``2**41`` and the score below ``2**53``."""
+    validate_priority(priority)
+    if not 0 <= entered < 1 << AGED_TIME_BITS:
+        raise ValueError(f"entered {entered} outside 0..2**{AGED_TIME_BITS}")
+    if not 0 < aging_ms <= MAX_AGING_MS:
+        raise ValueError(f"aging_ms {aging_ms} outside 1..{MAX_AGING_MS}")
+    if seq < 0:
+        raise ValueError(f"seq {seq} is negative")
+    key = entered + aging_ms * (MAX_PRIORITY - priority)
+    return (key << AGED_TIE_BITS) + (seq & ((1 << AGED_TIE_BITS) - 1))
+
+
 # ------------------------------------------------------------------- the models
 
 
@@ -154,6 +202,7 @@ class JobModel:
     assigned: float | None = None
     started: float | None = None
     finished: float | None = None
+    due: float | None = None  # a delayed job's run time (set while it is scheduled, kept after)
 
     @classmethod
     def from_redis(cls, job_id: str, h: Mapping[str, str], position: int | None = None) -> JobModel:
@@ -185,6 +234,7 @@ class JobModel:
             assigned=_opt_float(h.get("assigned")),
             started=_opt_float(h.get("started")),
             finished=_opt_float(h.get("finished")),
+            due=_opt_float(h.get("due")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .protocol import (
     validate_attempt,
     validate_capabilities,
     validate_client_id,
+    validate_delay,
     validate_error_text,
     validate_job_id,
     validate_job_type,
@@ -39,6 +40,7 @@ from .protocol import (
     validate_params,
     validate_priority,
     validate_progress,
+    validate_run_at,
     validate_worker_id,
 )
 
@@ -163,6 +165,7 @@ _ERROR_CODES = {
     "STALE_ATTEMPT": ErrorCode.STALE_ATTEMPT,
     "CANCELLED": ErrorCode.JOB_CANCELLED,
     "BAD_STATE": ErrorCode.BAD_STATE,
+    "INVALID_FIELD": ErrorCode.INVALID_FIELD,
 }
 
 
@@ -197,6 +200,8 @@ class Operations:
             str(int(limits.max_lost)),
             repr(float(limits.backoff_base_s)),
             repr(float(limits.backoff_max_s)),
+            str(round(limits.aging_s * 1000)),  # aging step in ms (0: off)
+            limits.fair_share,
         )
 
     def submit(
@@ -208,7 +213,10 @@ class Operations:
         job_id: str | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> Op[SubmitResult]:
+        """``delay_s`` or ``run_at`` (not both): the job is ``scheduled`` until then."""
         job_type = validate_job_type(job_type)
         priority = validate_priority(priority)
         encoded = validate_params(
@@ -226,7 +234,11 @@ class Operations:
                 jid, JobStatus(status), int(pos) if int(pos) >= 0 else None, _assignment(a)
             )
 
-        args = (jid, job_type, str(priority), encoded, client, str(attempts))
+        if delay_s is not None and run_at is not None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "delay_s, run_at: give one, not both")
+        delay = repr(validate_delay(delay_s)) if delay_s is not None else ""
+        at = repr(validate_run_at(run_at)) if run_at is not None else ""
+        args = (jid, job_type, str(priority), encoded, client, str(attempts), delay, at)
         return Op("submit", args, parse)
 
     def register(
@@ -323,7 +335,12 @@ class Operations:
 
 
 def _parse_stats(r: Any) -> dict[str, Any]:
-    counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r
+    counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r[:9]
+    scheduled, policy_flat = r[9], r[10]
+    pol = dict(zip(policy_flat[::2], policy_flat[1::2], strict=True))
+    policy = (
+        {"aging_s": int(pol["aging_ms"]) / 1000, "fair_share": pol["fair_share"]} if pol else None
+    )
     fields = dict(zip(counters_flat[::2], counters_flat[1::2], strict=True))
     since = float(fields.pop("since")) if "since" in fields else None
     counters = {k: int(v) for k, v in fields.items()}
@@ -351,6 +368,8 @@ def _parse_stats(r: Any) -> dict[str, Any]:
         "queued": sum(t["queued"] for t in by_type.values()),
         "running": int(running),
         "retrying": int(retrying),
+        "scheduled": int(scheduled),
+        "policy": policy,  # as the last hub to start runs it; None before any hub
         "workers": n_workers,
         "workers_idle": n_idle,
         "workers_busy": n_workers - n_idle,

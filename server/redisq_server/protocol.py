@@ -28,6 +28,7 @@ __all__ = [
     "FINAL_EVENTS",
     "FINAL_MESSAGES",
     "MAX_ATTEMPT",
+    "MAX_DELAY_S",
     "MAX_PRIORITY",
     "MESSAGE_MAX_CHARS",
     "MIN_PRIORITY",
@@ -50,6 +51,7 @@ __all__ = [
     "validate_attempt",
     "validate_capabilities",
     "validate_client_id",
+    "validate_delay",
     "validate_error_text",
     "validate_job_id",
     "validate_job_type",
@@ -59,6 +61,7 @@ __all__ = [
     "validate_params",
     "validate_priority",
     "validate_progress",
+    "validate_run_at",
     "validate_worker_id",
 ]
 
@@ -275,6 +278,31 @@ def validate_max_attempts(value: Any, name: str = "max_attempts") -> int:
     return int(value)
 
 
+#: longest delay of a job (``delay_s``, or ``run_at`` ahead of the server's clock): a year
+MAX_DELAY_S: Final = 366 * 86_400
+
+
+def validate_delay(value: Any, name: str = "delay_s") -> float:
+    """A finite number of seconds from 0 to :data:`MAX_DELAY_S`: how long a job waits,
+    ``scheduled``, before it is queued (0: queued at once)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid(name, f"expected a number of seconds from 0 to {MAX_DELAY_S}")
+    if not 0 <= value <= MAX_DELAY_S:
+        raise _invalid(name, f"{value} is outside 0..{MAX_DELAY_S}")
+    return float(value)
+
+
+def validate_run_at(value: Any, name: str = "run_at") -> float:
+    """A finite, positive Unix time in seconds (by the Redis server's clock) when a job
+    is due; a time already past queues it at once. The engine refuses one more than
+    :data:`MAX_DELAY_S` ahead."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid(name, "expected a Unix time in seconds")
+    if value <= 0:
+        raise _invalid(name, f"{value} is not a Unix time in seconds")
+    return float(value)
+
+
 def validate_attempt(value: Any, name: str = "attempt") -> int:
     """An integer from 1 to :data:`MAX_ATTEMPT`: the attempt a worker's report is about."""
     if not _is_int(value) or not 1 <= value <= MAX_ATTEMPT:
@@ -405,6 +433,8 @@ class Message:
 
 
 _NO_DEFAULT: Final = object()
+#: the default of an optional field left out of ``Message.fields`` when absent
+_ABSENT: Final = object()
 
 
 @dataclass(frozen=True)
@@ -423,6 +453,9 @@ SCHEMAS: Final[dict[MessageType, tuple[_Field, ...]]] = {
         _Field("params", _object, {}),
         _Field("job_id", validate_job_id, None),
         _Field("max_attempts", validate_max_attempts, None),
+        # optional, absent from the fields when not sent; at most one of the two
+        _Field("delay_s", validate_delay, _ABSENT),
+        _Field("run_at", validate_run_at, _ABSENT),
     ),
     MessageType.GET_JOB_STATUS: (_Field("job_id", validate_job_id),),
     MessageType.SUBSCRIBE_JOB: (_Field("job_id", validate_job_id),),
@@ -548,7 +581,7 @@ def decode_message(raw: str | bytes, role: Role) -> Message:
                 raise
         elif f.default is _NO_DEFAULT:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"{f.name}: required", ref)
-        else:
+        elif f.default is not _ABSENT:
             fields[f.name] = f.default
     return Message(mtype, ref, fields)
 
@@ -593,15 +626,24 @@ def submit_job(
     *,
     job_id: str | None = None,
     max_attempts: int | None = None,
+    delay_s: float | None = None,
+    run_at: float | None = None,
     id: Any = None,
 ) -> dict[str, Any]:
-    """A client's ``submit_job``. Answered by ``job_accepted`` (or ``error``)."""
+    """A client's ``submit_job``. Answered by ``job_accepted`` (or ``error``).
+
+    ``delay_s`` (seconds from now) or ``run_at`` (Unix seconds, the server's clock),
+    not both: the job is ``scheduled`` until then, then queued with its priority."""
     fields: dict[str, Any] = {"job_type": job_type, "priority": priority}
     fields["params"] = dict(params or {})
     if job_id is not None:
         fields["job_id"] = job_id
     if max_attempts is not None:
         fields["max_attempts"] = max_attempts
+    if delay_s is not None:
+        fields["delay_s"] = delay_s
+    if run_at is not None:
+        fields["run_at"] = run_at
     return _request(MessageType.SUBMIT_JOB, id, fields)
 
 

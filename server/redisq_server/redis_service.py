@@ -156,15 +156,20 @@ class AsyncRedisService(_Shell):
         job_id: str | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """Queue a job, or assign it at once to an idle worker that accepts its type.
 
         If ``result.assignment`` is set, the caller (a hub) must deliver it to that
-        worker; the ``assigned`` event tells the worker's hub as well. A ``job_id``
-        that exists raises ``duplicate``, unless ``client_id`` is the job's own
-        client: then nothing changes and the result is the stored job's status and
-        position (whatever the other arguments say), so a client may safely send a
-        submit again when it got no answer.
+        worker; the ``assigned`` event tells the worker's hub as well. With
+        ``delay_s`` or ``run_at`` still ahead the job is ``scheduled``: a hub's
+        promoter queues it when due (a hub must wake its promoter, see
+        ``EventRouter.retry_scheduled``). A ``job_id`` that exists raises
+        ``duplicate``, unless ``client_id`` is the job's own client: then nothing
+        changes and the result is the stored job's status and position (whatever the
+        other arguments say), so a client may safely send a submit again when it got
+        no answer.
         """
         return await self._run(
             self.ops.submit(
@@ -174,6 +179,8 @@ class AsyncRedisService(_Shell):
                 job_id=job_id,
                 client_id=client_id,
                 max_attempts=max_attempts,
+                delay_s=delay_s,
+                run_at=run_at,
             )
         )
 
@@ -385,9 +392,14 @@ class RedisService(_Shell):
         job_id: str | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """Queue a job, or assign it at once to an idle worker that accepts its type
-        (that worker's hub pushes it). Raises ProtocolError for bad input."""
+        (that worker's hub pushes it). Raises ProtocolError for bad input. With
+        ``delay_s`` or ``run_at`` ahead it is ``scheduled`` until a hub's promoter
+        queues it when due: within a second of its time, as the hubs' promoters check
+        at least once a second (no hub running: it stays scheduled)."""
         return self._run(
             self.ops.submit(
                 job_type,
@@ -396,6 +408,8 @@ class RedisService(_Shell):
                 job_id=job_id,
                 client_id=client_id,
                 max_attempts=max_attempts,
+                delay_s=delay_s,
+                run_at=run_at,
             )
         )
 
@@ -407,6 +421,9 @@ class RedisService(_Shell):
         params: Mapping[str, Any] | None = None,
         client_id: str | None = None,
         max_attempts: int | None = None,
+        *,
+        delay_s: float | None = None,
+        run_at: float | None = None,
     ) -> SubmitResult:
         """:meth:`submit_job` under the seed's name and argument order."""
         return self.submit_job(
@@ -416,6 +433,8 @@ class RedisService(_Shell):
             job_id=job_id,
             client_id=client_id,
             max_attempts=max_attempts,
+            delay_s=delay_s,
+            run_at=run_at,
         )
 
     def get_job(self, job_id: str) -> JobModel | None:
@@ -439,32 +458,64 @@ class RedisService(_Shell):
     # -- bulk reads for monitors (pipelined; no KEYS, no SCAN)
     def job_ids(self, status: str, limit: int = 1000) -> list[str]:
         """Ids of jobs in ``status``: ``queued`` (queue order), ``active`` (assigned,
-        running, retrying), or a finished status (newest first)."""
+        running, retrying, scheduled), ``scheduled`` (by due time), or a finished
+        status (newest first)."""
         validate_limit(limit, most=1 << 62)
         k = self.keys
         r: Any = self.redis
         if status == "queued":
-            types = sorted(r.smembers(k.types))
-            with r.pipeline(transaction=False) as p:
-                for jt in types:
-                    p.zrange(k.queue(jt), 0, limit - 1, withscores=True)
-                per_type = p.execute()
-            merged = sorted(
-                ((score, jid) for rows in per_type for jid, score in rows), key=lambda x: x[0]
-            )
-            return [jid for _, jid in merged[:limit]]
+            return self._queued_ids(limit)
         if status == "active":
             with r.pipeline(transaction=False) as p:
                 p.zrange(k.leases, 0, limit - 1)
                 p.zrange(k.delayed, 0, limit - 1)
                 running, delayed = p.execute()
             return [*running, *delayed][:limit]
+        if status == "scheduled":
+            return list(r.zrange(k.scheduled, 0, limit - 1))
         if status in {s.value for s in TERMINAL_STATUSES}:
             return list(r.zrevrange(k.done(status), 0, limit - 1))
         raise ProtocolError(
             ErrorCode.INVALID_FIELD,
-            "status: expected queued, active, completed, failed or cancelled",
+            "status: expected queued, active, scheduled, completed, failed or cancelled",
         )
+
+    def _queued_ids(self, limit: int) -> list[str]:
+        """Queued job ids in queue order. Under fair share (sub-queues exist) the
+        order beyond the heads is approximate: the heads, then each head's client's
+        second job in the heads' order, then the third, ... (docs/scheduling.md)."""
+        k = self.keys
+        r: Any = self.redis
+        types = sorted(r.smembers(k.types))
+        with r.pipeline(transaction=False) as p:
+            for jt in types:
+                p.zrange(k.queue(jt), 0, limit - 1, withscores=True)
+                p.smembers(k.subs(jt))
+            replies = p.execute()
+        per_type, subs = replies[::2], replies[1::2]
+        merged = sorted(
+            (
+                (score, jid, jt)
+                for jt, rows in zip(types, per_type, strict=True)
+                for jid, score in rows
+            ),
+            key=lambda x: x[0],
+        )
+        heads = [(jid, jt) for _, jid, jt in merged[:limit]]
+        clients = [(jt, c) for jt, cs in zip(types, subs, strict=True) for c in sorted(cs)]
+        if not clients or len(heads) >= limit:
+            return [jid for jid, _ in heads]
+        with r.pipeline(transaction=False) as p:
+            for jt, c in clients:
+                p.zrange(k.sub(jt, c), 0, limit - 1)
+            queues = {ids[0]: ids[1:] for ids in p.execute() if ids}
+        out = [jid for jid, _ in heads]
+        rest = [queues.get(jid, []) for jid, _ in heads]
+        for i in range(max((len(q) for q in rest), default=0)):
+            out += [q[i] for q in rest if i < len(q)]
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     def get_jobs(self, job_ids: Sequence[str]) -> list[JobModel]:
         """The jobs that still exist among ``job_ids``, in order (one pipeline)."""

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from . import protocol
 from .config import Settings
 from .connections import Connection, Registry
-from .models import TERMINAL_STATUSES, JobModel
+from .models import TERMINAL_STATUSES, JobModel, JobStatus
 from .operations import FinishResult, new_job_id
 from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError, Role
 from .redis_service import AsyncRedisService
@@ -147,6 +147,8 @@ class Routes:
                 job_id=job_id,
                 client_id=conn.id,
                 max_attempts=f["max_attempts"],
+                delay_s=f.get("delay_s"),
+                run_at=f.get("run_at"),
             )
             # the same job sent again by its client (after `unavailable`, or from a
             # new socket) is answered with its stored state; if it has finished, the
@@ -157,6 +159,8 @@ class Routes:
         except BaseException:
             self.registry.unsubscribe(conn, job_id)
             raise
+        if result.status is JobStatus.SCHEDULED:
+            self.events.retry_scheduled()  # the promoter learns when it is due
         if result.assignment is not None:
             self.events.push(result.assignment)  # first: the GPU waits, the client only learns
         with conn.batch():  # the reply and the job's first update in one write

@@ -1,4 +1,4 @@
--- Cancel a job. Queued or retrying: removed at once. Assigned or running: cancelled
+-- Cancel a job. Queued, scheduled or retrying: removed at once. Assigned or running: cancelled
 -- at once, and the event tells the worker's hub to push cancel_job; the worker stays
 -- busy until it acknowledges with complete_job or fail_job for that attempt.
 -- Finished jobs are left as they are.
@@ -15,10 +15,11 @@ if st == 'completed' or st == 'failed' or st == 'cancelled' then return {st, fal
 local t = now()
 local hub = false
 if st == 'queued' then
-  redis.call('ZREM', K.queue(j[3]), id)
+  unqueue(id, j[3], j[2], t)
   depth_add(j[3], j[4], -1)
-elseif st == 'retrying' then
+elseif st == 'retrying' or st == 'scheduled' then
   redis.call('ZREM', K.delayed(), id)
+  redis.call('ZREM', K.scheduled(), id)
 else
   hub = redis.call('HGET', K.worker(j[5]), 'hub')
 end

@@ -2,7 +2,8 @@
 -- socket on each, so that events about a client's jobs reach the hubs it is on.
 -- A(1) action:
 --   'start'  forget what an earlier run under this hub id left; A(2) lease seconds;
---            the first start of the namespace records its time (stats 'since')
+--            the first start of the namespace records its time (stats 'since');
+--            records the hub's scheduling policy (header) as the namespace's
 --   'alive'  extend the hub's deadline by A(2) seconds; returns 1 if the hub had
 --            been given up for dead (its client list is gone: list them again)
 --   'join'   A(2), A(3), ...: client ids now with a socket here
@@ -17,6 +18,7 @@ end
 if action == 'start' then
   -- the namespace's first hub start: rates never average over time before it
   redis.call('HSETNX', K.stats(), 'since', ts(now()))
+  redis.call('HSET', K.policy(), 'aging_ms', AGING_MS, 'fair_share', ARGV[9], 'hub', h)
 end
 if action == 'start' or action == 'alive' then
   local added = redis.call('ZADD', K.hubs(), ts(now() + tonumber(A(2))), h)

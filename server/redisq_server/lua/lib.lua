@@ -4,8 +4,9 @@
 -- ARGV header, the same for every script (see redis_service.py, _Shell._call):
 --   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
 --   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
---   8 the calling hub's id ('' when the caller is not a hub)
--- Script arguments follow from ARGV[9] on: use A(i).
+--   8 aging step in ms (0: off)   9 fair share: 'off' or 'client'
+--   10 the calling hub's id ('' when the caller is not a hub)
+-- Script arguments follow from ARGV[11] on: use A(i).
 --
 -- Every script's reply is wrapped as {reply, LOCAL} (redis_service.script_source):
 -- LOCAL holds the events for the calling hub's own sockets, so that a hub never
@@ -17,8 +18,10 @@ local MAXLEN = ARGV[4]
 local MAX_LOST = tonumber(ARGV[5])
 local BACKOFF_BASE = tonumber(ARGV[6])
 local BACKOFF_MAX = tonumber(ARGV[7])
-local CALLER = ARGV[8]
-local function A(i) return ARGV[8 + i] end
+local AGING_MS = tonumber(ARGV[8])
+local FAIR = ARGV[9] == 'client'
+local CALLER = ARGV[10]
+local function A(i) return ARGV[10 + i] end
 local LOCAL = {}
 
 -- A job whose worker was lost avoids that worker's machine this long (see shun):
@@ -27,6 +30,7 @@ local AVOID_S = math.min(5, LEASE)
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
+local MAX_DELAY_S = 31622400 -- protocol.MAX_DELAY_S
 
 local function now()
   local t = redis.call('TIME')
@@ -40,9 +44,21 @@ local function ts(t)
   return last_ts
 end
 
--- models.queue_score: exact below 2^53; formatted without an exponent.
-local function score(priority, seq)
-  return string.format('%.0f', (MAX_PRIORITY - tonumber(priority)) * SEQ_SPACE + tonumber(seq))
+-- The queue score of a job (smaller runs first), formatted without an exponent.
+-- Strict (AGING_MS 0): models.queue_score, priority then seq, exact below 2^53.
+-- Aging: models.aged_score from `entered` (the job's `due` or `created` text, Unix
+-- seconds): key = ms since the aging epoch + AGING_MS * (MAX_PRIORITY - priority),
+-- below 2^41, times 4096 plus seq mod 4096; every step is an exact integer in a double.
+local AGING_EPOCH_MS = 1735689600000 -- models.AGING_EPOCH_MS
+local AGED_TIME_MAX = 1099511627775 -- 2^40 - 1, models.AGED_TIME_BITS
+local function score(priority, seq, entered)
+  if AGING_MS == 0 then
+    return string.format('%.0f', (MAX_PRIORITY - tonumber(priority)) * SEQ_SPACE + tonumber(seq))
+  end
+  local ms = math.floor(tonumber(entered) * 1000) - AGING_EPOCH_MS
+  ms = math.min(math.max(ms, 0), AGED_TIME_MAX)
+  local key = ms + AGING_MS * (MAX_PRIORITY - tonumber(priority))
+  return string.format('%.0f', key * 4096 + tonumber(seq) % 4096)
 end
 
 local function split(s)
@@ -176,21 +192,84 @@ local function assign(id, w, t, returned, j, from_idle)
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
+-- Fair share per client (docs/scheduling.md). Each client's queued jobs of a type
+-- wait in its sub-queue K.sub(type:client) by their queue score; the type's queue
+-- holds only each client's head (the first of its sub-queue), under its head
+-- score: given once, when the job first becomes its client's head, and kept in its
+-- `head` field, so a displaced or requeued head gets its place back. A job that
+-- becomes head as it enters the queue (submitted, due, retried, requeued) takes its
+-- own queue score; one that becomes head when its client's previous head leaves
+-- takes a fresh seq and the time now (head_score), which puts it behind every head
+-- already waiting at its priority: the round-robin.
+local function head_score(id, t)
+  local h = redis.call('HMGET', K.job(id), 'head', 'priority')
+  if h[1] then return h[1] end
+  local s = score(h[2], redis.call('INCR', K.seq()), ts(t))
+  redis.call('HSET', K.job(id), 'head', s)
+  return s
+end
+
+-- Queue job `id` (type `jt`, client `c`, queue score `s`) in its client's sub-queue;
+-- if it is now the client's first, it replaces the client's head in the type's queue.
+-- Returns its position: exact for a head, else a lower bound (its head's position
+-- plus the jobs ahead of it in the sub-queue).
+local function fair_enqueue(id, jt, c, s, fresh)
+  local sk = K.sub(jt .. ':' .. c)
+  redis.call('ZADD', sk, s, id)
+  redis.call('SADD', K.subs(jt), c)
+  local first = redis.call('ZRANGE', sk, 0, 1)
+  if first[1] == id then
+    if first[2] then redis.call('ZREM', K.queue(jt), first[2]) end -- the old head waits again
+    local hs = not fresh and redis.call('HGET', K.job(id), 'head')
+    if not hs then
+      hs = s
+      redis.call('HSET', K.job(id), 'head', s)
+    end
+    redis.call('ZADD', K.queue(jt), hs, id)
+    return redis.call('ZRANK', K.queue(jt), id)
+  end
+  return (redis.call('ZRANK', K.queue(jt), first[1]) or 0) + redis.call('ZRANK', sk, id)
+end
+
+-- Take queued job `id` (type `jt`, client `c` or false) out of its queue, and out of
+-- its client's sub-queue if it is in one: then the client's next job, if any,
+-- becomes its head. Works on the keys as they are, whatever the policy now.
+-- The caller adjusts the depth count. Returns true when a next head entered the queue.
+local function unqueue(id, jt, c, t)
+  local was_head = redis.call('ZREM', K.queue(jt), id) == 1
+  c = c or ''
+  local sk = K.sub(jt .. ':' .. c)
+  if redis.call('ZREM', sk, id) == 1 then
+    local nxt = redis.call('ZRANGE', sk, 0, 0)[1]
+    if not nxt then
+      redis.call('SREM', K.subs(jt), c)
+    elseif was_head then
+      redis.call('ZADD', K.queue(jt), head_score(nxt, t), nxt)
+      return true
+    end
+  end
+  return false
+end
+
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).
--- `j`: the job's {type, priority, seq, client, params, avoid} if the caller has them.
+-- `j`: the job's {type, priority, seq, client, params, avoid, created, due} if the
+-- caller has them (`avoid`, `due` false when unset; aging scores from due or created).
 -- A job that avoids a machine (shun) goes to no worker of it.
 -- Returns assignment, position (one of them is false); `returned` as for assign.
 local function enqueue(id, t, fresh, returned, j)
   local jk = K.job(id)
-  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params', 'avoid')
+  j = j or redis.call('HMGET', jk, 'type', 'priority', 'seq', 'client', 'params', 'avoid',
+    'created', 'due')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = idle_worker(j[1], j[6])
   if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
   redis.call('HSET', jk, 'status', 'queued')
-  redis.call('ZADD', K.queue(j[1]), score(j[2], j[3]), id)
+  local s = score(j[2], j[3], j[8] or j[7])
   depth_add(j[1], j[2], 1)
+  if FAIR then return false, fair_enqueue(id, j[1], j[4] or '', s, fresh) end
+  redis.call('ZADD', K.queue(j[1]), s, id)
   return false, redis.call('ZRANK', K.queue(j[1]), id)
 end
 
@@ -240,8 +319,8 @@ local function claim_next(w, t, types)
     if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
   if best then
-    redis.call('ZREM', K.queue(best_type), best)
     local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
+    unqueue(best, best_type, j[3], t)
     depth_add(best_type, j[2], -1)
     return assign(best, w, t, true, j, false)
   end
@@ -331,13 +410,32 @@ local function redispatch(ids, t)
     end
   end
   table.sort(queued, function(a, b) return a[1] < b[1] end)
+  local promoted = {}
   for _, q in ipairs(queued) do
     local id, j = q[2], q[3]
     local w = redis.call('ZRANGE', K.idle(j[2]), 0, 0)[1]
     if w then
-      redis.call('ZREM', K.queue(j[2]), id)
+      if unqueue(id, j[2], j[4], t) then promoted[j[2]] = true end
       depth_add(j[2], j[3], -1)
       assign(id, w, t, false, {j[2], j[3], j[4], j[5]}, true)
+    end
+  end
+  -- fair share: a head that entered the queue above may be one that other idle
+  -- workers (of the machine its client's previous head avoided) can take now
+  local types = {}
+  for jt in pairs(promoted) do types[#types + 1] = jt end
+  table.sort(types)
+  for _, jt in ipairs(types) do
+    for _, w in ipairs(redis.call('ZRANGE', K.idle(jt), 0, -1)) do
+      local avoided = K.avoided(machine_of(w))
+      if redis.call('EXISTS', avoided) == 0 then avoided = false end
+      local id = queue_head(jt, avoided, t)
+      if id then
+        local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'client', 'params', 'avoid')
+        unqueue(id, jt, j[3], t)
+        depth_add(jt, j[2], -1)
+        assign(id, w, t, false, j, true)
+      end
     end
   end
 end

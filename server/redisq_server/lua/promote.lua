@@ -1,4 +1,6 @@
--- Move retrying jobs whose backoff has passed back to a worker or their queue, and
+-- Move retrying jobs whose backoff has passed, and scheduled jobs now due, to a
+-- worker or their queue (a scheduled job enters its queue now: its wait starts, and
+-- it gets a fresh seq, so it queues behind the jobs of its priority already there), and
 -- end the avoidances (shun, lib.lua) whose time has passed: such a job, if still
 -- queued, goes to an idle worker of the machine it avoided, if one waits.
 -- A(1) how many of each to handle in this call
@@ -10,6 +12,10 @@ local due = redis.call('ZRANGEBYSCORE', K.delayed(), '-inf', ts(t), 'LIMIT', 0, 
 local out = {#due, -1}
 for _, id in ipairs(due) do
   redis.call('ZREM', K.delayed(), id)
+  if redis.call('ZREM', K.scheduled(), id) == 1 then
+    -- a delayed job enters its queue now: FIFO among its priority from here on
+    redis.call('HSET', K.job(id), 'seq', redis.call('INCR', K.seq()))
+  end
   local a = enqueue(id, t, false, true)
   if a then
     out[#out + 1] = a
