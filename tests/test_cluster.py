@@ -302,10 +302,12 @@ async def test_namespaces_map_to_slots_on_different_masters(
                 assert node.execute_command("CLUSTER", "KEYSLOT", keys.job("x")) == slot
                 # every key of the namespace is on its master, in its one slot
                 n = node.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
-                assert n >= 5  # job, queue/idle, worker, stats, events, ...
-                in_slot = node.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-                assert all(k.startswith(keys.prefix) for k in in_slot)
-                assert keys.events in in_slot and keys.stats in in_slot
+                in_slot = node.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)
+                # the slot may also hold another test's namespace whose tag hashes to
+                # it; every key of this one is here
+                ours = [k for k in in_slot if k.startswith(keys.prefix)]
+                assert len(ours) >= 5  # job, queue/idle, worker, stats, events, ...
+                assert keys.events in ours and keys.stats in ours
             finally:
                 node.close()
             for other in cluster.ports:  # the other masters hold none of them

@@ -153,3 +153,39 @@ async def test_a_stopped_or_dead_hub_is_forgotten(redis_url: str, limits: Engine
         await reaper.aclose()
     finally:
         await plain.aclose()
+
+
+async def test_an_assignment_whose_push_was_lost_is_pushed_by_the_sweep(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A call's reply carries the assignment its hub must push; when that reply is
+    lost (Redis stopped right after running the script), the worker would hold a job
+    it was never told of, its lease renewed for ever. The sweep compares what the
+    hub pushed with what Redis assigned, and pushes what is missing."""
+    fast = replace(limits, lease_s=1.5)  # the sweep runs every 0.5 s
+    async with Hub(hub_settings(redis_url, fast)) as hub:
+        w = await open_worker(hub.url, "m1:gpu0", ["t"])
+        # a caller that speaks for this hub but drops the events its calls return:
+        # the reply (and with it the push) is lost, as in an outage
+        lossy = AsyncRedisService(redis_url, limits=fast)
+        lossy.hub_id = hub.hub_id
+        try:
+            r = await lossy.submit_job("t", job_id="lost-push", client_id="c1")
+            assert r.assignment is not None and r.assignment.worker_id == "m1:gpu0"
+            job = await w.expect("job_assigned", timeout=5)
+            assert (job["job_id"], job["attempt"]) == ("lost-push", 1)
+            await w.send({"type": "complete_job", "job_id": "lost-push", "attempt": 1, "result": 1})
+            await wait_for(
+                lambda: _status(lossy, "lost-push"), 5, "the late-pushed job to complete"
+            )
+            # pushed once: no second job_assigned for the same assignment
+            await w.send({"type": "worker_heartbeat", "id": "hb"})
+            assert (await w.expect("ack"))["ref"] == "hb"
+        finally:
+            await lossy.aclose()
+        await w.close()
+
+
+async def _status(svc: AsyncRedisService, job_id: str) -> bool:
+    job = await svc.get_job(job_id)
+    return job is not None and job.status.value == "completed"

@@ -354,11 +354,17 @@ class Hub:
             relist = await self.svc.hub_alive()
             if relist or self._listed != self.registry.clients.keys():
                 await self._list_clients([*self.registry.clients, *self._listed], relist)
-            pairs = [(c.id, c.session) for c in self.registry.workers.values() if c.registered]
-            for worker_id in await self.svc.touch(pairs):
+            live = [c for c in self.registry.workers.values() if c.registered]
+            renewal = await self.svc.renew((c.id, c.session, c.delivered_n) for c in live)
+            for worker_id in renewal.stale:
                 conn = self.registry.workers.get(worker_id)
                 if conn is not None:
                     conn.close(CloseCode.SESSION_EXPIRED, "worker record expired; reconnect")
+            for a in renewal.missed:  # a push lost with a reply or an event
+                if self.events.push(a):
+                    log.warning(
+                        "pushed %s's job %s late: its assignment was lost", a.worker_id, a.job_id
+                    )
 
         await forever("sweep", step, interval, self._is_stopping)
 

@@ -51,6 +51,7 @@ __all__ = [
     "FinishResult",
     "Op",
     "Operations",
+    "Renewal",
     "SubmitResult",
     "engine_error",
     "event_from_entry",
@@ -122,6 +123,15 @@ class FinishResult:
 
     outcome: str
     next: Assignment | None
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What renewing workers found: ``stale`` workers (their session is not current:
+    close them) and ``missed`` assignments their hub never pushed (push them)."""
+
+    stale: list[str]
+    missed: list[Assignment]
 
 
 @dataclass(frozen=True)
@@ -291,9 +301,15 @@ class Operations:
         value = validate_progress(progress)
         return Op("progress", (*head, repr(value), message or ""), str)
 
-    def touch(self, workers: Iterable[tuple[str, str]]) -> Op[list[str]]:
-        flat = tuple(x for pair in workers for x in pair)
-        return Op("touch", flat, list)
+    def touch(self, workers: Iterable[tuple[str, str, int | None]]) -> Op[Renewal]:
+        """Extend ``(worker_id, session, pushed)`` workers; ``pushed`` is the highest
+        assignment number the hub pushed to that socket (None: do not check)."""
+        flat = tuple(x for w, s, n in workers for x in (w, s, "" if n is None else str(int(n))))
+
+        def parse(r: Any) -> Renewal:
+            return Renewal(list(r[0]), [Assignment.from_reply(a) for a in r[1]])
+
+        return Op("touch", flat, parse)
 
     def lost(self, worker_id: str, session: str, count: bool = True) -> Op[bool]:
         return Op("lost", (worker_id, session, "1" if count else "0"), lambda r: bool(r))

@@ -33,6 +33,7 @@ from .operations import (
     FinishResult,
     Op,
     Operations,
+    Renewal,
     SubmitResult,
     engine_error,
     event_from_entry,
@@ -240,10 +241,17 @@ class AsyncRedisService(_Shell):
 
     async def touch(self, workers: Iterable[tuple[str, str]]) -> list[str]:
         """Extend liveness for ``(worker_id, session)`` pairs; returns stale worker ids."""
-        pairs = list(workers)
-        if not pairs:
-            return []
-        return await self._run(self.ops.touch(pairs))
+        renewal = await self.renew((w, s, None) for w, s in workers)
+        return renewal.stale
+
+    async def renew(self, workers: Iterable[tuple[str, str, int | None]]) -> Renewal:
+        """Extend liveness for ``(worker_id, session, pushed)``: the caller (a hub)
+        must close the ``stale`` workers and push the ``missed`` assignments (those
+        numbered above ``pushed``, the highest it pushed to that socket)."""
+        triples = list(workers)
+        if not triples:
+            return Renewal([], [])
+        return await self._run(self.ops.touch(triples))
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
         """The worker's socket closed: requeue its job now. ``count=False`` for a

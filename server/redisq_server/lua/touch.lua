@@ -1,21 +1,36 @@
 -- Liveness: extend the deadline of each live worker and the lease of its job.
 -- Run by a hub for all of its sockets, and for one worker on its heartbeat.
--- A(1), A(2), ...: worker id, session pairs.
--- Returns the workers whose session is no longer current (they must re-register).
+-- A(1), A(2), A(3), ...: worker id, session, and the highest assignment number the
+-- hub has pushed to that socket ('' when the caller does not check), per worker.
+-- Returns {stale, missed}: the workers whose session is no longer current (they
+-- must re-register), and the assignments of live workers that their hub has not
+-- pushed (a reply or an event lost to a Redis outage): the hub pushes them now,
+-- so a worker never holds a job it was never told of.
 local t = now()
 local deadline = ts(t + LEASE)
-local stale = {}
+local stale, missed = {}, {}
 local i = 1
 while A(i) do
-  local w, session = A(i), A(i + 1)
-  local h = redis.call('HMGET', K.worker(w), 'session', 'status', 'job')
+  local w, session, pushed = A(i), A(i + 1), A(i + 2)
+  local wk = K.worker(w)
+  local h = redis.call('HMGET', wk, 'session', 'status', 'job', 'attempt', 'n', 'hub')
   if h[1] ~= session or h[2] == 'offline' or not h[2] then
     stale[#stale + 1] = w
   else
     redis.call('ZADD', K.workers(), deadline, w)
-    redis.call('HSET', K.worker(w), 'seen', ts(t))
-    if not blank(h[3]) then redis.call('ZADD', K.leases(), 'XX', deadline, h[3]) end
+    redis.call('HSET', wk, 'seen', ts(t))
+    if not blank(h[3]) then
+      redis.call('ZADD', K.leases(), 'XX', deadline, h[3])
+      if pushed ~= '' and tonumber(h[5] or 0) > tonumber(pushed) then
+        local j = redis.call('HMGET', K.job(h[3]), 'type', 'priority', 'params', 'status',
+          'attempt', 'worker')
+        if (j[4] == 'assigned' or j[4] == 'running') and j[5] == h[4] and j[6] == w then
+          missed[#missed + 1] = {h[3], h[4], j[1], j[2], j[3] or '', w, h[6] or '', session,
+            h[5]}
+        end
+      end
+    end
   end
-  i = i + 2
+  i = i + 3
 end
-return stale
+return {stale, missed}
