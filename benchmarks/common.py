@@ -205,6 +205,50 @@ def _top_frames(session: Any, n: int = 25) -> dict[str, Any]:
     }
 
 
+def _cprofile_frames(stats: Any, n: int = 25) -> dict[str, Any]:
+    """:func:`_top_frames` for a cProfile run (used when pyinstrument is not
+    installed): self time by function and by package. A built-in counts for the
+    package of its most frequent caller; ``epoll.poll`` is the loop waiting (idle).
+    Time the loop spends in C between callbacks (uvloop) is in no function."""
+    entries = stats.stats  # (file, line, fn) -> (cc, nc, tt, ct, callers)
+    by_pkg: dict[str, float] = {}
+    rows: list[tuple[str, str, int, float]] = []
+    for (path, line, fn), (_, _, tt, _, callers) in entries.items():
+        if path == "~":
+            if "poll" in fn and ("epoll" in fn or "select" in fn):
+                pkg = "idle (epoll wait)"
+            elif "socket" in fn:
+                pkg = "socket syscalls"
+            elif callers:
+                top = max(callers.items(), key=lambda kv: kv[1][1])[0]
+                pkg = _package(top[0])
+            else:
+                pkg = "other"
+        else:
+            pkg = _package(path)
+        by_pkg[pkg] = by_pkg.get(pkg, 0.0) + tt
+        rows.append((fn, path, line, tt))
+    total = sum(by_pkg.values())
+    busy = total - by_pkg.get("idle (epoll wait)", 0.0)
+    rows.sort(key=lambda r: -r[3])
+    return {
+        "total_s": total,
+        "top_self": [
+            {"function": fn, "file": path, "line": line, "self_s": t, "share": t / total}
+            for fn, path, line, t in rows[:n]
+        ],
+        "busy_s": busy,
+        "by_package": {
+            k: {
+                "self_s": v,
+                "share": v / total,
+                "busy_share": v / busy if "idle" not in k else None,
+            }
+            for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
 def _hub_settings(redis_url: str, namespace: str) -> Settings:
     return Settings(
         redis_url=redis_url,
@@ -216,20 +260,42 @@ def _hub_settings(redis_url: str, namespace: str) -> Settings:
 
 async def _hub_child(redis_url: str, namespace: str, profile: str, conn: Connection) -> None:
     """A hub until the parent says stop; first sends its URL and pid. With
-    ``profile`` (a path stem) it runs under pyinstrument and writes
-    ``<stem>.txt`` (the call tree) and ``<stem>.json`` (top self-time frames)."""
+    ``profile`` (a path stem) it runs under pyinstrument (cProfile when pyinstrument
+    is not installed) and writes ``<stem>.txt`` (the call tree, or cProfile's table
+    by self time) and ``<stem>.json`` (top self-time frames)."""
     raise_nofile()
     profiler: Any = None
+    cprof: Any = None
     if profile:
-        from pyinstrument import Profiler
+        try:
+            from pyinstrument import Profiler
+        except ImportError:
+            import cProfile
 
-        profiler = Profiler(interval=0.0005, async_mode="disabled")
-        profiler.start()
+            cprof = cProfile.Profile()
+            cprof.enable()
+        else:
+            profiler = Profiler(interval=0.0005, async_mode="disabled")
+            profiler.start()
     try:
         async with Hub(_hub_settings(redis_url, namespace)) as hub:
             conn.send({"url": hub.url, "pid": os.getpid()})
             await asyncio.to_thread(conn.recv)  # "stop", or EOF if the parent is gone
     finally:
+        if cprof is not None:
+            import io
+            import pstats
+
+            cprof.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(cprof, stream=out)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(60)
+            stem = Path(profile)
+            stem.with_suffix(".txt").write_text(out.getvalue())
+            summary = {"duration_s": stats.total_tt, "profiler": "cProfile"}
+            summary |= _cprofile_frames(stats)
+            stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         if profiler is not None:
             session = profiler.stop()
             stem = Path(profile)

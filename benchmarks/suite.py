@@ -14,7 +14,7 @@ What they share is in :mod:`benchmarks.common`.
     python -m benchmarks --only drain,latency --hub-place main  # hub in this process
     python -m benchmarks --only engine           # the engine alone, no hub
     python -m benchmarks --only peers --peers rq,arq
-    python -m benchmarks --only drain --profile  # + a pyinstrument profile of the hub
+    python -m benchmarks --only drain --profile  # + a profile of the hub (pyinstrument, else cProfile)
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ async def _ours(
 
     async def profile() -> Any:
         stem = str(args.json.with_name(args.json.stem + "-hub-profile"))
-        _log(f"profile: a drain with the hub under pyinstrument -> {stem}.txt")
+        _log(f"profile: a drain with the hub profiled -> {stem}.txt")
         prof = await ours.drain(url, f"{run}-prof", sz.jobs, sz.gpus, pid, loop=loop, profile=stem)
         summary = json.loads(await asyncio.to_thread(Path(stem + ".json").read_text))
         shown = await asyncio.to_thread(os.path.relpath, stem + ".txt")
@@ -571,6 +571,9 @@ def format_tables(result: dict[str, Any]) -> str:
         if notes:
             lines.append("settings:")
             lines += [f"  {k}: {v}" for k, v in notes.items()]
+    cpu_rows = _cpu_table(result)
+    if cpu_rows:
+        lines += ["", *cpu_rows]
     if "latency" in o:
         lat = o["latency"]
         sat = lat["saturated"]
@@ -727,6 +730,43 @@ def _engine_lines(e: dict[str, Any]) -> list[str]:
             row += f"{v:>14,.0f}{v / ops['PING']:>9.2f}{v / ops['ZADD+ZPOPMIN']:>17.2f}"
         lines.append(row)
     return lines
+
+
+def _cpu_table(result: dict[str, Any]) -> list[str]:
+    """CPU ms per job in the drain, per system and process: ours (hub, worker,
+    Redis), each peer (its worker and Redis; an AMQP peer's broker is not counted).
+    Each is process CPU time over the drain window divided by the jobs drained: on a
+    noisy machine the comparison that moves least between runs."""
+    rows: list[tuple[str, str, float | None, float | None, float | None]] = []
+    d = result.get("ours", {}).get("drain")
+    if d:
+        c = d["cpu_ms_per_job"]
+        hub = c.get("hub", c.get("hub+client"))
+        rows.append(("redisq (hub)", f"{d['gpus']} GPUs", hub, c.get("worker"), c.get("redis")))
+    for name, settings in result.get("peers", {}).items():
+        spec = peers.PEERS[name]
+        for setting, r in settings.items():
+            c = (r.get("drain") or {}).get("cpu_ms_per_job")
+            if not c:
+                continue
+            redis_ms = c.get("redis") if spec.transport == "redis" else None
+            rows.append((spec.label, setting, None, c.get("worker"), redis_ms))
+    if not rows:
+        return []
+
+    def num(x: float | None) -> str:
+        return f"{x:>9.3f}" if x is not None and x == x else f"{'-':>9}"
+
+    out = [
+        "CPU per job in the drain, ms (process CPU over the drain / jobs; peers on "
+        "RabbitMQ: broker not counted)",
+        f"{'system':<22}{'setting':<9}{'hub':>9}{'worker':>9}{'redis':>9}{'total':>9}",
+    ]
+    for system, setting, hub, wk, rd in rows:
+        parts = [x for x in (hub, wk, rd) if x is not None and x == x]
+        total = sum(parts) if parts else None
+        out.append(f"{system[:21]:<22}{setting:<9}{num(hub)}{num(wk)}{num(rd)}{num(total)}")
+    return out
 
 
 SIDE_HEADER = (

@@ -13,6 +13,7 @@ scripts and the seed's example; ``add_job`` is the seed's name for
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -20,7 +21,8 @@ from typing import Any, Final, TypeVar
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import EngineLimits
@@ -41,7 +43,7 @@ from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_
 from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
 from .scripts import SCRIPT_NAMES, script_source
 
-__all__ = ["EVENTS_LIMIT", "AsyncRedisService", "RedisService"]
+__all__ = ["EVENTS_LIMIT", "PIPELINE_DEPTH", "AsyncRedisService", "RedisService"]
 
 T = TypeVar("T")
 
@@ -58,6 +60,15 @@ def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
 def _after(since: str) -> tuple[str, str]:
     """XRANGE bounds for the entries strictly after ``since`` (``0``: all)."""
     return ("-" if since in ("0", "") else f"({since}"), "+"
+
+
+async def _checkout(pool: Any) -> Any:
+    """A connection from redis-py's asyncio ``pool`` (before 5.3 ``get_connection``
+    needs a command name; from 5.3 passing one is deprecated)."""
+    param = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if param is not None and param.default is inspect.Parameter.empty:
+        return await pool.get_connection("EVALSHA")
+    return await pool.get_connection()
 
 
 def _last_id(newest: Sequence[Any]) -> str:
@@ -95,11 +106,22 @@ class _Shell:
         return op.parse(reply)
 
 
+#: script calls in flight at once before further calls wait to share one pipeline
+PIPELINE_DEPTH: Final = 1
+
+
 class AsyncRedisService(_Shell):
     """The queue engine, asyncio flavour: what the hub and async tools call.
 
     Connect from ``url`` (or ``host``/``port``/``db``/``password``; the environment
     when none is given) or pass a ready ``client``. Call :meth:`aclose` when done.
+
+    Script calls are pipelined automatically: a call made while ``pipeline_depth``
+    calls (or pipelines) are already in flight waits, and every call waiting when
+    one of those returns leaves together, in one pipeline and one round trip. A
+    lone call is sent at once, so an idle hub's latency does not change. Each call
+    is still its own script (atomic), with its own reply or error. ``pipeline_depth``
+    0 sends every call on its own (always so for a Redis Cluster client).
     """
 
     def __init__(
@@ -114,6 +136,7 @@ class AsyncRedisService(_Shell):
         limits: EngineLimits | None = None,
         client: aredis.Redis | None = None,
         call_timeout_s: float = CALL_TIMEOUT_S,
+        pipeline_depth: int = PIPELINE_DEPTH,
     ) -> None:
         if client is None:
             url, extra = resolve_url(url, host, port, db, password)
@@ -121,13 +144,123 @@ class AsyncRedisService(_Shell):
         self.redis = client
         self.call_timeout_s = call_timeout_s
         self._setup(client, limits, namespace)
+        plain = isinstance(client, aredis.Redis)
+        self.pipeline_depth = pipeline_depth if plain else 0
+        self._in_flight = 0  # lone calls and pipelines sent and not yet answered
+        self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._pipe_conns: list[Any] = []  # pooled connections held for pipelines
+        #: script calls sent on their own, and in pipelines (with how many pipelines)
+        self.calls_alone = self.calls_pipelined = self.pipelines = 0
 
     async def _run(self, op: Op[T]) -> T:
+        if self._in_flight >= self.pipeline_depth > 0 or self._waiting:
+            return await self._queued(op)
+        self._in_flight += 1
+        self.calls_alone += 1
         try:
             reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
         except ResponseError as exc:
             raise engine_error(exc) from None
+        finally:
+            self._in_flight -= 1
+            self._flush()
         return self._reply(op, reply)
+
+    async def _queued(self, op: Op[T]) -> T:
+        """Wait for a place in the next pipeline; its reply, parsed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, fut))
+        self._flush()
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                return await fut
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"no reply from Redis within {self.call_timeout_s:g} s ({op.script})"
+            ) from None
+
+    def _flush(self) -> None:
+        """Send what waits as one pipeline, if a place in flight is free."""
+        if not self._waiting or self._in_flight >= max(1, self.pipeline_depth):
+            return
+        batch, self._waiting = self._waiting, []
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._pipeline(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _pipeline(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        """Run ``batch`` in one pipeline and settle each call's future, in order. A
+        call whose caller gave up before it was sent is not run."""
+        try:
+            batch = [(op, fut) for op, fut in batch if not fut.done()]
+            if not batch:
+                return
+            self.pipelines += 1
+            self.calls_pipelined += len(batch)
+            try:
+                replies = await self._bounded(self._send(batch), "pipeline")
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            for (op, fut), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, NoScriptError):  # Redis lost its scripts: load, rerun
+                    try:
+                        reply = await self._bounded(
+                            self._scripts[op.script](**self._call(op)), op.script
+                        )
+                    except Exception as exc:
+                        reply = exc
+                if fut.done():
+                    continue
+                if isinstance(reply, ResponseError):
+                    fut.set_exception(engine_error(reply))
+                elif isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    try:
+                        fut.set_result(self._reply(op, reply))
+                    except Exception as exc:
+                        fut.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            self._flush()
+
+    async def _send(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> list[Any]:
+        """EVALSHA of each call in one write on a pooled connection kept for
+        pipelines; each reply (or its error, as an exception object), in order. A
+        connection that fails is dropped and the batch is sent once more on a fresh
+        one, as redis-py retries a lone call (fencing makes a rerun harmless)."""
+        commands = []
+        for op, _ in batch:
+            call = self._call(op)
+            commands.append(
+                ("EVALSHA", self._scripts[op.script].sha, 1, *call["keys"], *call["args"])
+            )
+        for retry in (True, False):
+            conn = self._pipe_conns.pop() if self._pipe_conns else None
+            if conn is None:
+                conn = await _checkout(self.redis.connection_pool)
+            try:
+                await conn.send_packed_command(conn.pack_commands(commands))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            except BaseException as exc:
+                await conn.disconnect()
+                await self.redis.connection_pool.release(conn)
+                if retry and isinstance(exc, RedisConnectionError):
+                    continue
+                raise
+            self._pipe_conns.append(conn)
+            return replies
+        raise AssertionError("unreachable")
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
         """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
@@ -141,6 +274,11 @@ class AsyncRedisService(_Shell):
             ) from None
 
     async def aclose(self) -> None:
+        """Let the pipelines in flight finish, then close the client."""
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+        while self._pipe_conns:
+            await self.redis.connection_pool.release(self._pipe_conns.pop())
         await self.redis.aclose()
 
     async def ping(self) -> bool:
