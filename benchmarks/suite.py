@@ -250,7 +250,15 @@ async def _ours(
     async def drain() -> Any:
         _log(f"drain: {sz.jobs:,} queued jobs, 1 worker process x {sz.gpus} GPU sockets")
         r = await ours.drain_median(
-            url, f"{run}-drain", sz.jobs, sz.gpus, pid, sz.reps, place=place, loop=loop
+            url,
+            f"{run}-drain",
+            sz.jobs,
+            sz.gpus,
+            pid,
+            sz.reps,
+            place=place,
+            loop=loop,
+            processes=args.hub_processes,
         )
         runs = ", ".join(f"{x:,.0f}" for x in r["runs_per_s"])
         _log(f"  {r['jobs_per_s']:,.0f} jobs/s (median of {runs})")
@@ -278,6 +286,7 @@ async def _ours(
             load_max_jobs=sz.load_max_jobs,
             place=place,
             loop=loop,
+            processes=args.hub_processes,
         )
 
     async def enqueue() -> Any:
@@ -402,6 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "hub_loop": args.hub_loop,
             "hub_place": args.hub_place,
+            "hub_processes": args.hub_processes,
         }
         ours_parts = [p for p in parts if p != "peers"]
         if ours_parts or args.profile:
@@ -976,6 +986,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the hub of drain, latency, enqueue and growth runs: a process of its "
         "own (default) or this runner's process, sharing its event loop with the client "
         "(memory and --profile always use a process of their own)",
+    )
+    p.add_argument(
+        "--hub-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="drain and latency through `redisq-server --processes N` (N hubs on one "
+        "port) instead of one hub (default 1)",
     )
     p.add_argument(
         "--profile",
