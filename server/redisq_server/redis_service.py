@@ -62,6 +62,21 @@ def _after(since: str) -> tuple[str, str]:
     return ("-" if since in ("0", "") else f"({since}"), "+"
 
 
+def _bulk(arg: str | bytes | int | float) -> bytes:
+    """One argument as a RESP bulk string, encoded as redis-py encodes it."""
+    if isinstance(arg, str):
+        data = arg.encode()
+    elif isinstance(arg, bytes):
+        data = arg
+    elif isinstance(arg, bool):
+        raise TypeError("a bool is not a Redis argument")
+    elif isinstance(arg, int | float):
+        data = repr(arg).encode()
+    else:
+        raise TypeError(f"not a Redis argument: {type(arg).__name__}")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 async def _checkout(pool: Any) -> Any:
     """A connection from redis-py's asyncio ``pool`` (before 5.3 ``get_connection``
     needs a command name; from 5.3 passing one is deprecated)."""
@@ -149,23 +164,42 @@ class AsyncRedisService(_Shell):
         self._in_flight = 0  # lone calls and pipelines sent and not yet answered
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
-        self._pipe_conns: list[Any] = []  # pooled connections held for pipelines
+        self._pipe_conns: list[Any] = []  # pooled connections held for script calls
+        # per script: (sha, hub id, argument count, the encoded start of its EVALSHA)
+        self._prefixes: dict[str, tuple[str, str, int, bytes]] = {}
         #: script calls sent on their own, and in pipelines (with how many pipelines)
         self.calls_alone = self.calls_pipelined = self.pipelines = 0
 
     async def _run(self, op: Op[T]) -> T:
-        if self._in_flight >= self.pipeline_depth > 0 or self._waiting:
+        if self.pipeline_depth <= 0:  # e.g. a cluster client: redis-py routes each call
+            self.calls_alone += 1
+            try:
+                reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+            except ResponseError as exc:
+                raise engine_error(exc) from None
+            return self._reply(op, reply)
+        if self._in_flight >= self.pipeline_depth or self._waiting:
             return await self._queued(op)
         self._in_flight += 1
         self.calls_alone += 1
         try:
-            reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
-        except ResponseError as exc:
-            raise engine_error(exc) from None
+            (reply,) = await self._bounded(self._send([op]), op.script)
+            if isinstance(reply, NoScriptError):
+                reply = await self._reload(op)
         finally:
             self._in_flight -= 1
             self._flush()
+        if isinstance(reply, ResponseError):
+            raise engine_error(reply) from None
         return self._reply(op, reply)
+
+    async def _reload(self, op: Op[Any]) -> Any:
+        """Redis lost its scripts (a restart, ``SCRIPT FLUSH``): run ``op`` through
+        redis-py's script object, which loads it; the reply or the error."""
+        try:
+            return await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+        except ResponseError as exc:
+            return exc
 
     async def _queued(self, op: Op[T]) -> T:
         """Wait for a place in the next pipeline; its reply, parsed."""
@@ -182,7 +216,7 @@ class AsyncRedisService(_Shell):
 
     def _flush(self) -> None:
         """Send what waits as one pipeline, if a place in flight is free."""
-        if not self._waiting or self._in_flight >= max(1, self.pipeline_depth):
+        if not self._waiting or self._in_flight >= self.pipeline_depth:
             return
         batch, self._waiting = self._waiting, []
         self._in_flight += 1
@@ -200,26 +234,19 @@ class AsyncRedisService(_Shell):
             self.pipelines += 1
             self.calls_pipelined += len(batch)
             try:
-                replies = await self._bounded(self._send(batch), "pipeline")
+                replies = await self._bounded(self._send([op for op, _ in batch]), "pipeline")
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 return
             for (op, fut), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, NoScriptError):  # Redis lost its scripts: load, rerun
-                    try:
-                        reply = await self._bounded(
-                            self._scripts[op.script](**self._call(op)), op.script
-                        )
-                    except Exception as exc:
-                        reply = exc
+                if isinstance(reply, NoScriptError):
+                    reply = await self._reload(op)
                 if fut.done():
                     continue
                 if isinstance(reply, ResponseError):
                     fut.set_exception(engine_error(reply))
-                elif isinstance(reply, Exception):
-                    fut.set_exception(reply)
                 else:
                     try:
                         fut.set_result(self._reply(op, reply))
@@ -229,32 +256,40 @@ class AsyncRedisService(_Shell):
             self._in_flight -= 1
             self._flush()
 
-    async def _send(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> list[Any]:
-        """EVALSHA of each call in one write on a pooled connection kept for
-        pipelines; each reply (or its error, as an exception object), in order. A
-        connection that fails is dropped and the batch is sent once more on a fresh
-        one, as redis-py retries a lone call (fencing makes a rerun harmless)."""
-        commands = []
-        for op, _ in batch:
-            call = self._call(op)
-            commands.append(
-                ("EVALSHA", self._scripts[op.script].sha, 1, *call["keys"], *call["args"])
-            )
+    def _pack(self, op: Op[Any]) -> bytes:
+        """``EVALSHA`` of ``op`` in Redis' wire format. What precedes the call's own
+        arguments (the script's sha, the key, the common header and the hub id) is
+        the same for every call of a script: it is encoded once."""
+        sha = self._scripts[op.script].sha
+        cached = self._prefixes.get(op.script)
+        if cached is None or cached[0] != sha or cached[1] != self.hub_id:
+            head = ["EVALSHA", sha, "1", self.keys.events, *self.ops.header, self.hub_id]
+            cached = (sha, self.hub_id, len(head), b"".join(_bulk(a) for a in head))
+            self._prefixes[op.script] = cached
+        parts = [b"*%d\r\n" % (cached[2] + len(op.args)), cached[3]]
+        parts += [_bulk(a) for a in op.args]
+        return b"".join(parts)
+
+    async def _send(self, ops: list[Op[Any]]) -> list[Any]:
+        """``ops`` in one write on a pooled connection this service keeps for its
+        calls; each reply (or its error, as an exception object), in order. A
+        connection that fails is dropped and the calls are sent once more on a fresh
+        one, as redis-py retries a call (fencing makes a rerun harmless)."""
+        data = b"".join([self._pack(op) for op in ops])
+        pool = self.redis.connection_pool
         for retry in (True, False):
-            conn = self._pipe_conns.pop() if self._pipe_conns else None
-            if conn is None:
-                conn = await _checkout(self.redis.connection_pool)
+            conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
             try:
-                await conn.send_packed_command(conn.pack_commands(commands))
+                await conn.send_packed_command(data, check_health=False)
                 replies: list[Any] = []
-                for _ in commands:
+                for _ in ops:
                     try:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:
                         replies.append(exc)
             except BaseException as exc:
                 await conn.disconnect()
-                await self.redis.connection_pool.release(conn)
+                await pool.release(conn)
                 if retry and isinstance(exc, RedisConnectionError):
                     continue
                 raise
