@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio
 
 from redisq_server import AsyncRedisService, EngineLimits, ErrorCode, JobStatus, ProtocolError
 
@@ -76,3 +77,35 @@ async def test_a_caller_that_gives_up_before_its_pipeline_leaves_runs_nothing(
     assert await svc.get_job("kept") is not None
     assert await svc.get_job("dropped") is None
     assert svc.calls_pipelined == 0
+
+
+async def test_calls_on_a_killed_connection_are_sent_again(
+    svc: AsyncRedisService, redis_url: str
+) -> None:
+    await svc.submit_job("killed", 0, {})  # the service now holds a connection
+    other = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        killed = await other.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await other.aclose()
+    assert killed >= 1
+    results = await asyncio.gather(*(svc.submit_job("killed", 0, {}) for _ in range(4)))
+    assert all(r.status is JobStatus.QUEUED for r in results)
+    stats = await svc.get_stats()
+    assert stats["queued"] == 5 and stats["totals"]["submitted"] == 5
+
+
+async def test_held_assignments_reads_what_each_session_holds(svc: AsyncRedisService) -> None:
+    """What a hub pushes again after a lost reply: the job a worker's session holds."""
+    assert await svc.register_worker("m:gpu0", ["held"], session="s1") is None
+    assert await svc.register_worker("m:gpu1", ["held"], session="s2") is None
+    sub = await svc.submit_job("held", 3, {"p": 1}, job_id="h1")
+    assert sub.assignment is not None
+    w = sub.assignment.worker_id
+    other = "m:gpu1" if w == "m:gpu0" else "m:gpu0"
+    session = "s1" if w == "m:gpu0" else "s2"
+    held = await svc.held_assignments([(w, session), (other, "s1"), (other, "s2")])
+    assert held == [sub.assignment]
+    assert await svc.held_assignments([(w, "another-session")]) == []
+    await svc.complete_job("h1", sub.assignment.attempt, w, None)
+    assert await svc.held_assignments([(w, session)]) == []

@@ -129,6 +129,7 @@ class Hub:
         self.svc.on_events = self.events.local_events
         self._listed: set[str] = set()  # client ids listed in Redis as on this hub
         self._presence = asyncio.Lock()  # keeps those listings in the order of events
+        self._repaired = 0  # the service's replies_lost when the sweep last re-pushed
         self.server: Server | None = None
         self.port = settings.hub_port
         self.stopping = False
@@ -366,6 +367,13 @@ class Hub:
                 conn = self.registry.workers.get(worker_id)
                 if conn is not None:
                     conn.close(CloseCode.SESSION_EXPIRED, "worker record expired; reconnect")
+            lost = self.svc.replies_lost
+            if lost != self._repaired:
+                # a reply lost with a connection may have held an assignment: push
+                # what this hub's workers hold in Redis (pushes made are dropped)
+                for a in await self.svc.held_assignments(pairs):
+                    self.events.push(a)
+                self._repaired = lost
 
         await forever("sweep", step, interval, self._is_stopping)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -21,8 +22,8 @@ from typing import Any, Final, TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import EngineLimits
@@ -169,6 +170,9 @@ class AsyncRedisService(_Shell):
         self._prefixes: dict[str, tuple[str, str, int, bytes]] = {}
         #: script calls sent on their own, and in pipelines (with how many pipelines)
         self.calls_alone = self.calls_pipelined = self.pipelines = 0
+        #: connections lost with calls unanswered (which may have run): see
+        #: :meth:`held_assignments`
+        self.replies_lost = 0
 
     async def _run(self, op: Op[T]) -> T:
         if self.pipeline_depth <= 0:  # e.g. a cluster client: redis-py routes each call
@@ -191,6 +195,8 @@ class AsyncRedisService(_Shell):
             self._flush()
         if isinstance(reply, ResponseError):
             raise engine_error(reply) from None
+        if isinstance(reply, Exception):
+            raise reply
         return self._reply(op, reply)
 
     async def _reload(self, op: Op[Any]) -> Any:
@@ -247,6 +253,8 @@ class AsyncRedisService(_Shell):
                     continue
                 if isinstance(reply, ResponseError):
                     fut.set_exception(engine_error(reply))
+                elif isinstance(reply, Exception):
+                    fut.set_exception(reply)
                 else:
                     try:
                         fut.set_result(self._reply(op, reply))
@@ -272,30 +280,55 @@ class AsyncRedisService(_Shell):
 
     async def _send(self, ops: list[Op[Any]]) -> list[Any]:
         """``ops`` in one write on a pooled connection this service keeps for its
-        calls; each reply (or its error, as an exception object), in order. A
-        connection that fails is dropped and the calls are sent once more on a fresh
-        one, as redis-py retries a call (fencing makes a rerun harmless)."""
-        data = b"".join([self._pack(op) for op in ops])
+        calls; each reply, or its error as an exception object, in order.
+
+        As redis-py retries a lone call, the calls that got no answer are sent twice
+        more at most, after 40 and 80 ms, on a fresh connection: those whose replies
+        were lost with a broken connection (they may have run; fencing makes a rerun
+        harmless) and those Redis refused while loading its data (they did not run).
+        A reply already read is never sent again."""
         pool = self.redis.connection_pool
-        for retry in (True, False):
-            conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
+        replies: list[Any] = [None] * len(ops)
+        packed: dict[int, bytes] = {}
+        for i, op in enumerate(ops):
             try:
-                await conn.send_packed_command(data, check_health=False)
-                replies: list[Any] = []
-                for _ in ops:
+                packed[i] = self._pack(op)
+            except (TypeError, ValueError) as exc:  # e.g. a string Redis cannot take
+                replies[i] = exc
+        todo = list(packed)
+        for attempt in range(3 if todo else 0):
+            if attempt:
+                await asyncio.sleep(0.02 * 2**attempt)
+            again: list[int] = []
+            conn = None
+            answered = 0
+            try:
+                conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
+                await conn.send_packed_command(b"".join([packed[i] for i in todo]))
+                for i in todo:
                     try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
+                        replies[i] = await conn.read_response(disconnect_on_error=False)
+                    except (ResponseError, BusyLoadingError) as exc:
+                        replies[i] = exc
+                        if isinstance(exc, BusyLoadingError):
+                            again.append(i)
+                    answered += 1
             except BaseException as exc:
-                await conn.disconnect()
-                await pool.release(conn)
-                if retry and isinstance(exc, RedisConnectionError):
-                    continue
-                raise
-            self._pipe_conns.append(conn)
-            return replies
-        raise AssertionError("unreachable")
+                if conn is not None:
+                    await conn.disconnect()
+                    await pool.release(conn)
+                if not isinstance(exc, RedisConnectionError):
+                    raise
+                for i in todo[answered:]:
+                    replies[i] = exc
+                again += todo[answered:]
+                self.replies_lost += 1
+            else:
+                self._pipe_conns.append(conn)
+            if not again:
+                break
+            todo = again
+        return replies
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
         """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
@@ -466,6 +499,52 @@ class AsyncRedisService(_Shell):
                 return list(await p.execute())
 
         return dict(zip(ids, await self._bounded(read(), "hmget"), strict=True))
+
+    async def held_assignments(self, workers: Iterable[tuple[str, str]]) -> list[Assignment]:
+        """The job each ``(worker_id, session)`` holds in Redis under that session,
+        as an :class:`Assignment` (two pipelined reads). A call whose reply was lost
+        with its connection may have assigned a job that its hub never pushed; after
+        :attr:`replies_lost` grows, a hub pushes these again (a push it already made
+        is dropped by its assignment number)."""
+        pairs = list(workers)
+        if not pairs:
+            return []
+        r: Any = self.redis
+
+        async def read() -> list[Assignment]:
+            async with r.pipeline(transaction=False) as p:
+                for worker_id, _ in pairs:
+                    p.hmget(self.keys.worker(worker_id), ["job", "attempt", "n", "session", "hub"])
+                rows = list(await p.execute())
+            held = [
+                (w, row)
+                for (w, session), row in zip(pairs, rows, strict=True)
+                if row[0] and row[3] == session
+            ]
+            if not held:
+                return []
+            async with r.pipeline(transaction=False) as p:
+                for _, row in held:
+                    p.hmget(
+                        self.keys.job(row[0]),
+                        ["type", "priority", "params", "status", "worker", "attempt"],
+                    )
+                jobs = list(await p.execute())
+            out = []
+            for (w, row), j in zip(held, jobs, strict=True):
+                job, attempt, n, session, hub = row
+                if j[3] in ("assigned", "running") and j[4] == w and j[5] == attempt:
+                    params = json.loads(j[2]) if j[2] else {}
+                    prio = int(j[1] or 0)
+                    out.append(
+                        Assignment(
+                            job, int(attempt), j[0], prio, params, w, hub or "", session, int(n)
+                        )
+                    )
+            return out
+
+        found: list[Assignment] = await self._bounded(read(), "held assignments")
+        return found
 
     # -- a hub's presence and inbox (only a hub calls these, with ``hub_id`` set)
     async def hub_start(self) -> None:
