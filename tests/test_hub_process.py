@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -211,3 +212,18 @@ def test_processes_must_be_at_least_one() -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "expected >= 1" in r.stderr
+
+
+def test_processes_on_a_port_taken_without_reuseport_is_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "redisq_server", "--port", str(port), "--processes", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 2
+    assert "cannot start" in r.stderr and "Traceback" not in r.stderr

@@ -539,7 +539,12 @@ def run(argv: Sequence[str] | None = None) -> None:
         print(f"redisq-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if settings.processes > 1:
-        raise SystemExit(serve_processes(settings))
+        try:
+            status = serve_processes(settings)
+        except OSError as exc:  # the port is taken by a socket without SO_REUSEPORT
+            print(f"redisq-server: cannot start: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SystemExit(status)
     _serve(settings)
 
 
