@@ -109,3 +109,19 @@ async def test_held_assignments_reads_what_each_session_holds(svc: AsyncRedisSer
     assert await svc.held_assignments([(w, "another-session")]) == []
     await svc.complete_job("h1", sub.assignment.attempt, w, None)
     assert await svc.held_assignments([(w, session)]) == []
+
+
+async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -> None:
+    conn = svc.redis.connection_pool.make_connection()
+    ops = [
+        svc.ops.submit("pack", 7, {"prompt": "ünïcode ✓"}, job_id="p1", client_id="c"),
+        svc.ops.complete("p1", 1, "m:gpu0", {"x": [1, 2.5, None]}),
+        svc.ops.stats(60.0),
+    ]
+    for hub_id in ("", "hub-x"):  # the hub id is part of every call's fixed start
+        svc.hub_id = hub_id
+        for op in ops:
+            call = svc._call(op)
+            sha = svc._scripts[op.script].sha
+            expected = b"".join(conn.pack_command("EVALSHA", sha, 1, *call["keys"], *call["args"]))
+            assert svc._pack(op) == expected

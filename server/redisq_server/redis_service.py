@@ -265,13 +265,16 @@ class AsyncRedisService(_Shell):
             self._flush()
 
     def _pack(self, op: Op[Any]) -> bytes:
-        """``EVALSHA`` of ``op`` in Redis' wire format. What precedes the call's own
-        arguments (the script's sha, the key, the common header and the hub id) is
-        the same for every call of a script: it is encoded once."""
+        """``EVALSHA`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
+        What precedes the call's own arguments (the script's sha, the keys, the
+        common header and the hub id) is the same for every call of a script: it is
+        encoded once."""
         sha = self._scripts[op.script].sha
         cached = self._prefixes.get(op.script)
         if cached is None or cached[0] != sha or cached[1] != self.hub_id:
-            head = ["EVALSHA", sha, "1", self.keys.events, *self.ops.header, self.hub_id]
+            call = self._call(op)
+            fixed = call["args"][: len(call["args"]) - len(op.args)]
+            head = ["EVALSHA", sha, str(len(call["keys"])), *call["keys"], *fixed]
             cached = (sha, self.hub_id, len(head), b"".join(_bulk(a) for a in head))
             self._prefixes[op.script] = cached
         parts = [b"*%d\r\n" % (cached[2] + len(op.args)), cached[3]]
