@@ -17,6 +17,8 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
@@ -139,10 +141,16 @@ async def open_connections(svc: AsyncRedisService, n: int = 64) -> None:
 
 @dataclass
 class HubProc:
-    """A running hub: its ws:// URL and the pid of the process it runs in."""
+    """A running hub: its ws:// URL and the pid of the process it runs in (with
+    several hub processes, ``pids`` are theirs and ``pid`` their parent's)."""
 
     url: str
     pid: int
+    pids: tuple[int, ...] = ()
+
+    def cpu_pids(self) -> tuple[int, ...]:
+        """The processes whose CPU is the hub's."""
+        return self.pids or (self.pid,)
 
 
 _PACKAGES = (
@@ -205,6 +213,50 @@ def _top_frames(session: Any, n: int = 25) -> dict[str, Any]:
     }
 
 
+def _cprofile_frames(stats: Any, n: int = 25) -> dict[str, Any]:
+    """:func:`_top_frames` for a cProfile run (used when pyinstrument is not
+    installed): self time by function and by package. A built-in counts for the
+    package of its most frequent caller; ``epoll.poll`` is the loop waiting (idle).
+    Time the loop spends in C between callbacks (uvloop) is in no function."""
+    entries = stats.stats  # (file, line, fn) -> (cc, nc, tt, ct, callers)
+    by_pkg: dict[str, float] = {}
+    rows: list[tuple[str, str, int, float]] = []
+    for (path, line, fn), (_, _, tt, _, callers) in entries.items():
+        if path == "~":
+            if "poll" in fn and ("epoll" in fn or "select" in fn):
+                pkg = "idle (epoll wait)"
+            elif "socket" in fn:
+                pkg = "socket syscalls"
+            elif callers:
+                top = max(callers.items(), key=lambda kv: kv[1][1])[0]
+                pkg = _package(top[0])
+            else:
+                pkg = "other"
+        else:
+            pkg = _package(path)
+        by_pkg[pkg] = by_pkg.get(pkg, 0.0) + tt
+        rows.append((fn, path, line, tt))
+    total = sum(by_pkg.values())
+    busy = total - by_pkg.get("idle (epoll wait)", 0.0)
+    rows.sort(key=lambda r: -r[3])
+    return {
+        "total_s": total,
+        "top_self": [
+            {"function": fn, "file": path, "line": line, "self_s": t, "share": t / total}
+            for fn, path, line, t in rows[:n]
+        ],
+        "busy_s": busy,
+        "by_package": {
+            k: {
+                "self_s": v,
+                "share": v / total,
+                "busy_share": v / busy if "idle" not in k else None,
+            }
+            for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
 def _hub_settings(redis_url: str, namespace: str) -> Settings:
     return Settings(
         redis_url=redis_url,
@@ -216,20 +268,42 @@ def _hub_settings(redis_url: str, namespace: str) -> Settings:
 
 async def _hub_child(redis_url: str, namespace: str, profile: str, conn: Connection) -> None:
     """A hub until the parent says stop; first sends its URL and pid. With
-    ``profile`` (a path stem) it runs under pyinstrument and writes
-    ``<stem>.txt`` (the call tree) and ``<stem>.json`` (top self-time frames)."""
+    ``profile`` (a path stem) it runs under pyinstrument (cProfile when pyinstrument
+    is not installed) and writes ``<stem>.txt`` (the call tree, or cProfile's table
+    by self time) and ``<stem>.json`` (top self-time frames)."""
     raise_nofile()
     profiler: Any = None
+    cprof: Any = None
     if profile:
-        from pyinstrument import Profiler
+        try:
+            from pyinstrument import Profiler
+        except ImportError:
+            import cProfile
 
-        profiler = Profiler(interval=0.0005, async_mode="disabled")
-        profiler.start()
+            cprof = cProfile.Profile()
+            cprof.enable()
+        else:
+            profiler = Profiler(interval=0.0005, async_mode="disabled")
+            profiler.start()
     try:
         async with Hub(_hub_settings(redis_url, namespace)) as hub:
             conn.send({"url": hub.url, "pid": os.getpid()})
             await asyncio.to_thread(conn.recv)  # "stop", or EOF if the parent is gone
     finally:
+        if cprof is not None:
+            import io
+            import pstats
+
+            cprof.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(cprof, stream=out)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(60)
+            stem = Path(profile)
+            stem.with_suffix(".txt").write_text(out.getvalue())
+            summary = {"duration_s": getattr(stats, "total_tt", 0.0), "profiler": "cProfile"}
+            summary |= _cprofile_frames(stats)
+            stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         if profiler is not None:
             session = profiler.stop()
             stem = Path(profile)
@@ -240,20 +314,81 @@ async def _hub_child(redis_url: str, namespace: str, profile: str, conn: Connect
 
 
 @asynccontextmanager
+async def _hub_processes(redis_url: str, namespace: str, processes: int) -> AsyncIterator[HubProc]:
+    """``redisq-server --processes N`` on a free port (its own event loop choice,
+    uvloop when installed); stopped with SIGTERM."""
+    import psutil
+
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "REDISQ_NAMESPACE": namespace,
+        "LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "redisq_server", "--host", "127.0.0.1", "--port", "0"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, "--processes", str(processes), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        url = ""
+        async with asyncio.timeout(TIMEOUT_S):
+            while not url:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError("redisq-server --processes exited (see its stderr)")
+                if "listening on ws://" in line:
+                    url = line.split("listening on ")[1].split()[0]
+        kids = tuple(c.pid for c in psutil.Process(proc.pid).children())
+        hubs = tuple(p for p in kids if "resource_tracker" not in " ".join(_cmdline(p)))
+        yield HubProc(url, proc.pid, hubs)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+@asynccontextmanager
 async def hub_at(
-    place: str, redis_url: str, namespace: str, *, loop: str = "asyncio", profile: str = ""
+    place: str,
+    redis_url: str,
+    namespace: str,
+    *,
+    loop: str = "asyncio",
+    profile: str = "",
+    processes: int = 1,
 ) -> AsyncIterator[HubProc]:
     """A fresh hub on ``redis_url`` and ``namespace``, placed as ``place`` (one of
     :data:`HUB_PLACES`): ``process`` spawns it on event loop ``loop`` (under
     pyinstrument with ``profile``, see :func:`_hub_child`); ``main`` runs it in this
-    process, on the running loop."""
-    if place == "process":
+    process, on the running loop. ``processes`` > 1 (with ``process``) runs
+    ``redisq-server --processes N`` instead: N hubs on one port."""
+    if place == "process" and processes > 1:
+        if profile:
+            raise ValueError("several hub processes are not profiled")
+        async with _hub_processes(redis_url, namespace, processes) as hub:
+            yield hub
+    elif place == "process":
         async with spawn(_hub_child, redis_url, namespace, profile, loop=loop) as child:
             hello = await child.recv()
             yield HubProc(hello["url"], hello["pid"])
     elif place == "main":
-        if profile:
-            raise ValueError("the hub is profiled only in a process of its own")
+        if profile or processes > 1:
+            raise ValueError(
+                "the hub is profiled, or runs as several, only in processes of its own"
+            )
         async with Hub(_hub_settings(redis_url, namespace)) as hub:
             yield HubProc(hub.url, os.getpid())
     else:

@@ -62,14 +62,19 @@ from redisq_server.scripts import script_source
 # ----------------------------------------------------------------------- drain
 
 
-def _pids(hub: HubProc, **others: int) -> dict[str, int]:
+def _pids(hub: HubProc, **others: int) -> dict[str, tuple[int, ...]]:
     """The processes whose CPU a part reads, by role. A hub in this process shares
     it with the part's client, if there is one: that process is read once, as
-    ``hub+client``."""
+    ``hub+client``. Several hub processes count together, as ``hub``."""
+    roles: dict[str, tuple[int, ...]] = {k: (p,) for k, p in others.items()}
     if hub.pid == os.getpid() and "client" in others:
-        others["hub+client"] = others.pop("client")
-        return others
-    return {"hub": hub.pid, **others}
+        roles["hub+client"] = roles.pop("client")
+        return roles
+    return {"hub": hub.cpu_pids(), **roles}
+
+
+def _cpu(pids: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    return {k: sum(cpu_s(p) for p in ps) for k, ps in pids.items()}
 
 
 async def drain(
@@ -82,8 +87,10 @@ async def drain(
     place: str = "process",
     loop: str = "asyncio",
     profile: str = "",
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """N jobs queued with no worker; then one worker process with G GPU sockets."""
+    """N jobs queued with no worker; then one worker process with G GPU sockets
+    (through ``processes`` hub processes on one port when > 1)."""
     svc = AsyncRedisService(redis_url, limits=EngineLimits(namespace=namespace))
     try:
         await open_connections(svc)
@@ -94,14 +101,16 @@ async def drain(
             await asyncio.gather(*(svc.submit_job(JOB_TYPE, 0, {}) for _ in range(n)))
         prequeue_s = time.perf_counter() - t0
         mem1 = await used_memory(svc)
-        async with hub_at(place, redis_url, namespace, loop=loop, profile=profile) as hub:
+        async with hub_at(
+            place, redis_url, namespace, loop=loop, profile=profile, processes=processes
+        ) as hub:
             await svc.redis.config_resetstat()
             async with spawn(worker, hub.url, gpus, jobs) as w:
                 await w.recv()  # "ready": every GPU registered
                 pids = _pids(hub, worker=w.pid, redis=redis_pid)
-                cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+                cpu0 = _cpu(pids)
                 res = await w.recv()
-                cpu1 = {k: cpu_s(p) for k, p in pids.items()}
+                cpu1 = _cpu(pids)
             stats = await svc.redis.info("commandstats")
         counts = await svc.get_stats()
     finally:
@@ -124,6 +133,7 @@ async def drain(
         "jobs": jobs,
         "gpus": gpus,
         "hub": place,
+        "hub_processes": processes,
         "loop": loop,
         "seconds": seconds,
         "jobs_per_s": jobs / seconds,
@@ -223,9 +233,9 @@ async def _load_run(
     async with spawn(worker, hub.url, gpus, n) as w:
         await w.recv()  # ready
         pids = _pids(hub, worker=w.pid, client=os.getpid())
-        cpu0, t0 = {k: cpu_s(p) for k, p in pids.items()}, time.monotonic()
+        cpu0, t0 = _cpu(pids), time.monotonic()
         c = await _client_load(hub.url, n, window=window, rate=rate, client=client)
-        cpu1, t1 = {k: cpu_s(p) for k, p in pids.items()}, time.monotonic()
+        cpu1, t1 = _cpu(pids), time.monotonic()
         res = await w.recv()
     if not res["ok"]:
         raise RuntimeError(f"load: {res['acked']}/{n} acked, {res['errors']}")
@@ -257,10 +267,11 @@ async def latency(
     load_max_jobs: int,
     place: str = "process",
     loop: str = "asyncio",
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Idle one-at-a-time latency, the saturated rate, then Poisson load at
     ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``)."""
-    async with hub_at(place, redis_url, namespace, loop=loop) as hub:
+    async with hub_at(place, redis_url, namespace, loop=loop, processes=processes) as hub:
         idle = await idle_latency(hub.url, samples)
         sat = await _load_run(hub, gpus, saturate_jobs, window=window, client="sat")
         sat["window"] = window
@@ -505,12 +516,22 @@ async def drain_median(
     *,
     place: str = "process",
     loop: str = "asyncio",
+    processes: int = 1,
 ) -> dict[str, Any]:
     """:func:`drain` ``reps`` times (fresh namespace and hub each); the median run,
     with every run's rate in ``runs_per_s``. On a small shared machine one run can be
     off by a third (where the scheduler puts the hub, the worker and Redis)."""
     runs = [
-        await drain(redis_url, f"{namespace}-r{i}", jobs, gpus, redis_pid, place=place, loop=loop)
+        await drain(
+            redis_url,
+            f"{namespace}-r{i}",
+            jobs,
+            gpus,
+            redis_pid,
+            place=place,
+            loop=loop,
+            processes=processes,
+        )
         for i in range(reps)
     ]
     runs.sort(key=lambda r: r["jobs_per_s"])

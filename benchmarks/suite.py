@@ -15,7 +15,7 @@ What they share is in :mod:`benchmarks.common`.
     python -m benchmarks --only engine           # the engine alone, no hub
     python -m benchmarks --only policies --peers none  # scheduling policies vs strict
     python -m benchmarks --only peers --peers rq,arq
-    python -m benchmarks --only drain --profile  # + a pyinstrument profile of the hub
+    python -m benchmarks --only drain --profile  # + a profile of the hub (pyinstrument, else cProfile)
 """
 
 from __future__ import annotations
@@ -255,7 +255,15 @@ async def _ours(
     async def drain() -> Any:
         _log(f"drain: {sz.jobs:,} queued jobs, 1 worker process x {sz.gpus} GPU sockets")
         r = await ours.drain_median(
-            url, f"{run}-drain", sz.jobs, sz.gpus, pid, sz.reps, place=place, loop=loop
+            url,
+            f"{run}-drain",
+            sz.jobs,
+            sz.gpus,
+            pid,
+            sz.reps,
+            place=place,
+            loop=loop,
+            processes=args.hub_processes,
         )
         runs = ", ".join(f"{x:,.0f}" for x in r["runs_per_s"])
         _log(f"  {r['jobs_per_s']:,.0f} jobs/s (median of {runs})")
@@ -263,7 +271,7 @@ async def _ours(
 
     async def profile() -> Any:
         stem = str(args.json.with_name(args.json.stem + "-hub-profile"))
-        _log(f"profile: a drain with the hub under pyinstrument -> {stem}.txt")
+        _log(f"profile: a drain with the hub profiled -> {stem}.txt")
         prof = await ours.drain(url, f"{run}-prof", sz.jobs, sz.gpus, pid, loop=loop, profile=stem)
         summary = json.loads(await asyncio.to_thread(Path(stem + ".json").read_text))
         shown = await asyncio.to_thread(os.path.relpath, stem + ".txt")
@@ -283,6 +291,7 @@ async def _ours(
             load_max_jobs=sz.load_max_jobs,
             place=place,
             loop=loop,
+            processes=args.hub_processes,
         )
 
     async def enqueue() -> Any:
@@ -421,6 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "hub_loop": args.hub_loop,
             "hub_place": args.hub_place,
+            "hub_processes": args.hub_processes,
         }
         ours_parts = [p for p in parts if p != "peers"]
         if ours_parts or args.profile:
@@ -590,6 +600,9 @@ def format_tables(result: dict[str, Any]) -> str:
         if notes:
             lines.append("settings:")
             lines += [f"  {k}: {v}" for k, v in notes.items()]
+    cpu_rows = _cpu_table(result)
+    if cpu_rows:
+        lines += ["", *cpu_rows]
     if "latency" in o:
         lat = o["latency"]
         sat = lat["saturated"]
@@ -748,6 +761,43 @@ def _engine_lines(e: dict[str, Any]) -> list[str]:
             row += f"{v:>14,.0f}{v / ops['PING']:>9.2f}{v / ops['ZADD+ZPOPMIN']:>17.2f}"
         lines.append(row)
     return lines
+
+
+def _cpu_table(result: dict[str, Any]) -> list[str]:
+    """CPU ms per job in the drain, per system and process: ours (hub, worker,
+    Redis), each peer (its worker and Redis; an AMQP peer's broker is not counted).
+    Each is process CPU time over the drain window divided by the jobs drained: on a
+    noisy machine the comparison that moves least between runs."""
+    rows: list[tuple[str, str, float | None, float | None, float | None]] = []
+    d = result.get("ours", {}).get("drain")
+    if d:
+        c = d["cpu_ms_per_job"]
+        hub = c.get("hub", c.get("hub+client"))
+        rows.append(("redisq (hub)", f"{d['gpus']} GPUs", hub, c.get("worker"), c.get("redis")))
+    for name, settings in result.get("peers", {}).items():
+        spec = peers.PEERS[name]
+        for setting, r in settings.items():
+            c = (r.get("drain") or {}).get("cpu_ms_per_job")
+            if not c:
+                continue
+            redis_ms = c.get("redis") if spec.transport == "redis" else None
+            rows.append((spec.label, setting, None, c.get("worker"), redis_ms))
+    if not rows:
+        return []
+
+    def num(x: float | None) -> str:
+        return f"{x:>9.3f}" if x is not None and x == x else f"{'-':>9}"
+
+    out = [
+        "CPU per job in the drain, ms (process CPU over the drain / jobs; peers on "
+        "RabbitMQ: broker not counted)",
+        f"{'system':<22}{'setting':<9}{'hub':>9}{'worker':>9}{'redis':>9}{'total':>9}",
+    ]
+    for system, setting, hub, wk, rd in rows:
+        parts = [x for x in (hub, wk, rd) if x is not None and x == x]
+        total = sum(parts) if parts else None
+        out.append(f"{system[:21]:<22}{setting:<9}{num(hub)}{num(wk)}{num(rd)}{num(total)}")
+    return out
 
 
 SIDE_HEADER = (
@@ -957,6 +1007,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the hub of drain, latency, enqueue and growth runs: a process of its "
         "own (default) or this runner's process, sharing its event loop with the client "
         "(memory and --profile always use a process of their own)",
+    )
+    p.add_argument(
+        "--hub-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="drain and latency through `redisq-server --processes N` (N hubs on one "
+        "port) instead of one hub (default 1)",
     )
     p.add_argument(
         "--profile",

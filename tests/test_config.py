@@ -29,6 +29,7 @@ def test_every_variable_is_read() -> None:
         "HUB_HOST": "0.0.0.0",
         "HUB_PORT": "9000",
         "HUB_ID": "hub-a",
+        "HUB_PROCESSES": "3",
         "HUB_DEBUG": "1",
         "REDISQ_NAMESPACE": "lab",
         "REDISQ_LEASE_S": "5.5",
@@ -86,6 +87,7 @@ def test_every_variable_is_read() -> None:
     )
     assert (s.client_token, s.worker_token, s.monitor_token) == ("c", "w", "m")
     assert s.send_queue_bytes == 4096
+    assert s.processes == 3
     assert s.auth_secrets == "k1,k2"
     assert "k1" not in repr(s) and "'c'" not in repr(s)  # tokens and secrets stay out of repr()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -153,3 +154,76 @@ async def test_sigterm_during_load_strands_nothing(
             assert svc.get_stats()["totals"]["completed"] == n_jobs
         for t in tasks:
             t.cancel()
+
+
+async def test_processes_share_one_port_and_serve_one_queue(
+    redis_url: str, namespace: str, limits: EngineLimits
+) -> None:
+    """``--processes 2``: two hubs on one port; a client on one and a worker on the
+    other complete a job; SIGTERM stops both gracefully."""
+    hp = HubProcess(redis_url, namespace, "--processes", "2", "--hub-id", "mp")
+    try:
+
+        async def both_serve() -> bool:  # the parent says so once each child does
+            return any("(2 processes)" in line for line in hp.lines)
+
+        await wait_for(both_serve, timeout=30, what="both hub processes serving")
+        client = await Peer.open(f"{hp.url}/ws/client/c1")
+        client_hub = client.seen[0]["hub"]
+        assert client_hub in ("mp-0", "mp-1")
+        worker = None
+        for i in range(64):  # the kernel picks the process by the new socket's port
+            w = await open_worker(hp.url, f"m{i}:gpu0", ["mp"])
+            if w.seen[0]["hub"] != client_hub:
+                worker = w
+                break
+            await w.close()
+        assert worker is not None, "every socket landed on one process"
+        reply = await client.request({"type": "submit_job", "job_type": "mp", "params": {"x": 1}})
+        job_id = reply["job_id"]
+        m = await worker.expect("job_assigned")
+        assert m["job_id"] == job_id and m["params"] == {"x": 1}
+        await worker.send(
+            {"type": "complete_job", "job_id": job_id, "attempt": m["attempt"], "result": 7}
+        )
+        done = await client.expect("job_completed")
+        assert done["job_id"] == job_id and done["result"] == 7
+        with RedisService(url=redis_url, limits=limits) as svc:
+            hubs = {w.hub_id for w in svc.get_workers()}
+            assert hubs == {"mp-0", "mp-1"} - {client_hub}
+        assert hp.stop() == 0
+        stopped = [line for line in list(hp.lines) if "stopped" in line]
+        assert any("hub mp-0 stopped" in line for line in stopped)
+        assert any("hub mp-1 stopped" in line for line in stopped)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await client.recv()
+    finally:
+        if hp.proc.poll() is None:
+            hp.proc.kill()
+            hp.proc.wait()
+
+
+def test_processes_must_be_at_least_one() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "redisq_server", "--port", "0", "--processes", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "expected >= 1" in r.stderr
+
+
+def test_processes_on_a_port_taken_without_reuseport_is_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "redisq_server", "--port", str(port), "--processes", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 2
+    assert "cannot start" in r.stderr and "Traceback" not in r.stderr

@@ -264,6 +264,9 @@ def test_fast_and_standard_encoders_agree() -> None:
     for m in messages:
         assert json.loads(protocol._encode_std(m)) == m
         assert json.loads(protocol.encode(m)) == m
+        # what sockets send: the same text as UTF-8 bytes
+        assert protocol.encode_bytes(m) == protocol.encode(m).encode()
+        assert protocol._encode_bytes_std(m) == protocol._encode_std(m).encode()
 
 
 # ---------------------------------------------- ids: the whole string must match

@@ -182,6 +182,7 @@ class Settings:
     hub_host: str = "127.0.0.1"
     hub_port: int = 8000
     hub_id: str = ""  # empty: a random id per process
+    processes: int = 1  # hub processes sharing the port (redisq-server only)
     log_level: str = "INFO"
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_frame_bytes: int = 24 * 1024 * 1024
@@ -265,6 +266,11 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
         "where lab tools find a hub (ws://host:port)",
     ),
     "HUB_ID": ("hub_id", "(random)", "this hub's id in worker records and events"),
+    "HUB_PROCESSES": (
+        "processes",
+        "1",
+        "hub processes redisq-server runs on one port (SO_REUSEPORT); each its own hub id",
+    ),
     "HUB_DEBUG": ("debug", "0", "1 serves the debug page at /debug"),
     "REDISQ_NAMESPACE": ("namespace", "redisq", "key namespace; keys are {ns}:..."),
     "REDISQ_LEASE_S": ("lease_s", "30", "seconds a job/worker lives without a heartbeat"),

@@ -30,7 +30,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .protocol import CloseCode, Role, encode
+from .protocol import CloseCode, Role, encode_bytes
 
 __all__ = ["Connection", "Registry"]
 
@@ -93,13 +93,13 @@ class Connection:
     def send(self, message: dict[str, Any]) -> bool:
         """Send ``message`` on this socket without blocking. Returns False if it was
         dropped because the socket is closing or its queue is full (which closes it)."""
-        return self.send_raw(encode(message))
+        return self.send_raw(encode_bytes(message))
 
-    def send_raw(self, frame: str) -> bool:
-        """Like :meth:`send` for an already encoded frame."""
+    def send_raw(self, frame: str | bytes) -> bool:
+        """Like :meth:`send` for an already encoded frame (UTF-8 bytes, or a str)."""
         if self.closing:
             return False
-        data = frame.encode()
+        data = frame.encode() if isinstance(frame, str) else frame
         ws = self.ws
         if (
             not self._writing

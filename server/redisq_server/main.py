@@ -22,12 +22,20 @@ import functools
 import http
 import json
 import logging
+import multiprocessing
+import multiprocessing.process
+import os
 import re
 import secrets
 import signal
+import socket
 import sys
-from collections.abc import Coroutine, Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from importlib import resources
+from multiprocessing.connection import Connection as PipeEnd
+from multiprocessing.connection import wait
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlsplit
@@ -55,7 +63,7 @@ from .routes import Routes
 from .routing import forever
 from .version import __version__
 
-__all__ = ["Hub", "main", "run", "served_loop"]
+__all__ = ["Hub", "main", "run", "serve_processes", "served_loop"]
 
 log = logging.getLogger("redisq.hub")
 
@@ -160,6 +168,8 @@ class Hub:
             close_timeout=3,  # nor peers that cannot answer a close (a blocked kernel loop)
             compression=None,
             server_header=f"redisq/{__version__}",
+            # several hub processes share the port (redisq-server --processes N)
+            reuse_port=self.settings.processes > 1,
         )
         self.port = int(self.server.sockets[0].getsockname()[1])
         interval = max(0.05, self.settings.limits.lease_s / 3)
@@ -449,7 +459,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port, 0 for a free one (HUB_PORT)")
     p.add_argument("--redis-url", help="Redis URL (REDIS_URL)")
     p.add_argument("--namespace", help="key namespace (REDISQ_NAMESPACE)")
-    p.add_argument("--hub-id", help="this hub's id (HUB_ID)")
+    p.add_argument("--hub-id", help="this hub's id (HUB_ID); with --processes, a prefix")
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="hub processes sharing the port, each its own hub (HUB_PROCESSES, default 1)",
+    )
     p.add_argument("--log-level", help="log level (LOG_LEVEL)")
     p.add_argument("--debug", action="store_true", default=None, help="serve /debug (HUB_DEBUG)")
     return p
@@ -465,6 +480,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
             "redis_url": args.redis_url,
             "namespace": args.namespace,
             "hub_id": args.hub_id,
+            "processes": args.processes,
             "log_level": args.log_level,
             "debug": args.debug,
         }.items()
@@ -473,17 +489,21 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     return Settings.from_env(**overrides)
 
 
-async def main(settings: Settings) -> None:
-    """Run a hub until SIGTERM or SIGINT, then stop it gracefully."""
+async def main(settings: Settings, on_ready: Callable[[Hub], None] | None = None) -> None:
+    """Run a hub until SIGTERM or SIGINT, then stop it gracefully. ``on_ready`` is
+    called once it serves."""
     hub = Hub(settings)
     await hub.start()
-    print(f"redisq hub listening on {hub.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    print(f"dashboard {hub.url.replace('ws://', 'http://', 1)}/dashboard", flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(hub)
+    else:
+        print(f"redisq hub listening on {hub.url}", flush=True)
+        print(f"dashboard {hub.url.replace('ws://', 'http://', 1)}/dashboard", flush=True)
     await stop.wait()
     await hub.stop()
 
@@ -514,9 +534,24 @@ def run(argv: Sequence[str] | None = None) -> None:
         settings = settings_from_args(argv)
         check_redis_url(settings.redis_url)
         parse_secrets(settings.auth_secrets)
+        if settings.processes < 1:
+            raise ValueError(f"--processes/HUB_PROCESSES: {settings.processes}: expected >= 1")
     except ValueError as exc:
         print(f"redisq-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if settings.processes > 1:
+        try:
+            status = serve_processes(settings)
+        except OSError as exc:  # the port is taken by a socket without SO_REUSEPORT
+            print(f"redisq-server: cannot start: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SystemExit(status)
+    _serve(settings)
+
+
+def _serve(settings: Settings, on_ready: Callable[[Hub], None] | None = None) -> None:
+    """One hub process: logging with secrets masked, then :func:`main` on the loop
+    :func:`served_loop` names. Exits with status 2 if the hub cannot start."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -525,7 +560,88 @@ def run(argv: Sequence[str] | None = None) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
     try:
-        _run_loop(main(settings))
+        _run_loop(main(settings, on_ready))
     except (RedisError, OSError) as exc:
         print(f"redisq-server: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _child(settings: Settings, ready: PipeEnd) -> None:
+    """One of :func:`serve_processes`' hubs: tells the parent its URL once it serves."""
+
+    def on_ready(hub: Hub) -> None:
+        ready.send(hub.url)
+        ready.close()
+
+    _serve(settings, on_ready)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT and not listening: it holds a
+    free port (``port`` 0) for the hub processes, and takes no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve_processes(settings: Settings) -> int:
+    """Run ``settings.processes`` hub processes on one port (SO_REUSEPORT: the kernel
+    spreads new sockets over them; hubs share nothing but Redis, so a client and its
+    job's worker may be on different ones). Each has its own hub id (``HUB_ID`` with
+    ``-0``, ``-1``, ... appended; random ids when none is set).
+
+    Returns the exit status once all have stopped: SIGTERM or SIGINT here stops each
+    gracefully (SIGTERM to each, then waits); if one exits on its own, the others are
+    stopped too and its status is returned (a supervisor restarts the set)."""
+    ctx = multiprocessing.get_context("spawn")
+    reserved = _reserve_port(settings.hub_host, settings.hub_port)
+    port = int(reserved.getsockname()[1])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    procs: list[multiprocessing.process.BaseProcess] = []
+    pipes: list[PipeEnd] = []
+    try:
+        for i in range(settings.processes):
+            hub_id = f"{settings.hub_id}-{i}" if settings.hub_id else ""
+            child = replace(settings, hub_port=port, hub_id=hub_id)
+            ours, theirs = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(child, theirs), name=f"redisq-hub-{i}")
+            proc.start()
+            theirs.close()
+            procs.append(proc)
+            pipes.append(ours)
+        url = ""
+        waiting = list(pipes)
+        while waiting and not stop.is_set():
+            if any(p.exitcode is not None for p in procs):
+                break
+            ready = wait(waiting, 0.2)
+            for pipe in [p for p in waiting if p in ready]:
+                with contextlib.suppress(EOFError):  # EOF: it died; the next turn sees it
+                    url = str(pipe.recv())
+                waiting.remove(pipe)
+        reserved.close()
+        if not waiting and all(p.exitcode is None for p in procs):
+            print(f"redisq hub listening on {url} ({len(procs)} processes)", flush=True)
+            print(f"dashboard {url.replace('ws://', 'http://', 1)}/dashboard", flush=True)
+        while not stop.is_set() and all(p.exitcode is None for p in procs):
+            wait([p.sentinel for p in procs], 0.2)
+    finally:
+        reserved.close()
+        for p in procs:
+            if p.exitcode is None and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join(30)
+            if p.exitcode is None:
+                p.kill()
+                p.join(5)
+        for pipe in pipes:
+            pipe.close()
+    codes = [p.exitcode or 0 for p in procs]
+    return 0 if stop.is_set() and not any(codes) else next((c for c in codes if c), 1)

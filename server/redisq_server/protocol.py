@@ -47,6 +47,7 @@ __all__ = [
     "decode_message",
     "dumps",
     "encode",
+    "encode_bytes",
     "parse_worker_id",
     "validate_attempt",
     "validate_capabilities",
@@ -600,13 +601,27 @@ def _encode_orjson(message: Mapping[str, Any]) -> str:
         return _encode_std(message)
 
 
+def _encode_bytes_std(message: Mapping[str, Any]) -> bytes:
+    return _encode_std(message).encode()
+
+
+def _encode_bytes_orjson(message: Mapping[str, Any]) -> bytes:
+    try:
+        return bytes(_orjson.dumps(message))
+    except TypeError:  # e.g. an integer over 64 bits: let the standard encoder decide
+        return _encode_bytes_std(message)
+
+
 try:  # the `fast` extra: the same JSON, encoded several times faster
     import orjson as _orjson
 
     encode = _encode_orjson
+    encode_bytes = _encode_bytes_orjson
 except ImportError:  # pragma: no cover - depends on the environment
     encode = _encode_std
+    encode_bytes = _encode_bytes_std
 encode.__doc__ = "Encode an outbound message as a compact JSON text frame."
+encode_bytes.__doc__ = ":func:`encode` as UTF-8 bytes, what a socket sends (no str in between)."
 
 
 # --------------------------------------------------- requests (peers -> hub)

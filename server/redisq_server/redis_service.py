@@ -13,6 +13,7 @@ scripts and the seed's example; ``add_job`` is the seed's name for
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -20,7 +21,8 @@ from typing import Any, Final, TypeVar
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import EngineLimits
@@ -42,7 +44,7 @@ from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_
 from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
 from .scripts import SCRIPT_NAMES, script_source
 
-__all__ = ["EVENTS_LIMIT", "AsyncRedisService", "RedisService"]
+__all__ = ["EVENTS_LIMIT", "PIPELINE_DEPTH", "AsyncRedisService", "RedisService"]
 
 T = TypeVar("T")
 
@@ -59,6 +61,30 @@ def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
 def _after(since: str) -> tuple[str, str]:
     """XRANGE bounds for the entries strictly after ``since`` (``0``: all)."""
     return ("-" if since in ("0", "") else f"({since}"), "+"
+
+
+def _bulk(arg: str | bytes | int | float) -> bytes:
+    """One argument as a RESP bulk string, encoded as redis-py encodes it."""
+    if isinstance(arg, str):
+        data = arg.encode()
+    elif isinstance(arg, bytes):
+        data = arg
+    elif isinstance(arg, bool):
+        raise TypeError("a bool is not a Redis argument")
+    elif isinstance(arg, int | float):
+        data = repr(arg).encode()
+    else:
+        raise TypeError(f"not a Redis argument: {type(arg).__name__}")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+async def _checkout(pool: Any) -> Any:
+    """A connection from redis-py's asyncio ``pool`` (before 5.3 ``get_connection``
+    needs a command name; from 5.3 passing one is deprecated)."""
+    param = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if param is not None and param.default is inspect.Parameter.empty:
+        return await pool.get_connection("EVALSHA")
+    return await pool.get_connection()
 
 
 def _last_id(newest: Sequence[Any]) -> str:
@@ -96,11 +122,22 @@ class _Shell:
         return op.parse(reply)
 
 
+#: script calls in flight at once before further calls wait to share one pipeline
+PIPELINE_DEPTH: Final = 1
+
+
 class AsyncRedisService(_Shell):
     """The queue engine, asyncio flavour: what the hub and async tools call.
 
     Connect from ``url`` (or ``host``/``port``/``db``/``password``; the environment
     when none is given) or pass a ready ``client``. Call :meth:`aclose` when done.
+
+    Script calls are pipelined automatically: a call made while ``pipeline_depth``
+    calls (or pipelines) are already in flight waits, and every call waiting when
+    one of those returns leaves together, in one pipeline and one round trip. A
+    lone call is sent at once, so an idle hub's latency does not change. Each call
+    is still its own script (atomic), with its own reply or error. ``pipeline_depth``
+    0 sends every call on its own (always so for a Redis Cluster client).
     """
 
     def __init__(
@@ -115,6 +152,7 @@ class AsyncRedisService(_Shell):
         limits: EngineLimits | None = None,
         client: aredis.Redis | None = None,
         call_timeout_s: float = CALL_TIMEOUT_S,
+        pipeline_depth: int = PIPELINE_DEPTH,
     ) -> None:
         if client is None:
             url, extra = resolve_url(url, host, port, db, password)
@@ -122,13 +160,178 @@ class AsyncRedisService(_Shell):
         self.redis = client
         self.call_timeout_s = call_timeout_s
         self._setup(client, limits, namespace)
+        plain = isinstance(client, aredis.Redis)
+        self.pipeline_depth = pipeline_depth if plain else 0
+        self._in_flight = 0  # lone calls and pipelines sent and not yet answered
+        self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._pipe_conns: list[Any] = []  # pooled connections held for script calls
+        # per script: (sha, hub id, argument count, the encoded start of its EVALSHA)
+        self._prefixes: dict[str, tuple[str, str, int, bytes]] = {}
+        #: script calls sent on their own, and in pipelines (with how many pipelines)
+        self.calls_alone = self.calls_pipelined = self.pipelines = 0
+        #: connections lost with calls unanswered (which may have run; the hub's sweep
+        #: pushes any assignment whose reply was lost, see ``renew``)
+        self.replies_lost = 0
 
     async def _run(self, op: Op[T]) -> T:
+        if self.pipeline_depth <= 0:  # e.g. a cluster client: redis-py routes each call
+            self.calls_alone += 1
+            try:
+                reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+            except ResponseError as exc:
+                raise engine_error(exc) from None
+            return self._reply(op, reply)
+        if self._in_flight >= self.pipeline_depth or self._waiting:
+            return await self._queued(op)
+        self._in_flight += 1
+        self.calls_alone += 1
         try:
-            reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
-        except ResponseError as exc:
-            raise engine_error(exc) from None
+            (reply,) = await self._bounded(self._send([op]), op.script)
+            if isinstance(reply, NoScriptError):
+                reply = await self._reload(op)
+        finally:
+            self._in_flight -= 1
+            self._flush()
+        if isinstance(reply, ResponseError):
+            raise engine_error(reply) from None
+        if isinstance(reply, Exception):
+            raise reply
         return self._reply(op, reply)
+
+    async def _reload(self, op: Op[Any]) -> Any:
+        """Redis lost its scripts (a restart, ``SCRIPT FLUSH``): run ``op`` through
+        redis-py's script object, which loads it; the reply or the error."""
+        try:
+            return await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+        except ResponseError as exc:
+            return exc
+
+    async def _queued(self, op: Op[T]) -> T:
+        """Wait for a place in the next pipeline; its reply, parsed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, fut))
+        self._flush()
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                return await fut
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"no reply from Redis within {self.call_timeout_s:g} s ({op.script})"
+            ) from None
+
+    def _flush(self) -> None:
+        """Send what waits as one pipeline, if a place in flight is free."""
+        if not self._waiting or self._in_flight >= self.pipeline_depth:
+            return
+        batch, self._waiting = self._waiting, []
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._pipeline(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _pipeline(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        """Run ``batch`` in one pipeline and settle each call's future, in order. A
+        call whose caller gave up before it was sent is not run."""
+        try:
+            batch = [(op, fut) for op, fut in batch if not fut.done()]
+            if not batch:
+                return
+            self.pipelines += 1
+            self.calls_pipelined += len(batch)
+            try:
+                replies = await self._bounded(self._send([op for op, _ in batch]), "pipeline")
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            for (op, fut), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    reply = await self._reload(op)
+                if fut.done():
+                    continue
+                if isinstance(reply, ResponseError):
+                    fut.set_exception(engine_error(reply))
+                elif isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    try:
+                        fut.set_result(self._reply(op, reply))
+                    except Exception as exc:
+                        fut.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            self._flush()
+
+    def _pack(self, op: Op[Any]) -> bytes:
+        """``EVALSHA`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
+        What precedes the call's own arguments (the script's sha, the keys, the
+        common header and the hub id) is the same for every call of a script: it is
+        encoded once."""
+        sha = self._scripts[op.script].sha
+        cached = self._prefixes.get(op.script)
+        if cached is None or cached[0] != sha or cached[1] != self.hub_id:
+            call = self._call(op)
+            fixed = call["args"][: len(call["args"]) - len(op.args)]
+            head = ["EVALSHA", sha, str(len(call["keys"])), *call["keys"], *fixed]
+            cached = (sha, self.hub_id, len(head), b"".join(_bulk(a) for a in head))
+            self._prefixes[op.script] = cached
+        parts = [b"*%d\r\n" % (cached[2] + len(op.args)), cached[3]]
+        parts += [_bulk(a) for a in op.args]
+        return b"".join(parts)
+
+    async def _send(self, ops: list[Op[Any]]) -> list[Any]:
+        """``ops`` in one write on a pooled connection this service keeps for its
+        calls; each reply, or its error as an exception object, in order.
+
+        As redis-py retries a lone call, the calls that got no answer are sent twice
+        more at most, after 40 and 80 ms, on a fresh connection: those whose replies
+        were lost with a broken connection (they may have run; fencing makes a rerun
+        harmless) and those Redis refused while loading its data (they did not run).
+        A reply already read is never sent again."""
+        pool = self.redis.connection_pool
+        replies: list[Any] = [None] * len(ops)
+        packed: dict[int, bytes] = {}
+        for i, op in enumerate(ops):
+            try:
+                packed[i] = self._pack(op)
+            except (TypeError, ValueError) as exc:  # e.g. a string Redis cannot take
+                replies[i] = exc
+        todo = list(packed)
+        for attempt in range(3 if todo else 0):
+            if attempt:
+                await asyncio.sleep(0.02 * 2**attempt)
+            again: list[int] = []
+            conn = None
+            answered = 0
+            try:
+                conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
+                await conn.send_packed_command(b"".join([packed[i] for i in todo]))
+                for i in todo:
+                    try:
+                        replies[i] = await conn.read_response(disconnect_on_error=False)
+                    except (ResponseError, BusyLoadingError) as exc:
+                        replies[i] = exc
+                        if isinstance(exc, BusyLoadingError):
+                            again.append(i)
+                    answered += 1
+            except BaseException as exc:
+                if conn is not None:
+                    await conn.disconnect()
+                    await pool.release(conn)
+                if not isinstance(exc, RedisConnectionError):
+                    raise
+                for i in todo[answered:]:
+                    replies[i] = exc
+                again += todo[answered:]
+                self.replies_lost += 1
+            else:
+                self._pipe_conns.append(conn)
+            if not again:
+                break
+            todo = again
+        return replies
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
         """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
@@ -142,6 +345,11 @@ class AsyncRedisService(_Shell):
             ) from None
 
     async def aclose(self) -> None:
+        """Let the pipelines in flight finish, then close the client."""
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+        while self._pipe_conns:
+            await self.redis.connection_pool.release(self._pipe_conns.pop())
         await self.redis.aclose()
 
     async def ping(self) -> bool:
@@ -313,7 +521,6 @@ class AsyncRedisService(_Shell):
 
         return dict(zip(ids, await self._bounded(read(), "hmget"), strict=True))
 
-    # -- a hub's presence and inbox (only a hub calls these, with ``hub_id`` set)
     async def hub_start(self) -> None:
         """List this hub as live, with no clients and an empty inbox."""
         await self._run(self.ops.hub("start", self.ops.hub_ttl))

@@ -284,7 +284,7 @@ class EventRouter:
         """Give a batch of the whole event stream to the monitors that asked for it."""
         monitors = [m for m in self.registry.monitors if m.events]
         for ev in events:
-            frame = protocol.encode(ev.to_message())
+            frame = protocol.encode_bytes(ev.to_message())
             for m in monitors:
                 m.send_raw(frame)
 

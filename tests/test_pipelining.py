@@ -1,0 +1,111 @@
+"""Script calls of one hub are pipelined: a lone call leaves at once, the calls made
+while one is in flight leave together in one pipeline, each with its own reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio
+
+from redisq_server import AsyncRedisService, EngineLimits, ErrorCode, JobStatus, ProtocolError
+
+
+async def test_a_lone_call_is_sent_alone(svc: AsyncRedisService) -> None:
+    for _ in range(3):
+        await svc.submit_job("lone", 0, {})
+    assert (svc.calls_alone, svc.calls_pipelined, svc.pipelines) == (3, 0, 0)
+
+
+async def test_calls_made_while_one_is_in_flight_share_one_pipeline(
+    svc: AsyncRedisService,
+) -> None:
+    results = await asyncio.gather(*(svc.submit_job("many", i % 3, {"i": i}) for i in range(20)))
+    # the first leaves alone; the 19 made in the same turn wait for it, then go together
+    assert svc.calls_alone == 1 and svc.calls_pipelined == 19 and svc.pipelines == 1
+    assert len({r.job_id for r in results}) == 20
+    assert all(r.status is JobStatus.QUEUED for r in results)
+    for i, r in enumerate(results):
+        job = await svc.get_job(r.job_id)
+        assert job is not None and job.params == {"i": i} and job.priority == i % 3
+
+
+async def test_each_call_in_a_pipeline_gets_its_own_error(svc: AsyncRedisService) -> None:
+    first = await svc.submit_job("errs", 0, {}, job_id="taken")
+    outcomes = await asyncio.gather(
+        svc.submit_job("errs", 0, {}, job_id="a"),
+        svc.submit_job("errs", 0, {}, job_id="taken"),  # already exists
+        svc.submit_job("errs", 0, {}, job_id="b"),
+        return_exceptions=True,
+    )
+    assert first.status is JobStatus.QUEUED
+    assert svc.pipelines == 1
+    ok_a, dup, ok_b = outcomes
+    assert isinstance(dup, ProtocolError) and dup.code == ErrorCode.DUPLICATE
+    assert not isinstance(ok_a, BaseException) and ok_a.job_id == "a"
+    assert not isinstance(ok_b, BaseException) and ok_b.job_id == "b"
+
+
+async def test_a_pipeline_reloads_scripts_redis_lost(svc: AsyncRedisService) -> None:
+    await svc.submit_job("flush", 0, {})
+    await svc.redis.script_flush()
+    results = await asyncio.gather(*(svc.submit_job("flush", 0, {}) for _ in range(5)))
+    assert svc.pipelines == 1 and all(r.status is JobStatus.QUEUED for r in results)
+    assert (await svc.get_stats())["queued"] == 6
+
+
+async def test_depth_zero_sends_every_call_alone(redis_url: str, limits: EngineLimits) -> None:
+    svc = AsyncRedisService(redis_url, limits=limits, pipeline_depth=0)
+    try:
+        await asyncio.gather(*(svc.submit_job("zero", 0, {}) for _ in range(8)))
+        assert (svc.calls_alone, svc.pipelines) == (8, 0)
+    finally:
+        await svc.aclose()
+
+
+async def test_a_caller_that_gives_up_before_its_pipeline_leaves_runs_nothing(
+    svc: AsyncRedisService,
+) -> None:
+    first = asyncio.ensure_future(svc.submit_job("gone", 0, {}, job_id="kept"))
+    await asyncio.sleep(0)  # the first call is in flight: the next one waits
+    waiting = asyncio.ensure_future(svc.submit_job("gone", 0, {}, job_id="dropped"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await svc.get_job("kept") is not None
+    assert await svc.get_job("dropped") is None
+    assert svc.calls_pipelined == 0
+
+
+async def test_calls_on_a_killed_connection_are_sent_again(
+    svc: AsyncRedisService, redis_url: str
+) -> None:
+    await svc.submit_job("killed", 0, {})  # the service now holds a connection
+    other = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        killed = await other.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await other.aclose()
+    assert killed >= 1
+    results = await asyncio.gather(*(svc.submit_job("killed", 0, {}) for _ in range(4)))
+    assert all(r.status is JobStatus.QUEUED for r in results)
+    stats = await svc.get_stats()
+    assert stats["queued"] == 5 and stats["totals"]["submitted"] == 5
+
+
+async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -> None:
+    conn = svc.redis.connection_pool.make_connection()
+    ops = [
+        svc.ops.submit("pack", 7, {"prompt": "ünïcode ✓"}, job_id="p1", client_id="c"),
+        svc.ops.complete("p1", 1, "m:gpu0", {"x": [1, 2.5, None]}),
+        svc.ops.stats(60.0),
+    ]
+    for hub_id in ("", "hub-x"):  # the hub id is part of every call's fixed start
+        svc.hub_id = hub_id
+        for op in ops:
+            call = svc._call(op)
+            sha = svc._scripts[op.script].sha
+            expected = b"".join(conn.pack_command("EVALSHA", sha, 1, *call["keys"], *call["args"]))
+            assert svc._pack(op) == expected
