@@ -328,6 +328,7 @@ async def test_fair_share_under_concurrent_load_runs_every_job_once(
             inbox[f"m1:gpu{i}"] = asyncio.Queue()
             await svc.register_worker(f"m1:gpu{i}", ["render"], session=f"s{i}")
         ran: list[str] = []
+        finished: list[int] = []  # completions answered: workers stop only after
 
         async def submit(client: str) -> list[str]:
             out = []
@@ -344,12 +345,13 @@ async def test_fair_share_under_concurrent_load_runs_every_job_once(
                 while a is not None:
                     ran.append(a.job_id)
                     a = (await svc.complete_job(a.job_id, a.attempt, a.worker_id)).next
+                    finished.append(1)
 
         workers = [asyncio.create_task(work(w)) for w in inbox]
         ids = [j for batch in await asyncio.gather(*(submit(c) for c in "abc")) for j in batch]
 
         async def all_ran() -> bool:
-            return len(ran) >= len(ids)
+            return len(finished) >= len(ids)
 
         await wait_for(all_ran, timeout=30, what="every job ran")
         for task in workers:
