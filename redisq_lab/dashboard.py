@@ -19,6 +19,9 @@ script) call :meth:`Dashboard.refresh` by hand. Saved or exported notebooks get 
 static fallback: :meth:`Dashboard.to_html` (the charts, plotly inlined) and
 ``_repr_html_`` (plain tables, no JavaScript).
 
+:func:`task_stream_figure` draws the task stream of any jobs as a static figure
+(the ``redisq demo`` report uses it).
+
 Each monitor also has a small live table: ``JobMonitor.widget()``,
 ``WorkerMonitor.widget()`` and ``RedisMonitor.widget()`` (built here).
 """
@@ -58,6 +61,8 @@ __all__ = [
     "QueueStatsReader",
     "jobs_widget",
     "queue_widget",
+    "task_stream",
+    "task_stream_figure",
     "workers_widget",
 ]
 
@@ -279,6 +284,7 @@ _PANELS: Final = (
     ("workers", "Workers", "GPUs", 2, 2),
 )
 _X_TITLE: Final = "time since start (s, server clock)"
+_TASKS_Y_TITLE: Final = "GPU (worker id)"
 _TASKS_TITLE: Final = (
     "Task stream: recent jobs by GPU (thin hatched: waiting in the queue,"
     " solid: running; colour: priority)"
@@ -299,6 +305,27 @@ _PRIORITY_COLOURS: Final = (
 )
 _OTHER_COLOUR: Final = "#999999"
 _RUNNING: Final = frozenset({"assigned", "running"})
+#: The two bar traces of the task stream (plotly ``Bar`` properties): a thin hatched
+#: bar for the wait in the queue, a solid one for the run, overlaid on a GPU's row.
+_TASK_BARS: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "name": "waiting",
+        "width": 0.2,
+        "offset": -0.45,
+        "marker": {"opacity": 0.6, "pattern": {"shape": "/", "solidity": 0.4}},
+    },
+    {
+        "name": "running",
+        "width": 0.6,
+        "offset": -0.2,
+        "marker": {"line": {"color": "white", "width": 1}},  # a gap between jobs
+    },
+)
+_TASK_BAR_STYLE: Final[dict[str, Any]] = {
+    "orientation": "h",
+    "showlegend": False,
+    "hoverinfo": "text",
+}
 _PLOT_LAYOUT: Final[dict[str, Any]] = {
     "autosize": True,  # the width follows the output area; no fixed width
     "height": _FIG_HEIGHT,
@@ -315,6 +342,131 @@ _LEGEND: Final[dict[str, Any]] = {
     "font": {"size": 10},
     "traceorder": "normal",
 }
+
+
+# ------------------------------------------------------------ task stream
+
+
+def task_stream(
+    jobs: Iterable[JobModel],
+    t0: float,
+    now: float,
+    colour: Callable[[int], str],
+    workers: Iterable[str] = (),
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The task stream's bars: per job on a worker, its wait (queued -> assigned) and
+    its run (started, or assigned, -> finished, or -> ``now`` while it runs), on the
+    row of its worker. Jobs never assigned a worker have no bar.
+
+    Pass times as Unix seconds by the server clock (``t0``: the x axis' zero, ``now``:
+    where a running job's bar ends) and ``colour(priority)``, a bar's colour.
+    Returns ``([waiting, running], rows)``: two plotly ``Bar`` property dicts (``x``
+    is a bar's length, ``base`` its start in seconds since ``t0``, ``customdata`` the
+    job ids, ``hovertext`` a line per bar) and the rows, the worker ids of ``workers``
+    and of the bars in reverse order (the y axis' ``categoryarray``: first at the top).
+    """
+    keys = ("y", "base", "x", "color", "id", "text")
+    wait: dict[str, list[Any]] = {k: [] for k in keys}
+    run: dict[str, list[Any]] = {k: [] for k in keys}
+
+    def bar(to: dict[str, list[Any]], j: JobModel, start: float, end: float, what: str) -> None:
+        b, e = round(start - t0, 3), round(end - t0, 3)
+        to["y"].append(j.worker_id)
+        to["base"].append(b)
+        to["x"].append(round(e - b, 3))
+        to["color"].append(colour(j.priority))
+        to["id"].append(j.job_id)
+        to["text"].append(
+            f"job {_short(j.job_id)} ({j.job_type}, priority {j.priority}, {j.status.value})"
+            f"<br>{what} {b:.2f} to {e:.2f} s ({e - b:.3f} s)"
+        )
+
+    for j in jobs:
+        if j.worker_id is None:
+            continue
+        if j.queued is not None and j.assigned is not None and j.assigned >= j.queued:
+            bar(wait, j, j.queued, j.assigned, "waited")
+        start = j.started if j.started is not None else j.assigned
+        end = j.finished if j.finished is not None else None
+        if end is None and j.status.value in _RUNNING:
+            end = max(now, start or now)
+        if start is not None and end is not None and end >= start:
+            bar(run, j, start, end, "ran")
+    rows = sorted({*workers, *wait["y"], *run["y"]}, reverse=True)
+    traces = [
+        {
+            **style,
+            **_TASK_BAR_STYLE,
+            "marker": {**style["marker"], "color": d["color"]},
+            "y": d["y"],
+            "base": d["base"],
+            "x": d["x"],
+            "customdata": d["id"],
+            "hovertext": d["text"],
+        }
+        for style, d in zip(_TASK_BARS, (wait, run), strict=True)
+    ]
+    return traces, rows
+
+
+def task_stream_figure(
+    jobs: Sequence[JobModel],
+    *,
+    title: str = _TASKS_TITLE,
+    t0: float | None = None,
+    now: float | None = None,
+    workers: Iterable[str] = (),
+    max_priorities: int = 8,
+) -> Any:
+    """The task stream of ``jobs`` (see :func:`task_stream`) as a plotly ``Figure``,
+    with a legend of the priority colours (highest first; priorities beyond
+    ``max_priorities`` share one grey) and a height that fits its rows.
+
+    ``t0`` (the x axis' zero) defaults to the earliest ``created`` and ``now`` (the
+    x axis' end, and a running job's) to the latest stored time of ``jobs`` (Unix
+    seconds, server clock); pass the same ``t0`` as other charts of the run so that
+    their x axes agree."""
+    import plotly.graph_objects as go
+
+    times = [t for j in jobs for t in (j.created, j.queued, j.assigned, j.started, j.finished)]
+    known = [t for t in times if t is not None]
+    created = [j.created for j in jobs if j.created is not None]
+    start = min(created or known or [0.0]) if t0 is None else t0
+    end = max(known, default=start) if now is None else now
+    named = sorted({j.priority for j in jobs}, reverse=True)[:max_priorities]
+
+    def colour(priority: int) -> str:
+        if priority not in named:
+            return _OTHER_COLOUR
+        return _PRIORITY_COLOURS[named.index(priority) % len(_PRIORITY_COLOURS)]
+
+    traces, rows = task_stream(jobs, start, end, colour, workers)
+    fig = go.Figure([go.Bar(**t) for t in traces])
+    legend = [(f"priority {p}", colour(p)) for p in named]
+    if len({j.priority for j in jobs}) > len(named):
+        legend.append((_OTHER, _OTHER_COLOUR))
+    for name, c in legend:  # legend entries only: a marker without a point
+        fig.add_scatter(
+            x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
+            marker={"symbol": "square", "size": 10, "color": c},
+        )  # fmt: skip
+    fig.update_layout(
+        title=title,
+        barmode="overlay",
+        height=max(320, 160 + 40 * len(rows)),
+        margin={"l": 60, "r": 20, "t": 80, "b": 50},
+        legend={"orientation": "h", "x": 0, "y": -0.18, "xanchor": "left", "yanchor": "top"},
+    )
+    # from t0 to now (an autorange pads the bars' ends)
+    fig.update_xaxes(title_text=_X_TITLE, range=[0, round(max(end - start, 1e-3), 3)])
+    fig.update_yaxes(
+        title_text=_TASKS_Y_TITLE,
+        type="category",
+        categoryorder="array",
+        categoryarray=rows,
+        automargin=True,
+    )
+    return fig
 
 
 class _Panel:
@@ -543,34 +695,15 @@ class Dashboard(NamespaceReader):
                 self._add_trace(key, tr)
         # the task stream: a row per GPU, a bar per job (waiting, then running)
         fig.update_yaxes(
-            title_text="GPU (worker id)",
+            title_text=_TASKS_Y_TITLE,
             type="category",
             categoryorder="array",
             automargin=True,
             row=3,
             col=1,
         )
-        bars: dict[str, Any] = {
-            "orientation": "h",
-            "showlegend": False,
-            "hoverinfo": "text",
-            "row": 3,
-            "col": 1,
-        }
-        fig.add_bar(
-            name="waiting",
-            width=0.2,
-            offset=-0.45,
-            marker={"opacity": 0.6, "pattern": {"shape": "/", "solidity": 0.4}},
-            **bars,
-        )
-        fig.add_bar(
-            name="running",
-            width=0.6,
-            offset=-0.2,
-            marker={"line": {"color": "white", "width": 1}},  # a gap between jobs
-            **bars,
-        )
+        for style in _TASK_BARS:
+            fig.add_bar(**style, **_TASK_BAR_STYLE, row=3, col=1)
         self.figures["tasks"] = _Panel(fig, [len(fig.data) - 2, len(fig.data) - 1])
         fig.update_layout(barmode="overlay")
         self._status_html = ipywidgets.HTML()
@@ -652,42 +785,14 @@ class Dashboard(NamespaceReader):
         return _PRIORITY_COLOURS[named.index(priority) % len(_PRIORITY_COLOURS)]
 
     def _draw_tasks(self, jobs: Sequence[JobModel], now: float, workers: Sequence[str]) -> None:
-        """The task stream: per job on a worker, its wait (queued -> assigned) and its
-        run (started, or assigned, -> finished, or -> ``now`` while it runs), in
-        seconds since the first sample, on the row of its worker."""
+        """The task stream (see :func:`task_stream`), in seconds since the first sample."""
         t0 = self._t0 if self._t0 is not None else now
-        wait: dict[str, list[Any]] = {k: [] for k in ("y", "base", "x", "color", "id", "text")}
-        run: dict[str, list[Any]] = {k: [] for k in wait}
-
-        def bar(to: dict[str, list[Any]], j: JobModel, start: float, end: float, what: str) -> None:
-            b, e = round(start - t0, 3), round(end - t0, 3)
-            to["y"].append(j.worker_id)
-            to["base"].append(b)
-            to["x"].append(round(e - b, 3))
-            to["color"].append(self._colour(j.priority))
-            to["id"].append(j.job_id)
-            to["text"].append(
-                f"job {_short(j.job_id)} ({j.job_type}, priority {j.priority}, {j.status.value})"
-                f"<br>{what} {b:.2f} to {e:.2f} s ({e - b:.3f} s)"
-            )
-
-        for j in jobs:
-            if j.worker_id is None:
-                continue
-            if j.queued is not None and j.assigned is not None and j.assigned >= j.queued:
-                bar(wait, j, j.queued, j.assigned, "waited")
-            start = j.started if j.started is not None else j.assigned
-            end = j.finished if j.finished is not None else None
-            if end is None and j.status.value in _RUNNING:
-                end = max(now, start or now)
-            if start is not None and end is not None and end >= start:
-                bar(run, j, start, end, "ran")
-        rows = sorted({*workers, *wait["y"], *run["y"]}, reverse=True)  # first at the top
+        traces, rows = task_stream(jobs, t0, now, self._colour, workers)
         self.figure.update_yaxes(categoryarray=rows, row=3, col=1)
-        for trace, d in zip(self.figures["tasks"].data, (wait, run), strict=True):
+        for trace, d in zip(self.figures["tasks"].data, traces, strict=True):
             trace.y, trace.base, trace.x = d["y"], d["base"], d["x"]
-            trace.marker.color = d["color"]
-            trace.customdata, trace.hovertext = d["id"], d["text"]
+            trace.marker.color = d["marker"]["color"]
+            trace.customdata, trace.hovertext = d["customdata"], d["hovertext"]
 
     def _x_range(self, x: Sequence[float]) -> list[float]:
         """[max(0, newest - span), newest], ``span`` the time the kept samples cover

@@ -2,7 +2,8 @@
 
 Starts a local stack (private redis-server and hub), mock GPU machines, pushes a
 mixed workload through real client sockets with a progress bar, prints a summary and
-writes an HTML report with the charts.
+writes an HTML report with the charts, among them the dashboard's task stream (a row
+per GPU, a bar per job).
 
 The default workload offers more work than the GPUs can serve (every job is
 submitted at once: about 12 s of work for the 8 GPUs), so a backlog builds and the
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import html
+import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -30,6 +32,8 @@ from .stack import LocalStack
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from redisq_server import JobModel
 
 __all__ = ["print_summary", "progress_bar", "run_demo", "wait_by_priority", "write_report"]
 
@@ -43,6 +47,8 @@ RUN_TIMES: dict[str, tuple[Any, ...]] = {
 }
 #: submissions in flight at once when ``rate`` is None
 CONCURRENCY = 256
+#: the most jobs the report's task stream draws (beyond: the first to start)
+STREAM_JOBS = 2000
 
 _WAIT_AXIS = "wait for a GPU (ms, server queued→assigned)"
 _TIME_AXIS = "time since start (s, server clock)"
@@ -111,11 +117,11 @@ def _settings(machines: int, gpus: int, jobs: int, rate: float | None, seed: int
     }
 
 
-def _job_frame(stack: LocalStack, job_ids: list[str]) -> pd.DataFrame:
-    """The jobs ``job_ids`` as the engine stored them (see
-    :func:`~redisq_lab.frames.jobs_frame`; times by the Redis server's clock)."""
+def _stored_jobs(stack: LocalStack, job_ids: list[str]) -> list[JobModel]:
+    """The jobs ``job_ids`` as the engine stored them (times by the Redis server's
+    clock; :func:`~redisq_lab.frames.jobs_frame` makes them a frame)."""
     with stack.service() as svc:
-        return jobs_frame(svc.get_jobs(job_ids))
+        return svc.get_jobs(job_ids)
 
 
 def wait_by_priority(jobs: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -175,7 +181,8 @@ def run_demo(
         t0 = time.monotonic()
         rows = asyncio.run(gen.run_rows())
         elapsed = time.monotonic() - t0
-        frame = _job_frame(stack, [trace.job_id for _, _, trace in gen.traces])
+        stored = _stored_jobs(stack, [trace.job_id for _, _, trace in gen.traces])
+        frame = jobs_frame(stored)
         if on_finish is not None:
             on_finish(stack, frame)
     ok = [r for r in rows if r["status"] == "completed"]
@@ -193,7 +200,7 @@ def run_demo(
     }
     print_summary(summary, out)
     if report is not None:
-        write_report(rows, frame, summary, report)
+        write_report(rows, frame, summary, report, stream=stored)
         summary["report"] = str(report)
         print(f"report: {report}", file=out)
     return summary
@@ -276,15 +283,39 @@ def _waiting_over_time(jobs: pd.DataFrame, t0: pd.Timestamp) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def _stream_window(jobs: Sequence[JobModel], limit: int) -> tuple[list[JobModel], str]:
+    """The jobs the task stream draws (all of them, or the first ``limit`` to start
+    by the server clock) and a chart title that says which."""
+    ran = [j for j in jobs if j.worker_id is not None]
+    shown = f"all {len(ran):,}"
+    if len(ran) > limit:
+        shown = f"the first {limit:,} to start of {len(ran):,}"
+        ran = sorted(ran, key=lambda j: j.started or j.assigned or math.inf)[:limit]
+    title = (
+        f"Task stream: {shown} jobs by GPU (server clock)<br><sup>thin hatched: waiting"
+        " in the queue (queued → assigned), solid: running; colour: priority</sup>"
+    )
+    return ran, title
+
+
 def write_report(
-    rows: list[dict[str, Any]], jobs: pd.DataFrame, summary: Mapping[str, Any], path: Path
+    rows: list[dict[str, Any]],
+    jobs: pd.DataFrame,
+    summary: Mapping[str, Any],
+    path: Path,
+    *,
+    stream: Sequence[JobModel] = (),
 ) -> Path:
     """Write a self-contained HTML report (plotly.js inlined once: it opens offline).
 
     ``rows`` are the load generator's per-job rows (client clock), ``jobs`` the
-    engine's job frame (server clock), ``summary`` what :func:`run_demo` returns."""
+    engine's job frame (server clock), ``summary`` what :func:`run_demo` returns.
+    ``stream``, the same jobs as the engine stored them, adds the task stream (a row
+    per GPU, a bar per job; at most :data:`STREAM_JOBS` jobs, the first to start)."""
     import pandas as pd
     import plotly.express as px
+
+    from .dashboard import task_stream_figure
 
     order = {"priority": list(summary["wait_ms_by_priority"])}
     t0 = jobs["created"].min()
@@ -351,6 +382,9 @@ def write_report(
             height=height,
         ).update_layout(yaxis_title="jobs"),
     ]
+    if stream:
+        shown, title = _stream_window(stream, STREAM_JOBS)
+        figs.append(task_stream_figure(shown, title=title, t0=t0.timestamp()))
     waits = _table(
         ["priority", "jobs", "p50 ms", "p95 ms", "p99 ms"],
         [

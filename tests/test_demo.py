@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 
 from redisq_lab.cli import main
-from redisq_lab.demo import run_demo
+from redisq_lab.demo import _stream_window, run_demo
 from redisq_lab.frames import percentiles
 from redisq_lab.monitors import JobMonitor
 from redisq_lab.stack import LocalStack
@@ -33,6 +34,8 @@ def saturated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def on_finish(stack: LocalStack, jobs: pd.DataFrame) -> None:
         with JobMonitor(stack) as monitor:
             seen["monitor"] = monitor.get_completed_jobs(limit=10 * JOBS)
+        with stack.service() as svc:
+            seen["stored"] = svc.get_jobs(list(jobs.index))
         seen["frame"] = jobs
 
     report = tmp_path_factory.mktemp("demo") / "report.html"
@@ -84,6 +87,73 @@ def test_summary_text_and_report_name_their_clocks(saturated: dict[str, Any]) ->
     ):
         assert title in html
     assert "done_at_s" not in html and "wait_ms" not in html.replace("wait_ms_by", "")
+
+
+def _figures(html: str) -> list[dict[str, Any]]:
+    """The figures a report embeds, as ``{"data": [...], "layout": {...}}``: the
+    arguments of each ``Plotly.newPlot("<div id>", data, layout, ...)`` call."""
+    decoder = json.JSONDecoder()
+    out = []
+    for call in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html):
+        data, at = decoder.raw_decode(html, call.end())
+        at = html.index("{", at)
+        layout, _ = decoder.raw_decode(html, at)
+        out.append({"data": data, "layout": layout})
+    return out
+
+
+def test_the_report_draws_every_job_on_its_gpu_from_its_server_start(
+    saturated: dict[str, Any],
+) -> None:
+    """The report's task stream: one run bar per job on its worker's row, from its
+    server start to its finish, a wait bar from queued to assigned (seconds since the
+    first job was created, as the other charts), colours by priority."""
+    figures = _figures(saturated["report"].read_text())
+    assert len(figures) == 5
+    stream = [f for f in figures if f["layout"]["title"]["text"].startswith("Task stream")]
+    assert len(stream) == 1
+    data, layout = stream[0]["data"], stream[0]["layout"]
+    assert layout["title"]["text"].startswith(f"Task stream: all {JOBS} jobs by GPU")
+    assert layout["xaxis"]["title"]["text"] == "time since start (s, server clock)"
+    assert layout["yaxis"]["title"]["text"] == "GPU (worker id)"
+    frame = saturated["frame"]
+    assert sorted(layout["yaxis"]["categoryarray"]) == sorted(set(frame["worker_id"]))
+    assert len(layout["yaxis"]["categoryarray"]) == 4
+    t0 = frame["created"].min()
+
+    def since(column: str, job_id: str) -> float:
+        return float((frame.loc[job_id, column] - t0).total_seconds())
+
+    bars = {t["name"]: t for t in data if t["type"] == "bar"}
+    run, wait = bars["running"], bars["waiting"]
+    assert sorted(run["customdata"]) == sorted(wait["customdata"]) == sorted(frame.index)
+    for job_id, y, base, length in zip(
+        run["customdata"], run["y"], run["base"], run["x"], strict=True
+    ):
+        assert y == frame.loc[job_id, "worker_id"]
+        assert base == pytest.approx(since("started", job_id), abs=2e-3)
+        assert base + length == pytest.approx(since("finished", job_id), abs=2e-3)
+    for job_id, y, base, length in zip(
+        wait["customdata"], wait["y"], wait["base"], wait["x"], strict=True
+    ):
+        assert y == frame.loc[job_id, "worker_id"]
+        assert base == pytest.approx(since("queued", job_id), abs=2e-3)
+        assert base + length == pytest.approx(since("assigned", job_id), abs=2e-3)
+    legend = {t["name"]: t["marker"]["color"] for t in data if t["type"] == "scatter"}
+    assert list(legend) == ["priority 10", "priority 5", "priority 0"]
+    assert len(set(legend.values())) == 3
+    for job_id, colour in zip(run["customdata"], run["marker"]["color"], strict=True):
+        assert colour == legend[f"priority {frame.loc[job_id, 'priority']}"]
+
+
+def test_a_long_run_streams_the_first_jobs_to_start(saturated: dict[str, Any]) -> None:
+    stored = saturated["stored"]
+    shown, title = _stream_window(stored, 50)
+    first = sorted(j.started for j in stored if j.started is not None)[:50]
+    assert sorted(j.started for j in shown) == first
+    assert title.startswith(f"Task stream: the first 50 to start of {JOBS} jobs by GPU")
+    shown, title = _stream_window(stored, JOBS)
+    assert len(shown) == JOBS and title.startswith(f"Task stream: all {JOBS} jobs")
 
 
 def test_json_format_prints_the_summary_as_the_last_line(
