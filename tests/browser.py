@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +23,34 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+def http_get(url: str) -> tuple[int, str, bytes]:
+    """Status, content type and body of ``url`` (an HTTP error is an answer too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@dataclass
+class HubPage:
+    """A page a hub serves, what it requested and its script errors."""
+
+    page: Any
+    hub: Any  # redisq_server.main.Hub
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def loc(self, selector: str) -> Any:
+        return self.page.locator(selector)
+
+    def strays(self) -> list[str]:
+        """The requests that went anywhere but the hub that served the page."""
+        origins = {f"http://127.0.0.1:{self.hub.port}/", f"ws://127.0.0.1:{self.hub.port}/"}
+        return [u for u in self.requests if not any(u.startswith(o) for o in origins)]
+
 
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(),

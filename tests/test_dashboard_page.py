@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from redisq_lab.mock_worker import MockWorker
 from redisq_server import EngineLimits
 from redisq_server.main import Hub
 
-from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
+from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HubPage, http_get, needs_chromium
 from .helpers import hub_settings
 
 TIMEOUT_MS = 15_000
@@ -36,25 +33,8 @@ playwright_api = pytest.importorskip("playwright.async_api", reason="needs playw
 expect = playwright_api.expect
 
 
-def http_get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
-
-
-@dataclass
-class Dashboard:
-    """The page, what it requested and its script errors."""
-
-    page: Any
-    hub: Hub
-    requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def loc(self, selector: str) -> Any:
-        return self.page.locator(selector)
+class Dashboard(HubPage):
+    """The hub's /dashboard page."""
 
     async def updates(self) -> int:
         return int(await self.loc("#updates").get_attribute("data-count"))
@@ -62,9 +42,7 @@ class Dashboard:
     def check_clean(self) -> None:
         """No script error, and no request anywhere but the hub that served the page."""
         assert self.errors == []
-        origins = {f"http://127.0.0.1:{self.hub.port}/", f"ws://127.0.0.1:{self.hub.port}/"}
-        strays = [u for u in self.requests if not any(u.startswith(o) for o in origins)]
-        assert strays == [], strays
+        assert self.strays() == []
 
 
 @asynccontextmanager

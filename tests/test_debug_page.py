@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from redisq_server import EngineLimits, Settings, protocol
 from redisq_server.main import Hub
 from redisq_server.protocol import MessageType as T
 
-from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, needs_chromium
+from .browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HubPage, http_get, needs_chromium
 
 TIMEOUT_MS = 15_000
 
@@ -49,25 +47,8 @@ async def debug_hub(
         yield hub
 
 
-def http_get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
-
-
-@dataclass
-class DebugPage:
-    """The page plus what it did on the network and any script errors."""
-
-    page: Any
-    hub: Hub
-    requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def loc(self, selector: str) -> Any:
-        return self.page.locator(selector)
+class DebugPage(HubPage):
+    """The hub's /debug page."""
 
     async def connect(self, role: str, peer_id: str) -> None:
         await self.page.select_option("#role", role)
@@ -87,9 +68,7 @@ class DebugPage:
         anywhere but the hub that served the page."""
         errors = [e for e in self.errors if not (expected_errors and re.search(expected_errors, e))]
         assert errors == []
-        origins = {f"http://127.0.0.1:{self.hub.port}/", f"ws://127.0.0.1:{self.hub.port}/"}
-        strays = [u for u in self.requests if not any(u.startswith(o) for o in origins)]
-        assert strays == [], strays
+        assert self.strays() == []
 
 
 @asynccontextmanager
