@@ -199,9 +199,9 @@ def _status_reply(job_id: str, r: Any) -> JobModel | None:
 class Operations:
     """Builds :class:`Op` values for one namespace and limits, validating inputs."""
 
-    def __init__(self, limits: EngineLimits) -> None:
+    def __init__(self, limits: EngineLimits, shard: int = 0) -> None:
         self.limits = limits
-        self.keys = Keys(limits.namespace)
+        self.keys = Keys(limits.namespace, shard)
         self.header = (
             self.keys.prefix,
             repr(float(limits.lease_s)),
