@@ -18,9 +18,12 @@ from dataclasses import replace
 import pytest
 from redis.crc import key_slot
 
-from redisq_server import EngineLimits, Keys, RedisService
+from redisq_lab.client import QueueClient
+from redisq_lab.mock_worker import MockWorker
+from redisq_server import EngineLimits, JobStatus, Keys, RedisService, Settings
 from redisq_server.config import RedisURLError, check_redis_url, split_shards
 from redisq_server.keys import shard_tag
+from redisq_server.main import Hub
 from redisq_server.operations import Assignment
 from redisq_server.sharding import (
     ShardedRedisService,
@@ -29,8 +32,11 @@ from redisq_server.sharding import (
     open_service,
     worker_shard,
 )
+from redisq_server.sharding_async import AsyncShardedService
 
 from .cluster import RedisClusterProcess, cluster_tools_missing
+from .helpers import wait_for
+from .test_hub_process import HubProcess
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +205,68 @@ def test_drain_exact_per_shard_and_inversions_bounded(
 def _id(event_id: str) -> tuple[int, int]:
     ms, seq = event_id.split("-")
     return int(ms), int(seq)
+
+
+# ------------------------------------------------------------ hubs on a sharded namespace
+
+
+_HELD = (JobStatus.ASSIGNED, JobStatus.RUNNING)
+
+
+async def _count(engine: AsyncShardedService, field: str, n: int) -> bool:
+    return int((await engine.get_stats())[field]) == n
+
+
+async def test_hubs_on_a_sharded_namespace_survive_a_killed_hub(
+    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two hubs on 3 shards (``shards=3`` in the URL): a hub process whose six slow
+    GPUs hold a job each is SIGKILLed; the other hub's reaper requeues those jobs
+    on their shards and fresh GPUs on it finish every job exactly once; the client
+    sees its results and the stats through the surviving hub as for one shard."""
+    url = cluster.url + "?shards=3"
+    monkeypatch.setenv("REDISQ_LEASE_S", "1")
+    monkeypatch.setenv("REDISQ_SHARDS", "2")  # the URL's shards= wins
+    proc = HubProcess(url, namespace)
+    engine = AsyncShardedService(url, namespace=namespace)
+    gone = MockWorker("m1", 6, hub=proc.url, job_types=["t"], run_time=30, reconnect=False)
+    fresh = MockWorker("m2", 6, job_types=["t"], run_time=0.001, progress_steps=0)
+    try:
+        assert len(engine.shards) == 3
+        assert sorted(worker_shard(f"m1:gpu{i}", 3) for i in range(6)) == [0, 0, 1, 1, 2, 2]
+        monkeypatch.setenv("REDIS_URL", url)
+        monkeypatch.setenv("REDISQ_NAMESPACE", namespace)
+        settings = Settings.from_env(hub_port=0)
+        async with Hub(settings) as hub:
+            assert isinstance(hub.svc, AsyncShardedService) and len(hub.svc.shards) == 3
+            await gone.start()
+            async with QueueClient(hub, client_id="alice") as client:
+                jobs = [{"job_type": "t", "priority": i % 3} for i in range(60)]
+                ids = await client.submit_many(jobs)
+                assert {job_shard(j, 3) for j in ids} == {0, 1, 2}
+                await wait_for(lambda: _count(engine, "running", 6), 10, "six jobs held")
+                states = {j: await engine.get_job(j) for j in ids}
+                held = [j for j, s in states.items() if s and s.status in _HELD]
+                assert len(held) == 6
+                proc.kill()
+                await wait_for(lambda: _count(engine, "running", 0), 10, "the reaper")
+                fresh.hub_url = hub.url
+                await fresh.start()
+                results = [await client.result(j, timeout=30) for j in ids]
+                assert {r["worker_id"].split(":")[0] for r in results} == {"m2"}
+                stats = await client.stats()
+                assert stats["totals"]["completed"] == 60 and stats["queued"] == 0
+        events = await engine.events_since("0")
+        completed = Counter(e.fields["job"] for e in events if e.name == "completed")
+        assert completed == Counter(ids)  # every job once, none twice
+        for job_id in held:
+            job = await engine.get_job(job_id)
+            assert job is not None and job.lost == 1 and job.attempt == 2
+        assert fresh.completed == 60 - gone.completed and gone.completed == 0
+    finally:
+        await gone.stop()
+        await fresh.stop()
+        await engine.aclose()
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()

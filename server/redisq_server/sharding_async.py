@@ -1,0 +1,291 @@
+"""The asyncio engine over the shards of one namespace: what a hub runs when
+``REDISQ_SHARDS`` (or ``shards=`` in a ``redis+cluster://`` URL) is above 1.
+
+:class:`AsyncShardedService` has :class:`~.redis_service.AsyncRedisService`'s
+method names, so the hub, its routes and its event router are unchanged. Each call
+goes to one shard: a job's to :func:`~.sharding.job_shard` of its id, a worker's to
+:func:`~.sharding.worker_shard` of its id (the worker is assigned that shard's jobs
+only); presence, reaping and promotion go to every shard; reads merge the shards.
+The streams (this hub's inboxes, the event stream) are read on every shard at once
+and merged by entry id; the cursors are kept here, per shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from .config import EngineLimits
+from .models import JobModel
+from .operations import (
+    Assignment,
+    CancelResult,
+    Event,
+    FinishResult,
+    Renewal,
+    SubmitResult,
+    new_job_id,
+)
+from .redis_client import CALL_TIMEOUT_S, connect_async, resolve_url
+from .redis_service import EVENTS_LIMIT, AsyncRedisService
+from .sharding import _id_key, job_shard, merge_events, merge_stats, shards_for, worker_shard
+
+__all__ = ["AsyncShardedService", "open_async_service"]
+
+
+class _FanIn:
+    """Reads one stream per shard at once and hands back what any of them has,
+    merged by id. Each shard's read stays in flight across calls, so a quiet shard
+    does not hold up a busy one."""
+
+    def __init__(self, shards: list[AsyncRedisService], key: Any) -> None:
+        self.shards = shards
+        self.key = key  # shard service -> its stream's key
+        self.cursors = ["0-0"] * len(shards)
+        self.pending: dict[int, asyncio.Task[list[Event]]] = {}
+
+    def reset(self, cursors: list[str]) -> None:
+        self.cancel()
+        self.cursors = cursors
+
+    def cancel(self) -> None:
+        for task in self.pending.values():
+            task.cancel()
+        self.pending.clear()
+
+    async def read(self, count: int, block_ms: int | None) -> list[Event]:
+        for i, svc in enumerate(self.shards):
+            if i not in self.pending:
+                read = svc._xread(self.key(svc), self.cursors[i], count, block_ms)
+                self.pending[i] = asyncio.ensure_future(read)
+        waits = list(self.pending.values())
+        timeout = None if block_ms is None else block_ms / 1000 + CALL_TIMEOUT_S
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        got: list[list[Event]] = []
+        for i, task in list(self.pending.items()):
+            if not task.done():
+                continue
+            del self.pending[i]
+            events = task.result()  # an error: the caller's loop backs off and calls again
+            if events:
+                self.cursors[i] = events[-1].id
+                got.append(events)
+        return merge_events(got, sum(len(g) for g in got))
+
+
+class AsyncShardedService(AsyncRedisService):
+    """The queue engine over ``limits.shards`` shards of one namespace (asyncio).
+
+    Connect from ``url`` (its ``shards=`` wins over ``limits.shards``) or pass a
+    ready Redis Cluster ``client``; call :meth:`aclose` when done. The inherited
+    attributes (``keys``, ``ops``) are shard 0's; every method below routes to the
+    shard that owns the job or worker, or to all of them.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        limits: EngineLimits | None = None,
+        client: Any = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
+        limits = limits or EngineLimits.from_env()
+        if namespace is not None:
+            limits = replace(limits, namespace=namespace)
+        if client is None:
+            url, extra = resolve_url(url)
+            limits = shards_for(url, limits)
+            client = connect_async(url, **extra)
+        super().__init__(client=client, limits=limits, call_timeout_s=call_timeout_s)
+        self.shards = [
+            AsyncRedisService(client=client, limits=limits, call_timeout_s=call_timeout_s, shard=i)
+            for i in range(limits.shards)
+        ]
+        self._inbox = _FanIn(self.shards, lambda s: s.keys.inbox(self.hub_id))
+        self._tap = _FanIn(self.shards, lambda s: s.keys.events)
+
+    def _at(self, i: int) -> AsyncRedisService:
+        """Shard ``i``'s service, with this service's hub id and event sink."""
+        svc = self.shards[i]
+        svc.hub_id, svc.on_events = self.hub_id, self.on_events
+        return svc
+
+    def _job(self, job_id: str) -> AsyncRedisService:
+        return self._at(job_shard(job_id, len(self.shards)))
+
+    def _home(self, worker_id: str) -> AsyncRedisService:
+        return self._at(worker_shard(worker_id, len(self.shards)))
+
+    def _all(self) -> list[AsyncRedisService]:
+        return [self._at(i) for i in range(len(self.shards))]
+
+    async def aclose(self) -> None:
+        self._inbox.cancel()
+        self._tap.cancel()
+        await self.redis.aclose()
+
+    # -- jobs
+    async def submit_job(
+        self,
+        job_type: str,
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        client_id: str | None = None,
+        max_attempts: int | None = None,
+        delay_s: float | None = None,
+        run_at: float | None = None,
+    ) -> SubmitResult:
+        """Submit on the job's shard (its id drawn here when none is given)."""
+        job_id = job_id if job_id is not None else new_job_id()
+        return await self._job(job_id).submit_job(
+            job_type,
+            priority,
+            params,
+            job_id=job_id,
+            client_id=client_id,
+            max_attempts=max_attempts,
+            delay_s=delay_s,
+            run_at=run_at,
+        )
+
+    async def get_job(self, job_id: str) -> JobModel | None:
+        return await self._job(job_id).get_job(job_id)
+
+    async def cancel_job(self, job_id: str, client_id: str | None = None) -> CancelResult:
+        return await self._job(job_id).cancel_job(job_id, client_id)
+
+    async def job_payloads(self, job_ids: Iterable[str]) -> dict[str, list[str | None]]:
+        ids = list(job_ids)
+        out: dict[str, list[str | None]] = {}
+        for i in range(len(self.shards)):
+            mine = [j for j in ids if job_shard(j, len(self.shards)) == i]
+            if mine:
+                out.update(await self._at(i).job_payloads(mine))
+        return {j: out[j] for j in ids}
+
+    # -- workers
+    async def register_worker(
+        self,
+        worker_id: str,
+        job_types: Iterable[str],
+        capabilities: Mapping[str, Any] | None = None,
+        *,
+        hub_id: str = "",
+        session: str | None = None,
+    ) -> Assignment | None:
+        """Register on the worker's home shard and claim that shard's best job."""
+        return await self._home(worker_id).register_worker(
+            worker_id, job_types, capabilities, hub_id=hub_id, session=session
+        )
+
+    async def complete_job(
+        self, job_id: str, attempt: int, worker_id: str, result: Any = None
+    ) -> FinishResult:
+        return await self._job(job_id).complete_job(job_id, attempt, worker_id, result)
+
+    async def fail_job(
+        self, job_id: str, attempt: int, worker_id: str, error: str, retryable: bool = True
+    ) -> FinishResult:
+        return await self._job(job_id).fail_job(job_id, attempt, worker_id, error, retryable)
+
+    async def update_progress(
+        self,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        progress: float,
+        message: str | None = None,
+    ) -> str:
+        return await self._job(job_id).update_progress(
+            job_id, attempt, worker_id, progress, message
+        )
+
+    async def renew(self, workers: Iterable[tuple[str, str, int | None]]) -> Renewal:
+        """Renew each worker on its home shard (one call per shard with workers)."""
+        per: dict[int, list[tuple[str, str, int | None]]] = {}
+        for triple in workers:
+            per.setdefault(worker_shard(triple[0], len(self.shards)), []).append(triple)
+        parts = await asyncio.gather(*(self._at(i).renew(t) for i, t in per.items()))
+        return Renewal([w for p in parts for w in p.stale], [a for p in parts for a in p.missed])
+
+    async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
+        return await self._home(worker_id).worker_lost(worker_id, session, count)
+
+    async def reap(self, limit: int = 100) -> int:
+        return sum(await asyncio.gather(*(s.reap(limit) for s in self._all())))
+
+    async def promote(self, limit: int = 100) -> tuple[int, float | None, list[Assignment]]:
+        parts = await asyncio.gather(*(s.promote(limit) for s in self._all()))
+        waits = [w for _, w, _ in parts if w is not None]
+        return (
+            sum(n for n, _, _ in parts),
+            min(waits) if waits else None,
+            [a for _, _, got in parts for a in got],
+        )
+
+    # -- reading
+    async def get_stats(self, window_s: float = 60.0) -> dict[str, Any]:
+        parts = await asyncio.gather(*(s.get_stats(window_s) for s in self._all()))
+        return merge_stats(parts)
+
+    async def events_since(self, since: str = "0", limit: int = EVENTS_LIMIT) -> list[Event]:
+        parts = await asyncio.gather(*(s.events_since(since, limit) for s in self._all()))
+        return merge_events(parts, limit)
+
+    async def last_event_id(self) -> str:
+        """The newest event id over every shard; the event tap (:meth:`read_events`)
+        continues from each shard's newest."""
+        ids = await asyncio.gather(*(s.last_event_id() for s in self._all()))
+        self._tap.reset(list(ids))
+        return max(ids, key=_id_key)
+
+    async def read_events(
+        self, last_id: str, count: int = 1000, block_ms: int | None = None
+    ) -> list[Event]:
+        """New events of every shard, merged by id. ``last_id`` is not used: the
+        cursors are per shard, set by :meth:`last_event_id` and moved by each read."""
+        return await self._tap.read(count, block_ms)
+
+    # -- this hub's presence, on every shard (each shard's scripts route to it)
+    async def hub_start(self) -> None:
+        self._inbox.reset(["0-0"] * len(self.shards))
+        await asyncio.gather(*(s.hub_start() for s in self._all()))
+
+    async def hub_alive(self) -> bool:
+        return any(await asyncio.gather(*(s.hub_alive() for s in self._all())))
+
+    async def clients_here(self, client_ids: Iterable[str]) -> None:
+        ids = list(client_ids)
+        await asyncio.gather(*(s.clients_here(ids) for s in self._all()))
+
+    async def clients_gone(self, client_ids: Iterable[str]) -> None:
+        ids = list(client_ids)
+        await asyncio.gather(*(s.clients_gone(ids) for s in self._all()))
+
+    async def hub_stop(self) -> None:
+        self._inbox.cancel()
+        await asyncio.gather(*(s.hub_stop() for s in self._all()))
+
+    async def read_inbox(
+        self, last_id: str, count: int = 1000, block_ms: int = 1000
+    ) -> list[Event]:
+        """Events for this hub's sockets from every shard's inbox, merged by id;
+        the cursors are per shard (``last_id`` is not used)."""
+        return await self._inbox.read(count, block_ms)
+
+
+def open_async_service(
+    url: str | None = None, *, limits: EngineLimits | None = None
+) -> AsyncRedisService:
+    """The asyncio engine a namespace needs: :class:`AsyncRedisService` for one shard
+    (today's layout, unchanged), :class:`AsyncShardedService` for more."""
+    base = shards_for(url, limits or EngineLimits.from_env())
+    if base.shards == 1:
+        return AsyncRedisService(url, limits=base)
+    return AsyncShardedService(url, limits=base)
