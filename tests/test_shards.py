@@ -11,6 +11,7 @@ shards stay within the bound docs/deploy.md states.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,8 +19,10 @@ from dataclasses import replace
 import pytest
 from redis.crc import key_slot
 
+from redisq_lab.cli import main as cli_main
 from redisq_lab.client import QueueClient
 from redisq_lab.mock_worker import MockWorker
+from redisq_lab.monitors import JobMonitor, RedisMonitor, WorkerMonitor
 from redisq_server import EngineLimits, JobStatus, Keys, RedisService, Settings
 from redisq_server.config import RedisURLError, check_redis_url, split_shards
 from redisq_server.keys import shard_tag
@@ -270,3 +273,45 @@ async def test_hubs_on_a_sharded_namespace_survive_a_killed_hub(
         if proc.proc.poll() is None:
             proc.proc.kill()
             proc.proc.wait()
+
+
+def test_monitors_and_cli_read_a_sharded_namespace(
+    cluster: RedisClusterProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lab's monitors and the ``redisq`` command read across the shards: jobs
+    of every shard, their details, the summed depth, a worker on shard 2."""
+    url = cluster.url + "?shards=3"
+    limits = EngineLimits(namespace=namespace, shards=3)
+    with ShardedRedisService(url, limits=limits) as svc:
+        ids = [
+            svc.submit_job("t", p, {}, job_id=f"q{i}").job_id for i, p in enumerate([0, 5, 10] * 4)
+        ]
+        assert {job_shard(j, 3) for j in ids} == {0, 1, 2}
+        worker = next(f"w{i}:gpu0" for i in range(99) if worker_shard(f"w{i}:gpu0", 3) == 2)
+        got = svc.register_worker(worker, ["t"], session="s")
+        assert got is not None and job_shard(got.job_id, 3) == 2
+    with JobMonitor(url, namespace=namespace) as jobs:
+        assert isinstance(jobs.service, ShardedRedisService)
+        queued = jobs.get_jobs("queued", 100)
+        assert sorted(queued.index) == sorted(set(ids) - {got.job_id})
+        assert jobs.get_job_details(got.job_id)["status"] == "assigned"
+    with WorkerMonitor(url, namespace=namespace) as workers:
+        assert list(workers.get_all_workers().index) == [worker]
+    with RedisMonitor(url, namespace=namespace) as redis_monitor:
+        stats = redis_monitor.get_queue_stats()
+        assert stats["queued"] == 11 and stats["running"] == 1
+    code = cli_main(
+        [
+            "--redis-url",
+            url,
+            "--namespace",
+            namespace,
+            "jobs",
+            "--status",
+            "queued",
+            "--format",
+            "json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(out) == 11

@@ -105,13 +105,14 @@ def merge_events(per_shard: Iterable[list[Event]], limit: int) -> list[Event]:
     return [e for _, e in zip(range(limit), merged, strict=False)]
 
 
-class ShardedRedisService:
+class ShardedRedisService(RedisService):
     """The blocking engine over ``limits.shards`` shards of one namespace.
 
     Same method names as :class:`RedisService` for what monitors, the CLI and
-    scripts call. Connect from ``url`` (a ``redis+cluster://`` URL; its ``shards=``
-    wins over ``limits.shards``) or pass a ready cluster ``client``. Call
-    :meth:`close` when done.
+    scripts call (the inherited ``keys`` and ``ops`` are shard 0's). Connect from
+    ``url`` (a ``redis+cluster://`` URL; its ``shards=`` wins over
+    ``limits.shards``) or pass a ready cluster ``client``. Call :meth:`close` when
+    done.
     """
 
     def __init__(
@@ -129,8 +130,7 @@ class ShardedRedisService:
             url, extra = resolve_url(url)
             limits = shards_for(url, limits)
             client = connect_sync(url, **extra)
-        self.redis = client
-        self.limits = limits
+        super().__init__(client=client, limits=limits)
         self.shards: list[RedisService] = [
             RedisService(client=client, limits=limits, shard=i) for i in range(limits.shards)
         ]
@@ -142,18 +142,6 @@ class ShardedRedisService:
     def home(self, worker_id: str) -> RedisService:
         """The service of the shard worker ``worker_id`` serves."""
         return self.shards[worker_shard(worker_id, len(self.shards))]
-
-    def close(self) -> None:
-        self.redis.close()
-
-    def __enter__(self) -> ShardedRedisService:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def ping(self) -> bool:
-        return bool(self.redis.ping())
 
     # -- jobs
     def submit_job(
@@ -209,10 +197,6 @@ class ShardedRedisService:
     def get_job(self, job_id: str) -> JobModel | None:
         """The job (position within its shard's queue), or None if unknown."""
         return self.shard(job_id).get_job(job_id)
-
-    def get_job_status(self, job_id: str) -> dict[str, Any] | None:
-        job = self.get_job(job_id)
-        return job.to_dict() if job else None
 
     def cancel_job(self, job_id: str, client_id: str | None = None) -> CancelResult:
         return self.shard(job_id).cancel_job(job_id, client_id)
