@@ -13,9 +13,10 @@ and merged by entry id; the cursors are kept here, per shard.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import EngineLimits
 from .models import JobModel
@@ -33,6 +34,9 @@ from .redis_service import EVENTS_LIMIT, AsyncRedisService
 from .sharding import _id_key, job_shard, merge_events, merge_stats, shards_for, worker_shard
 
 __all__ = ["AsyncShardedService", "open_async_service"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class _FanIn:
@@ -73,6 +77,20 @@ class _FanIn:
                 self.cursors[i] = events[-1].id
                 got.append(events)
         return merge_events(got, sum(len(g) for g in got))
+
+
+async def _each(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of ``calls`` (one per shard, run at once) from the shards that
+    answered: one shard's master down must not stop the others' renewals, reaping
+    and promotion. Raises the first error when no shard answered."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        if not ok:
+            raise errors[0]
+        log.warning("a shard did not answer: %s", errors[0])
+    return ok
 
 
 class AsyncShardedService(AsyncRedisService):
@@ -211,17 +229,17 @@ class AsyncShardedService(AsyncRedisService):
         per: dict[int, list[tuple[str, str, int | None]]] = {}
         for triple in workers:
             per.setdefault(worker_shard(triple[0], len(self.shards)), []).append(triple)
-        parts = await asyncio.gather(*(self._at(i).renew(t) for i, t in per.items()))
+        parts = await _each(self._at(i).renew(t) for i, t in per.items())
         return Renewal([w for p in parts for w in p.stale], [a for p in parts for a in p.missed])
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
         return await self._home(worker_id).worker_lost(worker_id, session, count)
 
     async def reap(self, limit: int = 100) -> int:
-        return sum(await asyncio.gather(*(s.reap(limit) for s in self._all())))
+        return sum(await _each(s.reap(limit) for s in self._all()))
 
     async def promote(self, limit: int = 100) -> tuple[int, float | None, list[Assignment]]:
-        parts = await asyncio.gather(*(s.promote(limit) for s in self._all()))
+        parts = await _each(s.promote(limit) for s in self._all())
         waits = [w for _, w, _ in parts if w is not None]
         return (
             sum(n for n, _, _ in parts),
@@ -258,15 +276,15 @@ class AsyncShardedService(AsyncRedisService):
         await asyncio.gather(*(s.hub_start() for s in self._all()))
 
     async def hub_alive(self) -> bool:
-        return any(await asyncio.gather(*(s.hub_alive() for s in self._all())))
+        return any(await _each(s.hub_alive() for s in self._all()))
 
     async def clients_here(self, client_ids: Iterable[str]) -> None:
         ids = list(client_ids)
-        await asyncio.gather(*(s.clients_here(ids) for s in self._all()))
+        await _each(s.clients_here(ids) for s in self._all())
 
     async def clients_gone(self, client_ids: Iterable[str]) -> None:
         ids = list(client_ids)
-        await asyncio.gather(*(s.clients_gone(ids) for s in self._all()))
+        await _each(s.clients_gone(ids) for s in self._all())
 
     async def hub_stop(self) -> None:
         self._inbox.cancel()
