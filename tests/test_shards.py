@@ -315,3 +315,43 @@ def test_monitors_and_cli_read_a_sharded_namespace(
     )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and len(out) == 11
+
+
+async def test_one_gpu_serves_every_shard(
+    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One GPU on 3 shards: idle before any job exists, it is moved by the hub's
+    sweep to a shard with queued jobs, and after each job to the fullest shard when
+    its own is empty; every job is assigned and completed exactly once."""
+    url = cluster.url + "?shards=3"
+    monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setenv("REDISQ_NAMESPACE", namespace)
+    monkeypatch.setenv("REDISQ_LEASE_S", "1")
+    engine = AsyncShardedService(url, namespace=namespace)
+    worker = MockWorker("solo", 1, job_types=["t"], run_time=0.001, progress_steps=0)
+    try:
+        async with Hub(Settings.from_env(hub_port=0)) as hub:
+            svc = hub.svc
+            assert isinstance(svc, AsyncShardedService)
+            worker.hub_url = hub.url
+            await worker.start()
+            async with QueueClient(hub, client_id="alice") as client:
+                jobs = [{"job_type": "t", "priority": (0, 5, 10)[i % 3]} for i in range(45)]
+                ids = await client.submit_many(jobs)
+                assert {job_shard(j, 3) for j in ids} == {0, 1, 2}
+                results = await client.results(ids, timeout=30)
+                assert {r["worker_id"] for r in results} == {"solo:gpu0"}
+            assert svc.moves >= 2  # it served the two shards that are not its home
+        events = await engine.events_since("0")
+        completed = [e.fields["job"] for e in events if e.name == "completed"]
+        assert Counter(completed) == Counter(ids)
+        for shard in range(3):  # each job assigned once, on its own shard
+            started = [
+                e.fields["job"]
+                for e in events
+                if e.name == "assigned" and job_shard(e.fields["job"], 3) == shard
+            ]
+            assert sorted(started) == sorted(j for j in ids if job_shard(j, 3) == shard)
+    finally:
+        await worker.stop()
+        await engine.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -125,6 +126,15 @@ class AsyncShardedService(AsyncRedisService):
         ]
         self._inbox = _FanIn(self.shards, lambda s: s.keys.inbox(self.hub_id))
         self._tap = _FanIn(self.shards, lambda s: s.keys.events)
+        # the workers registered through this service: where each is now, how it
+        # registered (to register again on another shard), which may be idle, and
+        # which are moving (not renewed until they land)
+        self._where: dict[str, int] = {}
+        self._reg: dict[str, tuple[list[str], Mapping[str, Any] | None, str, str]] = {}
+        self._idle: set[str] = set()
+        self._moving: set[str] = set()
+        #: idle workers moved to a shard with queued jobs
+        self.moves = 0
 
     def _at(self, i: int) -> AsyncRedisService:
         """Shard ``i``'s service, with this service's hub id and event sink."""
@@ -135,8 +145,71 @@ class AsyncShardedService(AsyncRedisService):
     def _job(self, job_id: str) -> AsyncRedisService:
         return self._at(job_shard(job_id, len(self.shards)))
 
+    def _shard_of_worker(self, worker_id: str) -> int:
+        """The shard the worker is on now (its home shard until it moves)."""
+        return self._where.get(worker_id, worker_shard(worker_id, len(self.shards)))
+
     def _home(self, worker_id: str) -> AsyncRedisService:
-        return self._at(worker_shard(worker_id, len(self.shards)))
+        return self._at(self._shard_of_worker(worker_id))
+
+    async def _queued_per_shard(self, types: Iterable[str]) -> list[int]:
+        """Per shard, how many jobs of ``types`` are queued (heads only under fair
+        share: enough to tell an empty shard from one with work)."""
+        r: Any = self.redis
+        kinds = list(types)
+        counts = await asyncio.gather(
+            *(self._bounded(r.zcard(s.keys.queue(t)), "zcard") for s in self.shards for t in kinds)
+        )
+        n = len(kinds)
+        return [sum(int(c) for c in counts[i * n : (i + 1) * n]) for i in range(len(self.shards))]
+
+    async def _claimed(self, worker_id: str, got: Assignment | None) -> Assignment | None:
+        """After a claim of ``worker_id`` on its shard: ``got``, or when its shard had
+        nothing for it, a job of the shard with the most queued jobs of its types,
+        claimed by moving the worker there (:meth:`_move`)."""
+        if got is not None:
+            self._idle.discard(worker_id)
+            return got
+        self._idle.add(worker_id)
+        if worker_id not in self._reg or len(self.shards) == 1:
+            return None
+        queued = await self._queued_per_shard(self._reg[worker_id][0])
+        best = max(range(len(self.shards)), key=lambda i: queued[i])
+        if queued[best] == 0 or best == self._shard_of_worker(worker_id):
+            return None
+        return await self._move(worker_id, best)
+
+    async def _move(self, worker_id: str, to: int) -> Assignment | None:
+        """Move an idle worker to shard ``to``: it leaves its shard only if it still
+        holds no job there (one script), then registers on ``to`` and claims its best
+        job (one script). A job is never at risk: the worker holds none while moving."""
+        types, caps, hub_id, session = self._reg[worker_id]
+        here = self._shard_of_worker(worker_id)
+        self._moving.add(worker_id)
+        try:
+            svc = self._at(here)
+            n = await svc._run(svc.ops.leave(worker_id, session))
+            if n is None:
+                return None  # assigned meanwhile: it stays
+            self._where[worker_id] = to
+            self.moves += 1
+            try:
+                dest = self._at(to)
+                await dest._run(dest.ops.arrive(worker_id, n))
+                got = await dest.register_worker(
+                    worker_id, types, caps, hub_id=hub_id, session=session
+                )
+            except Exception:
+                self._where[worker_id] = here  # back where it was; renewed there
+                await svc._run(svc.ops.arrive(worker_id, n))
+                got = await svc.register_worker(
+                    worker_id, types, caps, hub_id=hub_id, session=session
+                )
+        finally:
+            self._moving.discard(worker_id)
+        if got is not None:
+            self._idle.discard(worker_id)
+        return got
 
     def _all(self) -> list[AsyncRedisService]:
         return [self._at(i) for i in range(len(self.shards))]
@@ -197,20 +270,28 @@ class AsyncShardedService(AsyncRedisService):
         hub_id: str = "",
         session: str | None = None,
     ) -> Assignment | None:
-        """Register on the worker's home shard and claim that shard's best job."""
-        return await self._home(worker_id).register_worker(
-            worker_id, job_types, capabilities, hub_id=hub_id, session=session
+        """Register on the worker's home shard and claim that shard's best job; with
+        none there, move to the shard with the most queued jobs of its types."""
+        session = session or secrets.token_hex(8)
+        types = list(job_types)
+        self._where.pop(worker_id, None)
+        self._reg[worker_id] = (types, capabilities, hub_id, session)
+        got = await self._home(worker_id).register_worker(
+            worker_id, types, capabilities, hub_id=hub_id, session=session
         )
+        return await self._claimed(worker_id, got)
 
     async def complete_job(
         self, job_id: str, attempt: int, worker_id: str, result: Any = None
     ) -> FinishResult:
-        return await self._job(job_id).complete_job(job_id, attempt, worker_id, result)
+        done = await self._job(job_id).complete_job(job_id, attempt, worker_id, result)
+        return replace(done, next=await self._claimed(worker_id, done.next))
 
     async def fail_job(
         self, job_id: str, attempt: int, worker_id: str, error: str, retryable: bool = True
     ) -> FinishResult:
-        return await self._job(job_id).fail_job(job_id, attempt, worker_id, error, retryable)
+        done = await self._job(job_id).fail_job(job_id, attempt, worker_id, error, retryable)
+        return replace(done, next=await self._claimed(worker_id, done.next))
 
     async def update_progress(
         self,
@@ -233,7 +314,12 @@ class AsyncShardedService(AsyncRedisService):
         return Renewal([w for p in parts for w in p.stale], [a for p in parts for a in p.missed])
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
-        return await self._home(worker_id).worker_lost(worker_id, session, count)
+        svc = self._home(worker_id)
+        if self._reg.get(worker_id, ("", "", "", session))[3] == session:
+            self._reg.pop(worker_id, None)
+            self._where.pop(worker_id, None)
+            self._idle.discard(worker_id)
+        return await svc.worker_lost(worker_id, session, count)
 
     async def reap(self, limit: int = 100) -> int:
         return sum(await _each(s.reap(limit) for s in self._all()))
