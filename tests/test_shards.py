@@ -236,7 +236,6 @@ async def test_hubs_on_a_sharded_namespace_survive_a_killed_hub(
     fresh = MockWorker("m2", 6, job_types=["t"], run_time=0.001, progress_steps=0)
     try:
         assert len(engine.shards) == 3
-        assert sorted(worker_shard(f"m1:gpu{i}", 3) for i in range(6)) == [0, 0, 1, 1, 2, 2]
         monkeypatch.setenv("REDIS_URL", url)
         monkeypatch.setenv("REDISQ_NAMESPACE", namespace)
         settings = Settings.from_env(hub_port=0)

@@ -4,8 +4,9 @@
 :class:`AsyncShardedService` has :class:`~.redis_service.AsyncRedisService`'s
 method names, so the hub, its routes and its event router are unchanged. Each call
 goes to one shard: a job's to :func:`~.sharding.job_shard` of its id, a worker's to
-:func:`~.sharding.worker_shard` of its id (the worker is assigned that shard's jobs
-only); presence, reaping and promotion go to every shard; reads merge the shards.
+the shard it is on (this hub spreads its GPUs evenly over the shards, and moves an
+idle one to the shard with the best queued job); presence, reaping and promotion
+go to every shard; reads merge the shards.
 The streams (this hub's inboxes, the event stream) are read on every shard at once
 and merged by entry id; the cursors are kept here, per shard.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -152,30 +154,42 @@ class AsyncShardedService(AsyncRedisService):
     def _home(self, worker_id: str) -> AsyncRedisService:
         return self._at(self._shard_of_worker(worker_id))
 
-    async def _queued_per_shard(self, types: Iterable[str]) -> list[int]:
-        """Per shard, how many jobs of ``types`` are queued (heads only under fair
-        share: enough to tell an empty shard from one with work)."""
+    async def _heads(self, types: Iterable[str]) -> list[float | None]:
+        """Per shard, the queue score of its best queued job of ``types`` (smaller
+        runs first: priority, then order), None when it has none."""
         r: Any = self.redis
         kinds = list(types)
-        counts = await asyncio.gather(
-            *(self._bounded(r.zcard(s.keys.queue(t)), "zcard") for s in self.shards for t in kinds)
+        tops = await asyncio.gather(
+            *(
+                self._bounded(r.zrange(s.keys.queue(t), 0, 0, withscores=True), "zrange")
+                for s in self.shards
+                for t in kinds
+            )
         )
         n = len(kinds)
-        return [sum(int(c) for c in counts[i * n : (i + 1) * n]) for i in range(len(self.shards))]
+        out: list[float | None] = []
+        for i in range(len(self.shards)):
+            scores = [float(top[0][1]) for top in tops[i * n : (i + 1) * n] if top]
+            out.append(min(scores) if scores else None)
+        return out
 
     async def _claimed(self, worker_id: str, got: Assignment | None) -> Assignment | None:
         """After a claim of ``worker_id`` on its shard: ``got``, or when its shard had
-        nothing for it, a job of the shard with the most queued jobs of its types,
-        claimed by moving the worker there (:meth:`_move`)."""
+        nothing for it, the best queued job of its types on any shard (the smallest
+        queue score: highest priority, then oldest), claimed by moving the worker to
+        that shard (:meth:`_move`)."""
         if got is not None:
             self._idle.discard(worker_id)
             return got
         self._idle.add(worker_id)
         if worker_id not in self._reg or len(self.shards) == 1:
             return None
-        queued = await self._queued_per_shard(self._reg[worker_id][0])
-        best = max(range(len(self.shards)), key=lambda i: queued[i])
-        if queued[best] == 0 or best == self._shard_of_worker(worker_id):
+        heads = await self._heads(self._reg[worker_id][0])
+        found = [(h, i) for i, h in enumerate(heads) if h is not None]
+        if not found:
+            return None
+        best = min(found)[1]
+        if best == self._shard_of_worker(worker_id):
             return None
         return await self._move(worker_id, best)
 
@@ -270,11 +284,14 @@ class AsyncShardedService(AsyncRedisService):
         hub_id: str = "",
         session: str | None = None,
     ) -> Assignment | None:
-        """Register on the worker's home shard and claim that shard's best job; with
-        none there, move to the shard with the most queued jobs of its types."""
+        """Register on the shard with the fewest of this hub's GPUs and claim that
+        shard's best job; with none there, move to the shard with the best one."""
         session = session or secrets.token_hex(8)
         types = list(job_types)
         self._where.pop(worker_id, None)
+        # this hub's GPUs spread evenly over the shards (each hub balances its own)
+        mine = Counter(self._where.values())
+        self._where[worker_id] = min(range(len(self.shards)), key=lambda i: (mine[i], i))
         self._reg[worker_id] = (types, capabilities, hub_id, session)
         got = await self._home(worker_id).register_worker(
             worker_id, types, capabilities, hub_id=hub_id, session=session
@@ -306,12 +323,22 @@ class AsyncShardedService(AsyncRedisService):
         )
 
     async def renew(self, workers: Iterable[tuple[str, str, int | None]]) -> Renewal:
-        """Renew each worker on its home shard (one call per shard with workers)."""
+        """Renew each worker on the shard it is on (one call per shard with workers;
+        a worker moving between shards is skipped). Then idle workers move to the
+        shard with the best queued job of their types; those assignments come back
+        as ``missed`` (the caller pushes them)."""
         per: dict[int, list[tuple[str, str, int | None]]] = {}
         for triple in workers:
-            per.setdefault(worker_shard(triple[0], len(self.shards)), []).append(triple)
+            if triple[0] not in self._moving:
+                per.setdefault(self._shard_of_worker(triple[0]), []).append(triple)
         parts = await _each(self._at(i).renew(t) for i, t in per.items())
-        return Renewal([w for p in parts for w in p.stale], [a for p in parts for a in p.missed])
+        stale = [w for p in parts for w in p.stale]
+        missed = [a for p in parts for a in p.missed]
+        for worker_id in sorted(self._idle - set(stale)):
+            got = await self._claimed(worker_id, None)
+            if got is not None:
+                missed.append(got)
+        return Renewal(stale, missed)
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
         svc = self._home(worker_id)
