@@ -30,9 +30,9 @@ from typing import Any
 
 import redis
 
+from redisq_lab.redis_cluster import RedisClusterProcess
 from redisq_server import AsyncRedisService, EngineLimits
 from redisq_server.sharding_async import AsyncShardedService
-from tests.cluster import RedisClusterProcess
 
 
 def _cpu(node: redis.Redis) -> float:
