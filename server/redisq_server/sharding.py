@@ -6,9 +6,11 @@ every state change stays one script on one shard. Placement (docs/deploy.md,
 
 - a job lives on shard ``crc32(job id) mod S`` (:func:`job_shard`), from submit to
   its end; every call about a job goes to that shard;
-- a worker lives on one shard at a time, its home shard ``crc32(worker id) mod S``
-  (:func:`worker_shard`): it is assigned only that shard's jobs, so it is never
-  assigned twice and a completion's claim of the next job is that shard's script.
+- a worker lives on one shard at a time and is assigned only that shard's jobs, so
+  it is never assigned twice and a completion's claim of the next job is that
+  shard's script. A hub spreads its GPUs evenly and moves idle ones
+  (:mod:`.sharding_async`); the blocking facade here, for tools and tests, keeps a
+  worker on ``crc32(worker id) mod S`` (:func:`worker_shard`) and never moves it.
 
 Reading sums the shards' stats, merges their events by stream id (the masters'
 clocks) and lists jobs and workers of every shard. :class:`ShardedRedisService` is
