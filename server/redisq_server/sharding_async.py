@@ -173,24 +173,38 @@ class AsyncShardedService(AsyncRedisService):
             out.append(min(scores) if scores else None)
         return out
 
-    async def _claimed(self, worker_id: str, got: Assignment | None) -> Assignment | None:
+    async def _claimed(
+        self,
+        worker_id: str,
+        got: Assignment | None,
+        seen: dict[tuple[str, ...], list[float | None]] | None = None,
+    ) -> Assignment | None:
         """After a claim of ``worker_id`` on its shard: ``got``, or when its shard had
         nothing for it, the best queued job of its types on any shard (the smallest
         queue score: highest priority, then oldest), claimed by moving the worker to
-        that shard (:meth:`_move`)."""
+        that shard (:meth:`_move`). ``seen`` keeps the shards' best scores per set
+        of types across the calls of one sweep, so an idle fleet with nothing queued
+        costs one read per shard and type per sweep, not per GPU."""
         if got is not None:
             self._idle.discard(worker_id)
             return got
         self._idle.add(worker_id)
         if worker_id not in self._reg or len(self.shards) == 1:
             return None
-        heads = await self._heads(self._reg[worker_id][0])
+        types = tuple(self._reg[worker_id][0])
+        heads = seen.get(types) if seen is not None else None
+        if heads is None:
+            heads = await self._heads(types)
+            if seen is not None:
+                seen[types] = heads
         found = [(h, i) for i, h in enumerate(heads) if h is not None]
         if not found:
             return None
         best = min(found)[1]
         if best == self._shard_of_worker(worker_id):
             return None
+        if seen is not None:
+            seen.pop(types, None)  # a move takes a job: read again for the next GPU
         return await self._move(worker_id, best)
 
     async def _move(self, worker_id: str, to: int) -> Assignment | None:
@@ -334,8 +348,9 @@ class AsyncShardedService(AsyncRedisService):
         parts = await _each(self._at(i).renew(t) for i, t in per.items())
         stale = [w for p in parts for w in p.stale]
         missed = [a for p in parts for a in p.missed]
+        seen: dict[tuple[str, ...], list[float | None]] = {}
         for worker_id in sorted(self._idle - set(stale)):
-            got = await self._claimed(worker_id, None)
+            got = await self._claimed(worker_id, None, seen)
             if got is not None:
                 missed.append(got)
         return Renewal(stale, missed)
