@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from redisq_server import RedisService
+from redisq_server.config import environ
 
 __all__ = ["NamespaceReader", "RedisTarget", "open_service"]
 
@@ -63,7 +64,35 @@ def open_service(
         else:
             url = source.redis_url
             namespace = source.namespace if namespace is None else namespace
+    env = environ()
+    if "shards=" in (url or env.get("REDIS_URL", "")) or env.get("REDISQ_SHARDS"):
+        return _sharded(url, host, port, db, password, namespace), True
     return RedisService(host, port, db, password, url=url, namespace=namespace), True
+
+
+def _sharded(
+    url: str | None,
+    host: str | None,
+    port: int | None,
+    db: int | None,
+    password: str | None,
+    namespace: str | None,
+) -> RedisService:
+    """The service for a namespace that may be sharded (``REDISQ_SHARDS`` or
+    ``shards=`` in the URL): a ShardedRedisService when it has more than one shard."""
+    from dataclasses import replace
+
+    from redisq_server import EngineLimits
+    from redisq_server.redis_client import connect_sync, resolve_url
+    from redisq_server.sharding import ShardedRedisService, shards_for
+
+    limits = EngineLimits.from_env()
+    limits = replace(limits, namespace=namespace) if namespace is not None else limits
+    resolved, extra = resolve_url(url, host, port, db, password)
+    limits = shards_for(resolved, limits)
+    if limits.shards == 1:
+        return RedisService(host, port, db, password, url=url, namespace=namespace)
+    return ShardedRedisService(client=connect_sync(resolved, **extra), limits=limits)
 
 
 class NamespaceReader:

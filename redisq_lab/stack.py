@@ -216,8 +216,13 @@ class LocalStack:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def service(self) -> RedisService:
-        """A new sync :class:`RedisService` on this stack (close it when done)."""
-        return RedisService(url=self.redis_url, limits=self.settings.limits)
+        """A new sync :class:`RedisService` on this stack (close it when done); a
+        :class:`~redisq_server.sharding.ShardedRedisService` for a sharded namespace."""
+        if self.settings.limits.shards == 1:
+            return RedisService(url=self.redis_url, limits=self.settings.limits)
+        from redisq_server.sharding import open_service
+
+        return open_service(self.redis_url, limits=self.settings.limits)
 
     def submit(
         self,

@@ -41,6 +41,7 @@ def test_every_variable_is_read() -> None:
         "REDISQ_MAX_ATTEMPTS": "4",
         "REDISQ_AGING_S": "2.5",
         "REDISQ_FAIR_SHARE": "client",
+        "REDISQ_SHARDS": "3",
         "REDISQ_MAX_PARAMS_BYTES": "100",
         "REDISQ_MAX_RESULT_BYTES": "200",
         "HUB_MAX_FRAME_BYTES": "300",

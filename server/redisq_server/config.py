@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from redis.cluster import RedisCluster
 from redis.connection import Connection, parse_url
@@ -21,6 +21,7 @@ __all__ = [
     "ENV",
     "FAIR_SHARE_MODES",
     "MAX_AGING_S",
+    "MAX_SHARDS",
     "EngineLimits",
     "RedisURLError",
     "Settings",
@@ -30,6 +31,7 @@ __all__ = [
     "redis_url",
     "redis_url_from_env",
     "safe_url",
+    "split_shards",
 ]
 
 
@@ -97,6 +99,7 @@ def _init_parameters(cls: type) -> set[str]:
 def check_redis_url(url: str) -> str:
     """Return ``url`` if it is a Redis URL the hub can use (scheme, host, port,
     database and options), else raise :class:`RedisURLError`. Connects to nothing."""
+    split_shards(url)  # raises for a bad shards=
     cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
     plain = url.replace("+cluster", "", 1) if cluster else url
     try:
@@ -116,9 +119,35 @@ def check_redis_url(url: str) -> str:
     if cluster:
         allowed |= _init_parameters(RedisCluster)
     unknown = sorted(set(kwargs) - allowed)
+    unknown = [k for k in unknown if not (cluster and k == "shards")]
     if unknown:
         raise RedisURLError(f"bad Redis URL: unknown option {', '.join(map(repr, unknown))}")
     return url
+
+
+def split_shards(url: str) -> tuple[str, int | None]:
+    """``url`` without its ``shards=S`` query option, and S (None when absent).
+
+    Only a ``redis+cluster://`` / ``rediss+cluster://`` URL may name shards (one
+    Redis has one core: shards there would spread nothing); raises
+    :class:`RedisURLError` for a bad or misplaced value."""
+    if "shards=" not in url:
+        return url, None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed: check_redis_url says why
+        return url, None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in pairs if k == "shards"]
+    if not values:
+        return url, None
+    if not url.startswith(("redis+cluster://", "rediss+cluster://")):
+        raise RedisURLError("bad Redis URL: shards= needs a redis+cluster:// URL")
+    raw = values[-1]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SHARDS:
+        raise RedisURLError(f"bad Redis URL: shards={raw!r}: expected 1 to {MAX_SHARDS}")
+    query = urlencode([(k, v) for k, v in pairs if k != "shards"])
+    return urlunsplit(parts._replace(query=query)), int(raw)
 
 
 def safe_url(url: str) -> str:
@@ -132,6 +161,8 @@ def safe_url(url: str) -> str:
 
 #: the longest aging step: one priority step per hour (keeps the aged score exact)
 MAX_AGING_S: Final = 3600.0
+#: the most shards a namespace may have
+MAX_SHARDS: Final = 256
 #: values of ``fair_share``
 FAIR_SHARE_MODES: Final = ("off", "client")
 
@@ -153,8 +184,12 @@ class EngineLimits:
     # scheduling policies (docs/scheduling.md): every hub of a namespace must run the same
     aging_s: float = 0.0  # a queued job gains one priority step per aging_s waited; 0: off
     fair_share: str = "off"  # "client": round-robin over client ids within a priority
+    # shards of the namespace (docs/deploy.md): 1 is the unsharded layout
+    shards: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"shards={self.shards!r}: expected 1 to {MAX_SHARDS}")
         if not (self.aging_s == 0 or 0.001 <= self.aging_s <= MAX_AGING_S):
             raise ValueError(
                 f"aging_s={self.aging_s!r}: expected 0 (off) or 0.001 to {MAX_AGING_S} s"
@@ -294,6 +329,12 @@ ENV: Final[dict[str, tuple[str, str, str]]] = {
         "fair_share",
         "off",
         "client: within a priority, jobs go round-robin across the clients with jobs waiting",
+    ),
+    "REDISQ_SHARDS": (
+        "shards",
+        "1",
+        "shards of the namespace, each its own hash slot (docs/deploy.md); "
+        "shards=S in a redis+cluster:// URL wins",
     ),
     "REDISQ_MAX_PARAMS_BYTES": ("max_params_bytes", "8388608", "largest params JSON"),
     "REDISQ_MAX_RESULT_BYTES": ("max_result_bytes", "16777216", "largest result JSON"),

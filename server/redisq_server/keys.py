@@ -2,17 +2,23 @@
 
 All keys of a namespace share the hash tag ``{ns}`` so that multi-key scripts are
 valid on Redis Cluster (one namespace lives in one hash slot; more namespaces spread
-over more shards). The Lua scripts get the same names from :func:`lua_prelude`,
-generated from the table below, so Python and Lua cannot drift apart.
+over more shards). A namespace split into shards (``REDISQ_SHARDS``) has one hash
+tag per shard, :func:`shard_tag`: shard 0 keeps ``{ns}``, so one shard is the
+unsharded layout key for key. The Lua scripts get the same names from
+:func:`lua_prelude` (relative to the prefix each call passes), generated from the
+table below, so Python and Lua cannot drift apart.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Final
 
-__all__ = ["KEY_TEMPLATES", "Keys", "lua_prelude", "validate_namespace"]
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+__all__ = ["KEY_TEMPLATES", "Keys", "lua_prelude", "shard_tag", "validate_namespace"]
 
 #: name -> template relative to the namespace prefix; ``{}`` takes one argument.
 KEY_TEMPLATES: Final[dict[str, str]] = {
@@ -52,18 +58,79 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
+#: the thirds of the slot space a standard 3-master cluster gives each master
+_THIRDS: Final = 3
+
+
+def _third(tag: str) -> int:
+    """Which third of the 16384 slots the slot of ``tag`` lies in (0, 1 or 2)."""
+    return key_slot(tag.encode()) * _THIRDS // REDIS_CLUSTER_HASH_SLOTS
+
+
+def _inner(tag: str) -> bool:
+    """True if the slot of ``tag`` lies in the middle half of its third: far from
+    the edges, so a split that is not exactly even still puts it on that third's
+    master."""
+    size = REDIS_CLUSTER_HASH_SLOTS / _THIRDS
+    offset = key_slot(tag.encode()) - _third(tag) * size
+    return size / 4 <= offset < 3 * size / 4
+
+
+@cache
+def _tags(namespace: str, count: int) -> tuple[str, ...]:
+    """The hash tags of shards 0 .. count-1 (see :func:`shard_tag`)."""
+    tags = [validate_namespace(namespace)]
+    base = _third(namespace)
+    n = 0
+    while len(tags) < count:
+        want = (base + len(tags)) % _THIRDS
+        while True:
+            tag = f"{namespace}:{n}"
+            n += 1
+            if _third(tag) == want and _inner(tag):
+                tags.append(tag)
+                break
+    return tuple(tags)
+
+
+def shard_tag(namespace: str, shard: int) -> str:
+    """The hash tag of shard ``shard`` of ``namespace`` (its keys are ``{tag}:...``).
+
+    Shard 0's tag is ``namespace`` itself (one shard is today's layout). Shard
+    ``i >= 1`` takes the next ``namespace:n`` (n = 0, 1, 2, ... in turn, none used
+    twice) whose slot lies in the middle half of third ``(t0 + i) mod 3`` of the
+    16384 slots, ``t0`` being the third of shard 0's slot. A 3-master cluster split
+    by ``redis-cli --cluster create`` gives each master one third, so consecutive
+    shards sit on different masters (and any three consecutive shards on all three).
+    A shard's tag does not depend on how many shards there are. ``:`` is not allowed
+    in a namespace, so no shard's tag is another namespace's."""
+    if shard < 0:
+        raise ValueError(f"shard {shard}: expected 0 or more")
+    return _tags(namespace, shard + 1)[shard]
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Key names for one namespace, e.g. ``Keys("redisq").job("j1") == "{redisq}:job:j1"``."""
+    """Key names for one namespace (one shard of it), e.g.
+    ``Keys("redisq").job("j1") == "{redisq}:job:j1"``; ``Keys("redisq", shard=1)``
+    names the same keys under shard 1's tag (:func:`shard_tag`)."""
 
     namespace: str = "redisq"
+    shard: int = 0
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
+        if self.shard < 0:
+            raise ValueError(f"shard {self.shard}: expected 0 or more")
+
+    @property
+    def tag(self) -> str:
+        """The hash tag of this shard's keys (the namespace itself for shard 0)."""
+        return shard_tag(self.namespace, self.shard) if self.shard else self.namespace
 
     @property
     def prefix(self) -> str:
-        return "{" + self.namespace + "}:"
+        return "{" + self.tag + "}:"
 
     def job(self, job_id: str) -> str:
         return self.prefix + KEY_TEMPLATES["job"].format(job_id)

@@ -61,6 +61,7 @@ from .protocol import (
 from .redis_service import AsyncRedisService
 from .routes import Routes
 from .routing import forever
+from .sharding_async import open_async_service
 from .version import __version__
 
 __all__ = ["Hub", "main", "run", "serve_processes", "served_loop"]
@@ -118,7 +119,7 @@ class Hub:
     def __init__(self, settings: Settings, service: AsyncRedisService | None = None) -> None:
         self.settings = settings
         self.hub_id = settings.hub_id or f"hub-{secrets.token_hex(4)}"
-        self.svc = service or AsyncRedisService(settings.redis_url, limits=settings.limits)
+        self.svc = service or open_async_service(settings.redis_url, limits=settings.limits)
         self._own_svc = service is None
         self.svc.hub_id = self.hub_id
         self.registry = Registry()

@@ -199,9 +199,9 @@ def _status_reply(job_id: str, r: Any) -> JobModel | None:
 class Operations:
     """Builds :class:`Op` values for one namespace and limits, validating inputs."""
 
-    def __init__(self, limits: EngineLimits) -> None:
+    def __init__(self, limits: EngineLimits, shard: int = 0) -> None:
         self.limits = limits
-        self.keys = Keys(limits.namespace)
+        self.keys = Keys(limits.namespace, shard)
         self.header = (
             self.keys.prefix,
             repr(float(limits.lease_s)),
@@ -313,6 +313,15 @@ class Operations:
 
     def lost(self, worker_id: str, session: str, count: bool = True) -> Op[bool]:
         return Op("lost", (worker_id, session, "1" if count else "0"), lambda r: bool(r))
+
+    def leave(self, worker_id: str, session: str) -> Op[int | None]:
+        """An idle worker leaves this shard (sharded namespaces): its assignment
+        number here if it left, None if it stays (it holds a job)."""
+        return Op("leave", (worker_id, session), lambda r: int(r) if int(r) >= 0 else None)
+
+    def arrive(self, worker_id: str, n: int) -> Op[int]:
+        """A worker moving to this shard continues its assignment numbers from ``n``."""
+        return Op("arrive", (worker_id, str(n)), int)
 
     def reap(self, limit: int = 100) -> Op[int]:
         return Op("reap", (str(limit),), int)

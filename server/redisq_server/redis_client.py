@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
 
-from .config import redis_url, redis_url_from_env
+from .config import redis_url, redis_url_from_env, split_shards
 
 __all__ = ["CALL_TIMEOUT_S", "CLUSTER_SCHEMES", "connect_async", "connect_sync", "resolve_url"]
 
@@ -45,7 +45,9 @@ CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 
 
 def _cluster_url(url: str) -> str | None:
-    """``redis+cluster://host:port`` -> ``redis://host:port`` (None: not a cluster URL)."""
+    """``redis+cluster://host:port`` -> ``redis://host:port`` (None: not a cluster URL);
+    a ``shards=`` option is the engine's, not the client's: it is dropped."""
+    url = split_shards(url)[0]
     for scheme in CLUSTER_SCHEMES:
         if url.startswith(scheme):
             return scheme.replace("+cluster", "") + url[len(scheme) :]

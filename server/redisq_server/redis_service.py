@@ -104,8 +104,10 @@ class _Shell:
     #: writes them to no inbox); called before the call returns
     on_events: Callable[[list[Event]], None] | None = None
 
-    def _setup(self, client: Any, limits: EngineLimits | None, namespace: str | None) -> None:
-        self.ops = Operations(_limits(limits, namespace))
+    def _setup(
+        self, client: Any, limits: EngineLimits | None, namespace: str | None, shard: int = 0
+    ) -> None:
+        self.ops = Operations(_limits(limits, namespace), shard)
         self.keys = self.ops.keys
         self.limits = self.ops.limits
         self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
@@ -153,13 +155,14 @@ class AsyncRedisService(_Shell):
         client: aredis.Redis | None = None,
         call_timeout_s: float = CALL_TIMEOUT_S,
         pipeline_depth: int = PIPELINE_DEPTH,
+        shard: int = 0,
     ) -> None:
         if client is None:
             url, extra = resolve_url(url, host, port, db, password)
             client = connect_async(url, **extra)
         self.redis = client
         self.call_timeout_s = call_timeout_s
-        self._setup(client, limits, namespace)
+        self._setup(client, limits, namespace, shard)
         plain = isinstance(client, aredis.Redis)
         self.pipeline_depth = pipeline_depth if plain else 0
         self._in_flight = 0  # lone calls and pipelines sent and not yet answered
@@ -572,12 +575,13 @@ class RedisService(_Shell):
         namespace: str | None = None,
         limits: EngineLimits | None = None,
         client: redis.Redis | None = None,
+        shard: int = 0,
     ) -> None:
         if client is None:
             url, extra = resolve_url(url, host, port, db, password)
             client = connect_sync(url, **extra)
         self.redis = client
-        self._setup(client, limits, namespace)
+        self._setup(client, limits, namespace, shard)
 
     def _run(self, op: Op[T]) -> T:
         try:

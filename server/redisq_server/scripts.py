@@ -29,6 +29,8 @@ SCRIPT_NAMES: Final = (
     "status",
     "stats",
     "hub",
+    "leave",
+    "arrive",
 )
 
 
