@@ -15,16 +15,14 @@ figure that carries over is **Redis CPU per job per master**: a master saturates
 masters doing the work, i.e. ``1 / max over masters of (CPU-seconds per job on
 that master)`` jobs/s, scaled to the share each master carries.
 
-Run::
+Run it as a part of the one runner::
 
-    python -m benchmarks.shards --jobs 20000 --workers 24
+    python -m benchmarks --only shards --peers none
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -96,22 +94,29 @@ async def _run(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="one namespace with 1 and 3 shards")
-    p.add_argument("--jobs", type=int, default=20_000)
-    p.add_argument("--workers", type=int, default=24)
-    args = p.parse_args(argv)
+async def measure(jobs: int, workers: int) -> list[dict[str, Any]]:
+    """The figures of one run with 1 shard and one with 3, on a private 3-master
+    cluster started (and stopped) here."""
     with RedisClusterProcess(masters=3) as cluster:
         nodes = {port: cluster.node_client(port) for port in cluster.ports}
         try:
-            out = [
-                asyncio.run(_run(cluster.url, nodes, s, args.jobs, args.workers)) for s in (1, 3)
-            ]
+            return [await _run(cluster.url, nodes, s, jobs, workers) for s in (1, 3)]
         finally:
             for n in nodes.values():
                 n.close()
-    print(json.dumps(out, indent=1))
 
 
-if __name__ == "__main__":
-    main()
+def lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The part's table: per shard count, rates and Redis CPU per master."""
+    out = [
+        "Sharded namespace on a local 3-master cluster (engine only, no hub): "
+        "Redis CPU per job on the busiest master, projected ceiling = 1 / that",
+        f"{'shards':>6} {'drain/s':>9} {'CPU s per master':>24} {'us/job':>8} {'ceiling/s':>10}",
+    ]
+    for r in runs:
+        per_master = " ".join(f"{v:.2f}" for v in r["redis_cpu_s_per_master"])
+        out.append(
+            f"{r['shards']:>6} {r['drain_per_s']:>9,} {per_master:>24} "
+            f"{r['cpu_us_per_job_busiest_master']:>8} {r['projected_ceiling_per_s'] or 0:>10,}"
+        )
+    return out

@@ -14,6 +14,7 @@ What they share is in :mod:`benchmarks.common`.
     python -m benchmarks --only drain,latency --hub-place main  # hub in this process
     python -m benchmarks --only engine           # the engine alone, no hub
     python -m benchmarks --only policies --peers none  # scheduling policies vs strict
+    python -m benchmarks --only shards --peers none    # one namespace on 1 and 3 shards
     python -m benchmarks --only peers --peers rq,arq
     python -m benchmarks --only drain --profile  # + a profile of the hub (pyinstrument, else cProfile)
 """
@@ -36,13 +37,23 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, footprint, ours, peers, policies
+from benchmarks import engine, footprint, ours, peers, policies, shards
 from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
 from redisq_server.main import served_loop
 
-PARTS = ("drain", "latency", "enqueue", "memory", "growth", "engine", "policies", "peers")
+PARTS = (
+    "drain",
+    "latency",
+    "enqueue",
+    "memory",
+    "growth",
+    "engine",
+    "policies",
+    "shards",
+    "peers",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 DB_OURS, DB_SCRATCH = 0, 1  # peers get databases 2, 3, ...
 
@@ -81,6 +92,8 @@ class Sizes:
     policy_jobs: int = 20_000  # the policies part: jobs per policy
     policy_gpus: int = 4
     policy_clients: int = 10
+    shard_jobs: int = 20_000  # the shards part: jobs per shard count
+    shard_workers: int = 24
 
 
 QUICK = Sizes(
@@ -108,6 +121,8 @@ QUICK = Sizes(
     peer_latency_budget_s=3.0,
     engine_jobs=500,
     policy_jobs=600,
+    shard_jobs=600,
+    shard_workers=6,
 )
 
 
@@ -371,6 +386,10 @@ async def _ours(
         finally:
             await flush_scratch()
 
+    async def shards_cost() -> Any:
+        _log(f"shards: {sz.shard_jobs:,} jobs with 1 and 3 shards, {sz.shard_workers} workers")
+        return await shards.measure(sz.shard_jobs, sz.shard_workers)
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -380,6 +399,7 @@ async def _ours(
         "growth": growth,
         "engine": engine_alone,
         "policies": policies_cost,
+        "shards": shards_cost,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -686,6 +706,8 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += ["", *_engine_lines(o["engine"])]
     if "policies" in o:
         lines += ["", *policies.lines(o["policies"])]
+    if "shards" in o:
+        lines += ["", *shards.lines(o["shards"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
