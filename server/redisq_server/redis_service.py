@@ -44,7 +44,13 @@ from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_
 from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
 from .scripts import SCRIPT_NAMES, script_source
 
-__all__ = ["EVENTS_LIMIT", "PIPELINE_DEPTH", "AsyncRedisService", "RedisService"]
+__all__ = [
+    "EVENTS_LIMIT",
+    "PIPELINE_DEPTH",
+    "AsyncRedisService",
+    "RedisService",
+    "resolve_limits",
+]
 
 T = TypeVar("T")
 
@@ -52,7 +58,7 @@ T = TypeVar("T")
 EVENTS_LIMIT: Final = 10_000
 
 
-def _limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
+def resolve_limits(limits: EngineLimits | None, namespace: str | None) -> EngineLimits:
     """``limits`` (the environment's when None) with ``namespace`` if given."""
     limits = limits or EngineLimits.from_env()
     return replace(limits, namespace=namespace) if namespace is not None else limits
@@ -107,7 +113,7 @@ class _Shell:
     def _setup(
         self, client: Any, limits: EngineLimits | None, namespace: str | None, shard: int = 0
     ) -> None:
-        self.ops = Operations(_limits(limits, namespace), shard)
+        self.ops = Operations(resolve_limits(limits, namespace), shard)
         self.keys = self.ops.keys
         self.limits = self.ops.limits
         self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}

@@ -31,10 +31,11 @@ from .config import EngineLimits, split_shards
 from .models import JobModel, WorkerModel
 from .operations import CancelResult, Event, FinishResult, SubmitResult, new_job_id
 from .redis_client import connect_sync, resolve_url
-from .redis_service import EVENTS_LIMIT, RedisService
+from .redis_service import EVENTS_LIMIT, RedisService, resolve_limits
 
 __all__ = [
     "ShardedRedisService",
+    "event_id_key",
     "inversion_bound",
     "job_shard",
     "merge_stats",
@@ -95,7 +96,8 @@ def merge_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _id_key(event_id: str) -> tuple[int, int]:
+def event_id_key(event_id: str) -> tuple[int, int]:
+    """A stream id as a sort key: (milliseconds, sequence)."""
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -103,7 +105,7 @@ def _id_key(event_id: str) -> tuple[int, int]:
 def merge_events(per_shard: Iterable[list[Event]], limit: int) -> list[Event]:
     """The events of every shard in one list ordered by stream id (the time its
     master wrote it), at most ``limit``."""
-    merged = heapq.merge(*per_shard, key=lambda e: _id_key(e.id))
+    merged = heapq.merge(*per_shard, key=lambda e: event_id_key(e.id))
     return [e for _, e in zip(range(limit), merged, strict=False)]
 
 
@@ -125,9 +127,7 @@ class ShardedRedisService(RedisService):
         limits: EngineLimits | None = None,
         client: Any = None,
     ) -> None:
-        limits = limits or EngineLimits.from_env()
-        if namespace is not None:
-            limits = replace(limits, namespace=namespace)
+        limits = resolve_limits(limits, namespace)
         if client is None:
             url, extra = resolve_url(url)
             limits = shards_for(url, limits)
@@ -162,30 +162,6 @@ class ShardedRedisService(RedisService):
         when none is given, as placement needs it)."""
         job_id = job_id if job_id is not None else new_job_id()
         return self.shard(job_id).submit_job(
-            job_type,
-            priority,
-            params,
-            job_id=job_id,
-            client_id=client_id,
-            max_attempts=max_attempts,
-            delay_s=delay_s,
-            run_at=run_at,
-        )
-
-    def add_job(
-        self,
-        job_id: str | None = None,
-        job_type: str = "default",
-        priority: int = 0,
-        params: Mapping[str, Any] | None = None,
-        client_id: str | None = None,
-        max_attempts: int | None = None,
-        *,
-        delay_s: float | None = None,
-        run_at: float | None = None,
-    ) -> SubmitResult:
-        """:meth:`submit_job` under the seed's name and argument order."""
-        return self.submit_job(
             job_type,
             priority,
             params,
@@ -258,7 +234,7 @@ class ShardedRedisService(RedisService):
 
     def last_event_id(self) -> str:
         """The newest event id over every shard."""
-        return max((s.last_event_id() for s in self.shards), key=_id_key)
+        return max((s.last_event_id() for s in self.shards), key=event_id_key)
 
 
 def open_service(
@@ -269,10 +245,7 @@ def open_service(
 ) -> RedisService | ShardedRedisService:
     """The blocking engine a namespace needs: :class:`RedisService` for one shard
     (today's layout), :class:`ShardedRedisService` for more."""
-    base = limits or EngineLimits.from_env()
-    if namespace is not None:
-        base = replace(base, namespace=namespace)
-    base = shards_for(url, base)
+    base = shards_for(url, resolve_limits(limits, namespace))
     if base.shards == 1:
         return RedisService(url=url, limits=base)
     return ShardedRedisService(url, limits=base)

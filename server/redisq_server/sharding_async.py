@@ -33,8 +33,8 @@ from .operations import (
     new_job_id,
 )
 from .redis_client import CALL_TIMEOUT_S, connect_async, resolve_url
-from .redis_service import EVENTS_LIMIT, AsyncRedisService
-from .sharding import _id_key, job_shard, merge_events, merge_stats, shards_for, worker_shard
+from .redis_service import EVENTS_LIMIT, AsyncRedisService, resolve_limits
+from .sharding import event_id_key, job_shard, merge_events, merge_stats, shards_for, worker_shard
 
 __all__ = ["AsyncShardedService", "open_async_service"]
 
@@ -114,9 +114,7 @@ class AsyncShardedService(AsyncRedisService):
         client: Any = None,
         call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
-        limits = limits or EngineLimits.from_env()
-        if namespace is not None:
-            limits = replace(limits, namespace=namespace)
+        limits = resolve_limits(limits, namespace)
         if client is None:
             url, extra = resolve_url(url)
             limits = shards_for(url, limits)
@@ -389,7 +387,7 @@ class AsyncShardedService(AsyncRedisService):
         continues from each shard's newest."""
         ids = await asyncio.gather(*(s.last_event_id() for s in self._all()))
         self._tap.reset(list(ids))
-        return max(ids, key=_id_key)
+        return max(ids, key=event_id_key)
 
     async def read_events(
         self, last_id: str, count: int = 1000, block_ms: int | None = None
@@ -431,7 +429,7 @@ def open_async_service(
 ) -> AsyncRedisService:
     """The asyncio engine a namespace needs: :class:`AsyncRedisService` for one shard
     (today's layout, unchanged), :class:`AsyncShardedService` for more."""
-    base = shards_for(url, limits or EngineLimits.from_env())
+    base = shards_for(url, resolve_limits(limits, None))
     if base.shards == 1:
         return AsyncRedisService(url, limits=base)
     return AsyncShardedService(url, limits=base)
