@@ -46,6 +46,13 @@ class HubPage:
     def loc(self, selector: str) -> Any:
         return self.page.locator(selector)
 
+    def listen(self) -> None:
+        """Record the page's requests, sockets and script errors from now on."""
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("websocket", lambda ws: self.requests.append(ws.url))
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+
     def strays(self) -> list[str]:
         """The requests that went anywhere but the hub that served the page."""
         origins = {f"http://127.0.0.1:{self.hub.port}/", f"ws://127.0.0.1:{self.hub.port}/"}

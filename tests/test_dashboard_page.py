@@ -63,10 +63,7 @@ async def dashboard(
             context.set_default_timeout(TIMEOUT_MS)
             page = await context.new_page()
             d = Dashboard(page, hub)
-            page.on("request", lambda r: d.requests.append(r.url))
-            page.on("websocket", lambda ws: d.requests.append(ws.url))
-            page.on("pageerror", lambda exc: d.errors.append(str(exc)))
-            page.on("console", lambda m: d.errors.append(m.text) if m.type == "error" else None)
+            d.listen()
             await page.goto(f"http://127.0.0.1:{hub.port}/dashboard{query}")
             await expect(page).to_have_title("redisq dashboard")
             if live:

@@ -90,10 +90,7 @@ async def debug_page(tmp_path: Path, hub: Hub, query: str = "") -> AsyncIterator
             context.set_default_timeout(TIMEOUT_MS)
             page = await context.new_page()
             dp = DebugPage(page, hub)
-            page.on("request", lambda r: dp.requests.append(r.url))
-            page.on("websocket", lambda ws: dp.requests.append(ws.url))
-            page.on("pageerror", lambda exc: dp.errors.append(str(exc)))
-            page.on("console", lambda m: dp.errors.append(m.text) if m.type == "error" else None)
+            dp.listen()
             await page.goto(f"http://127.0.0.1:{hub.port}/debug{query}")
             await expect(page).to_have_title(re.compile("redisq"))
             # the live panels connect by themselves as a monitor and get a first stats frame
