@@ -57,7 +57,7 @@ from benchmarks.common import (
 from redisq_lab.frames import percentiles
 from redisq_server import AsyncRedisService, EngineLimits
 from redisq_server.protocol import MessageType
-from redisq_server.scripts import script_source
+from redisq_server.scripts import function_name
 
 # ----------------------------------------------------------------------- drain
 
@@ -118,8 +118,8 @@ async def drain(
     if not res["ok"] or counts["totals"]["completed"] != jobs or counts["queued"]:
         raise RuntimeError(f"drain: {res['acked']}/{jobs} acked, {res['errors']}; {counts}")
     seconds = (res["t_end"] - res["t_start"]) / 1e9
-    # Redis counts the commands a script runs as well as the script itself, so
-    # EVALSHA's time includes the others' (the rest of it is the Lua interpreter)
+    # Redis counts the commands a function runs as well as the function itself, so
+    # FCALL's time includes the others' (the rest of it is the Lua interpreter)
     commands = {
         name.removeprefix("cmdstat_"): {
             "calls_per_job": v["calls"] / jobs,
@@ -374,17 +374,18 @@ async def enqueue(
 
 
 async def _fill(svc: AsyncRedisService, start: int, stop: int, chunk: int = 2000) -> None:
-    """Queue jobs ``g<start>`` .. ``g<stop-1>`` with the engine's own submit script,
+    """Queue jobs ``g<start>`` .. ``g<stop-1>`` with the engine's own submit function,
     pipelined (two pipelines in flight), so that 10^6 jobs take seconds, not minutes.
     Each is exactly what ``submit_job`` would write."""
-    script = svc.redis.register_script(script_source("submit"))
+    await svc.get_stats()  # the engine loads its library into Redis if it is missing
     template = svc.ops.submit(JOB_TYPE, 0, {})
-    keys, header, tail = [svc.keys.events], [*svc.ops.header, ""], list(template.args[1:])
+    fn, head = function_name("submit"), [svc.keys.events, *svc.ops.header, ""]
+    tail = list(template.args[1:])
 
     async def one(a: int, b: int) -> None:
         async with svc.redis.pipeline(transaction=False) as p:
             for k in range(a, b):
-                await script(keys=keys, args=[*header, f"g{k}", *tail], client=p)
+                p.fcall(fn, 1, *head, f"g{k}", *tail)
             await p.execute()
 
     bounds = list(range(start, stop, chunk))

@@ -13,7 +13,7 @@ redis-server, database 1), with no hub, so that only the scripts differ:
   one such call (the completion and the claim of the next job are one script).
 
 Redis CPU per job comes from the server itself: ``used_cpu_sys + used_cpu_user``
-(``INFO cpu``) and the scripts' own time (``INFO commandstats``, ``evalsha``
+(``INFO cpu``) and the scripts' own time (``INFO commandstats``, ``fcall``
 ``usec``) over each phase, divided by N. The policies take turns in 3 rounds and
 the median of each figure is reported. Run it with::
 
@@ -43,10 +43,10 @@ POLICIES: dict[str, dict[str, Any]] = {
 
 
 async def _redis_cpu(raw: aredis.Redis) -> tuple[float, float, int]:
-    """(Redis CPU seconds, evalsha microseconds, evalsha calls) so far."""
+    """(Redis CPU seconds, fcall microseconds, fcall calls) so far."""
     cpu = await raw.info("cpu")
     cmd = await raw.info("commandstats")
-    ev = cmd.get("cmdstat_evalsha", {"usec": 0, "calls": 0})
+    ev = cmd.get("cmdstat_fcall", {"usec": 0, "calls": 0})
     return (
         float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         float(ev["usec"]),

@@ -720,7 +720,7 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Our drain CPU, ms per job: {cpu}; busy: {busy}",
-            f"  Redis us per job by command (a script's commands are inside EVALSHA's): {inner}",
+            f"  Redis us per job by command (a function's commands are inside FCALL's): {inner}",
         ]
     if "profile" in o:
         p = o["profile"]

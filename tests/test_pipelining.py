@@ -1,4 +1,4 @@
-"""Script calls of one hub are pipelined: a lone call leaves at once, the calls made
+"""Engine calls of one hub are pipelined: a lone call leaves at once, the calls made
 while one is in flight leave together in one pipeline, each with its own reply."""
 
 from __future__ import annotations
@@ -8,7 +8,15 @@ import asyncio
 import pytest
 import redis.asyncio
 
-from redisq_server import AsyncRedisService, EngineLimits, ErrorCode, JobStatus, ProtocolError
+from redisq_server import (
+    AsyncRedisService,
+    EngineLimits,
+    ErrorCode,
+    JobStatus,
+    ProtocolError,
+    RedisService,
+)
+from redisq_server.scripts import library_name
 
 
 async def test_a_lone_call_is_sent_alone(svc: AsyncRedisService) -> None:
@@ -46,12 +54,31 @@ async def test_each_call_in_a_pipeline_gets_its_own_error(svc: AsyncRedisService
     assert not isinstance(ok_b, BaseException) and ok_b.job_id == "b"
 
 
-async def test_a_pipeline_reloads_scripts_redis_lost(svc: AsyncRedisService) -> None:
+async def test_a_pipeline_reloads_the_library_redis_lost(svc: AsyncRedisService) -> None:
     await svc.submit_job("flush", 0, {})
-    await svc.redis.script_flush()
+    await svc.redis.function_flush()
     results = await asyncio.gather(*(svc.submit_job("flush", 0, {}) for _ in range(5)))
     assert svc.pipelines == 1 and all(r.status is JobStatus.QUEUED for r in results)
     assert (await svc.get_stats())["queued"] == 6
+    libraries = [
+        dict(zip(lib[::2], lib[1::2], strict=True)) for lib in await svc.redis.function_list()
+    ]
+    assert [lib["library_name"] for lib in libraries] == [library_name()]
+
+
+async def test_a_lone_call_reloads_the_library_redis_lost(svc: AsyncRedisService) -> None:
+    await svc.redis.function_flush()
+    assert (await svc.submit_job("flush1", 0, {})).status is JobStatus.QUEUED
+    assert svc.calls_alone == 1 and svc.pipelines == 0
+
+
+def test_the_blocking_service_reloads_the_library_redis_lost(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    with RedisService(url=redis_url, limits=limits) as sync:
+        sync.redis.function_flush()
+        assert sync.submit_job("flush2", 0, {}).status is JobStatus.QUEUED
+        assert sync.get_stats()["queued"] >= 1
 
 
 async def test_depth_zero_sends_every_call_alone(redis_url: str, limits: EngineLimits) -> None:
@@ -105,7 +132,5 @@ async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -
     for hub_id in ("", "hub-x"):  # the hub id is part of every call's fixed start
         svc.hub_id = hub_id
         for op in ops:
-            call = svc._call(op)
-            sha = svc._scripts[op.script].sha
-            expected = b"".join(conn.pack_command("EVALSHA", sha, 1, *call["keys"], *call["args"]))
+            expected = b"".join(conn.pack_command("FCALL", *svc._call(op)))
             assert svc._pack(op) == expected

@@ -1,7 +1,8 @@
 """RedisService: the only code that talks to Redis.
 
-Every state change is one Lua script (:mod:`.scripts`), so each transition of the
-job state machine is atomic. Each call is built as a plain
+Every state change is one Lua function of the engine's library (:mod:`.scripts`,
+loaded into Redis by the first call that finds it missing), so each transition of
+the job state machine is atomic. Each call is built as a plain
 :class:`~redisq_server.operations.Op` (validated first: bad input raises
 :class:`~redisq_server.protocol.ProtocolError` and writes nothing) and run by one
 of two thin shells with the same method names: :class:`AsyncRedisService` (the
@@ -21,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -42,7 +43,7 @@ from .operations import (
 )
 from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_id
 from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
-from .scripts import SCRIPT_NAMES, script_source
+from .scripts import function_name, library_source
 
 __all__ = [
     "EVENTS_LIMIT",
@@ -89,8 +90,14 @@ async def _checkout(pool: Any) -> Any:
     needs a command name; from 5.3 passing one is deprecated)."""
     param = inspect.signature(pool.get_connection).parameters.get("command_name")
     if param is not None and param.default is inspect.Parameter.empty:
-        return await pool.get_connection("EVALSHA")
+        return await pool.get_connection("FCALL")
     return await pool.get_connection()
+
+
+def _missing(reply: Any) -> bool:
+    """Is ``reply`` Redis saying it has not got the engine's library (a restart
+    without persistence, ``FUNCTION FLUSH``, a new version's first call)?"""
+    return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")
 
 
 def _last_id(newest: Sequence[Any]) -> str:
@@ -98,12 +105,11 @@ def _last_id(newest: Sequence[Any]) -> str:
 
 
 class _Shell:
-    """What both shells share: the operations for one namespace and the scripts."""
+    """What both shells share: the operations for one namespace and how to call them."""
 
     ops: Operations
     keys: Keys
     limits: EngineLimits
-    _scripts: dict[str, Any]
     #: the hub this service calls for ('' if none). A hub sets it with ``on_events``.
     hub_id: str = ""
     #: gets the events a call produced for the sockets of hub ``hub_id`` (the engine
@@ -116,11 +122,18 @@ class _Shell:
         self.ops = Operations(resolve_limits(limits, namespace), shard)
         self.keys = self.ops.keys
         self.limits = self.ops.limits
-        self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPT_NAMES}
 
-    def _call(self, op: Op[Any]) -> dict[str, list[str]]:
-        """EVALSHA arguments for ``op``: the routing key and the common header."""
-        return {"keys": [self.keys.events], "args": [*self.ops.header, self.hub_id, *op.args]}
+    def _call(self, op: Op[Any]) -> list[Any]:
+        """``FCALL`` arguments for ``op``: the function, one key (the routing key: the
+        namespace's hash slot), the common header, the hub id and the op's own."""
+        return [
+            function_name(op.script),
+            1,
+            self.keys.events,
+            *self.ops.header,
+            self.hub_id,
+            *op.args,
+        ]
 
     def _reply(self, op: Op[T], wrapped: Any) -> T:
         """Hand the events for this hub to ``on_events``; parse the reply proper."""
@@ -175,8 +188,8 @@ class AsyncRedisService(_Shell):
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._pipe_conns: list[Any] = []  # pooled connections held for script calls
-        # per script: (sha, hub id, argument count, the encoded start of its EVALSHA)
-        self._prefixes: dict[str, tuple[str, str, int, bytes]] = {}
+        # per function: (hub id, argument count, the encoded start of its FCALL)
+        self._prefixes: dict[str, tuple[str, int, bytes]] = {}
         #: script calls sent on their own, and in pipelines (with how many pipelines)
         self.calls_alone = self.calls_pipelined = self.pipelines = 0
         #: connections lost with calls unanswered (which may have run; the hub's sweep
@@ -186,10 +199,9 @@ class AsyncRedisService(_Shell):
     async def _run(self, op: Op[T]) -> T:
         if self.pipeline_depth <= 0:  # e.g. a cluster client: redis-py routes each call
             self.calls_alone += 1
-            try:
-                reply = await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
-            except ResponseError as exc:
-                raise engine_error(exc) from None
+            reply = await self._reload(op, await self._fcall(op))
+            if isinstance(reply, ResponseError):
+                raise engine_error(reply) from None
             return self._reply(op, reply)
         if self._in_flight >= self.pipeline_depth or self._waiting:
             return await self._queued(op)
@@ -197,8 +209,7 @@ class AsyncRedisService(_Shell):
         self.calls_alone += 1
         try:
             (reply,) = await self._bounded(self._send([op]), op.script)
-            if isinstance(reply, NoScriptError):
-                reply = await self._reload(op)
+            reply = await self._reload(op, reply)
         finally:
             self._in_flight -= 1
             self._flush()
@@ -208,13 +219,24 @@ class AsyncRedisService(_Shell):
             raise reply
         return self._reply(op, reply)
 
-    async def _reload(self, op: Op[Any]) -> Any:
-        """Redis lost its scripts (a restart, ``SCRIPT FLUSH``): run ``op`` through
-        redis-py's script object, which loads it; the reply or the error."""
+    async def _fcall(self, op: Op[Any]) -> Any:
+        """``op`` through redis-py's command path (what a Cluster client needs): the
+        reply, or Redis' error reply as an exception object."""
         try:
-            return await self._bounded(self._scripts[op.script](**self._call(op)), op.script)
+            return await self._bounded(self.redis.fcall(*self._call(op)), op.script)
         except ResponseError as exc:
             return exc
+
+    async def _reload(self, op: Op[Any], reply: Any) -> Any:
+        """``reply`` as it is, unless Redis had not got the library: then load it (on
+        every master, for a Cluster client) and run ``op`` again."""
+        if not _missing(reply):
+            return reply
+        await self._load()
+        return await self._fcall(op)
+
+    async def _load(self) -> None:
+        await self._bounded(self.redis.function_load(library_source(), replace=True), "load")
 
     async def _queued(self, op: Op[T]) -> T:
         """Wait for a place in the next pipeline; its reply, parsed."""
@@ -255,9 +277,16 @@ class AsyncRedisService(_Shell):
                     if not fut.done():
                         fut.set_exception(exc)
                 return
+            missing = [i for i, reply in enumerate(replies) if _missing(reply)]
+            if missing:  # load the library once, then run those calls again, in order
+                try:
+                    await self._load()
+                except Exception as exc:
+                    replies = [exc if i in missing else r for i, r in enumerate(replies)]
+                else:
+                    for i in missing:
+                        replies[i] = await self._fcall(batch[i][0])
             for (op, fut), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, NoScriptError):
-                    reply = await self._reload(op)
                 if fut.done():
                     continue
                 if isinstance(reply, ResponseError):
@@ -274,19 +303,17 @@ class AsyncRedisService(_Shell):
             self._flush()
 
     def _pack(self, op: Op[Any]) -> bytes:
-        """``EVALSHA`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
-        What precedes the call's own arguments (the script's sha, the keys, the
-        common header and the hub id) is the same for every call of a script: it is
-        encoded once."""
-        sha = self._scripts[op.script].sha
+        """``FCALL`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
+        What precedes the call's own arguments (the function's name, the key, the
+        common header and the hub id) is the same for every call of a function: it
+        is encoded once."""
         cached = self._prefixes.get(op.script)
-        if cached is None or cached[0] != sha or cached[1] != self.hub_id:
+        if cached is None or cached[0] != self.hub_id:
             call = self._call(op)
-            fixed = call["args"][: len(call["args"]) - len(op.args)]
-            head = ["EVALSHA", sha, str(len(call["keys"])), *call["keys"], *fixed]
-            cached = (sha, self.hub_id, len(head), b"".join(_bulk(a) for a in head))
+            head = ["FCALL", *call[: len(call) - len(op.args)]]
+            cached = (self.hub_id, len(head), b"".join(_bulk(a) for a in head))
             self._prefixes[op.script] = cached
-        parts = [b"*%d\r\n" % (cached[2] + len(op.args)), cached[3]]
+        parts = [b"*%d\r\n" % (cached[1] + len(op.args)), cached[2]]
         parts += [_bulk(a) for a in op.args]
         return b"".join(parts)
 
@@ -591,7 +618,13 @@ class RedisService(_Shell):
 
     def _run(self, op: Op[T]) -> T:
         try:
-            reply = self._scripts[op.script](**self._call(op))
+            try:
+                reply = self.redis.fcall(*self._call(op))
+            except ResponseError as exc:
+                if not _missing(exc):
+                    raise
+                self.redis.function_load(library_source(), replace=True)
+                reply = self.redis.fcall(*self._call(op))
         except ResponseError as exc:
             raise engine_error(exc) from None
         return self._reply(op, reply)

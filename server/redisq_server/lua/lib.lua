@@ -1,32 +1,44 @@
--- Shared helpers, prepended to every script together with the generated key
--- functions (K.*, see keys.py). Each script is one atomic state change.
+-- Shared helpers of the engine's function library (scripts.library_source puts the
+-- generated key functions K.* before them and registers each state change after
+-- them). Each registered function is one atomic state change.
 --
--- ARGV header, the same for every script (see redis_service.py, _Shell._call):
+-- ARGV header, the same for every function (see redis_service.py, _Shell._call):
 --   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
 --   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
 --   8 aging step in ms (0: off)   9 fair share: 'off' or 'client'
 --   10 the calling hub's id ('' when the caller is not a hub)
--- Script arguments follow from ARGV[11] on: use A(i).
+-- Function arguments follow from ARGV[11] on: use A(i).
 --
--- Every script's reply is wrapped as {reply, LOCAL} (redis_service.script_source):
+-- The library is loaded once and its helpers live on between calls, so everything
+-- a call's header sets is (re)set by `setup` at the start of every call: these
+-- locals hold the current call's values only (Redis runs one call at a time).
+--
+-- Every function's reply is wrapped as {reply, LOCAL} (scripts.library_source):
 -- LOCAL holds the events for the calling hub's own sockets, so that a hub never
 -- reads back through Redis what its own calls did.
 
-local LEASE = tonumber(ARGV[2])
-local TTL = tonumber(ARGV[3])
-local MAXLEN = ARGV[4]
-local MAX_LOST = tonumber(ARGV[5])
-local BACKOFF_BASE = tonumber(ARGV[6])
-local BACKOFF_MAX = tonumber(ARGV[7])
-local AGING_MS = tonumber(ARGV[8])
-local FAIR = ARGV[9] == 'client'
-local CALLER = ARGV[10]
+local ARGV, LEASE, TTL, MAXLEN, MAX_LOST, BACKOFF_BASE, BACKOFF_MAX, AGING_MS, FAIR, CALLER
+local LOCAL, AVOID_S
 local function A(i) return ARGV[10 + i] end
-local LOCAL = {}
 
--- A job whose worker was lost avoids that worker's machine this long (see shun):
--- the machine's other sockets may be dying too.
-local AVOID_S = math.min(5, LEASE)
+local function setup(args)
+  ARGV = args
+  P = args[1]
+  LEASE = tonumber(args[2])
+  TTL = tonumber(args[3])
+  MAXLEN = args[4]
+  MAX_LOST = tonumber(args[5])
+  BACKOFF_BASE = tonumber(args[6])
+  BACKOFF_MAX = tonumber(args[7])
+  AGING_MS = tonumber(args[8])
+  FAIR = args[9] == 'client'
+  CALLER = args[10]
+  LOCAL = {}
+  -- A job whose worker was lost avoids that worker's machine this long (see shun):
+  -- the machine's other sockets may be dying too.
+  AVOID_S = math.min(5, LEASE)
+end
+
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
