@@ -9,12 +9,9 @@ if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
 local j = redis.call('HMGET', jk, 'started', 'client', 'type')
-if blank(j[1]) then
-  redis.call('HSET', jk, 'result', A(4), 'progress', '100', 'started', ts(t))
-else
-  redis.call('HSET', jk, 'result', A(4), 'progress', '100')
-end
-finish(id, 'completed', t, j[3])
+local fields = {'result', A(4), 'progress', '100'}
+if blank(j[1]) then fields[5], fields[6] = 'started', ts(t) end
+finish(id, 'completed', t, j[3], fields)
 local client = j[2]
 emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
   'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client))

@@ -19,6 +19,9 @@
 
 local ARGV, LEASE, TTL, MAXLEN, MAX_LOST, BACKOFF_BASE, BACKOFF_MAX, AGING_MS, FAIR, CALLER
 local LOCAL, AVOID_S
+-- what hubs_for found in this call: the live hubs (false until read), and per
+-- client the hubs holding a socket of it
+local HUBS, CLIENT_HUBS
 local function A(i) return ARGV[10 + i] end
 
 local function setup(args)
@@ -34,6 +37,7 @@ local function setup(args)
   FAIR = args[9] == 'client'
   CALLER = args[10]
   LOCAL = {}
+  HUBS, CLIENT_HUBS = false, {}
   -- A job whose worker was lost avoids that worker's machine this long (see shun):
   -- the machine's other sockets may be dying too.
   AVOID_S = math.min(5, LEASE)
@@ -83,13 +87,22 @@ local function blank(v) return v == nil or v == false or v == '' end
 
 -- The hubs that hold a socket of client `c`, plus `extra` (a worker's hub) if set:
 -- the hubs an event about one of c's jobs must reach. Bounded by the live hubs.
+-- Read once per client and call (no function changes the hub lists after reading
+-- them).
 local function hubs_for(c, extra)
   local out = {}
   if not blank(extra) then out[1] = extra end
   if not blank(c) then
-    for _, h in ipairs(redis.call('ZRANGE', K.hubs(), 0, -1)) do
-      if redis.call('SISMEMBER', K.clients(h), c) == 1 then out[#out + 1] = h end
+    local found = CLIENT_HUBS[c]
+    if not found then
+      HUBS = HUBS or redis.call('ZRANGE', K.hubs(), 0, -1)
+      found = {}
+      for _, h in ipairs(HUBS) do
+        if redis.call('SISMEMBER', K.clients(h), c) == 1 then found[#found + 1] = h end
+      end
+      CLIENT_HUBS[c] = found
     end
+    for _, h in ipairs(found) do out[#out + 1] = h end
   end
   return out
 end
@@ -180,16 +193,23 @@ end
 -- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
 -- `returned`: the script returns it to its caller, which pushes it if the worker
 -- is its own (so the event need not reach that hub again). `from_idle`: w was
--- taken from the idle sets (a busy or just registered worker is in none).
-local function assign(id, w, t, returned, j, from_idle)
+-- taken from the idle sets (a busy or just registered worker is in none). `wf`: the
+-- worker's {types, hub, session} if the caller read them; `heard`: set the worker's
+-- `seen` and `heard` to t as well.
+local function assign(id, w, t, returned, j, from_idle, wf, heard)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
   redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
     'started', '', 'progress', '', 'message', '')
   local wk = K.worker(w)
-  local wf = redis.call('HMGET', wk, 'types', 'hub', 'session')
-  redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t))
+  wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
+  if heard then
+    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
+      'seen', ts(t), 'heard', ts(t))
+  else
+    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t))
+  end
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
   -- reaches it late (through the event stream) after a newer one
   local n = redis.call('HINCRBY', wk, 'n', 1)
@@ -277,7 +297,7 @@ local function enqueue(id, t, fresh, returned, j)
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = idle_worker(j[1], j[6])
   if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
-  redis.call('HSET', jk, 'status', 'queued')
+  if not fresh then redis.call('HSET', jk, 'status', 'queued') end -- a fresh job is queued
   local s = score(j[2], j[3], j[8] or j[7])
   depth_add(j[1], j[2], 1)
   if FAIR then return false, fair_enqueue(id, j[1], j[4] or '', s, fresh) end
@@ -312,16 +332,19 @@ local function queue_head(jt, avoided, heard, t)
   end
 end
 
--- Worker `w` (accepting `types`, read if not given) is free: hand it the best
+-- Worker `w` (accepting `types`, read if not given) is free and has just been
+-- heard from (it registered or reported: its `heard` time is t): hand it the best
 -- queued job over all its types (priority, then the global submission order) that
 -- it may take (queue_head), or mark it idle. Returns an assignment or false.
-local function claim_next(w, t, types)
+-- `wf`: from release, the worker's {types, hub, session}; its `seen` and `heard`
+-- are then written here, with the worker's other fields.
+local function claim_next(w, t, types, wf)
   local wk = K.worker(w)
   types = types or split(redis.call('HGET', wk, 'types'))
   local avoided = K.avoided(machine_of(w))
   local heard = nil
   if redis.call('EXISTS', avoided) == 1 then
-    heard = tonumber(redis.call('HGET', wk, 'heard'))
+    heard = tonumber(ts(t))
   else
     avoided = false
   end
@@ -334,9 +357,14 @@ local function claim_next(w, t, types)
     local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
     unqueue(best, best_type, j[3], t)
     depth_add(best_type, j[2], -1)
-    return assign(best, w, t, true, j, false)
+    return assign(best, w, t, true, j, false, wf, wf ~= nil)
   end
-  redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
+  if wf then
+    redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t),
+      'seen', ts(t), 'heard', ts(t))
+  else
+    redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
+  end
   for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
   return false
 end
@@ -344,26 +372,34 @@ end
 -- Worker `w` is done with its job (any outcome): account for it and claim the next.
 local function release(w, t, outcome)
   local wk = K.worker(w)
-  local h = redis.call('HMGET', wk, 'since', 'types')
+  local h = redis.call('HMGET', wk, 'since', 'types', 'hub', 'session')
   local since = tonumber(h[1])
   if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
   if outcome then redis.call('HINCRBY', wk, outcome, 1) end
-  redis.call('HSET', wk, 'seen', ts(t), 'heard', ts(t))
-  return claim_next(w, t, split(h[2]))
+  return claim_next(w, t, split(h[2]), {h[2], h[3], h[4]})
 end
 
+-- The done index of each status drops the ids older than TTL once per this many
+-- jobs reaching it (their hashes have expired): at most this many stale ids stay.
+local DONE_TRIM_EVERY = 64
+
 -- Move job `id` (of type `jt`, read if not given) to terminal `status`: expire it
--- after TTL, index it, count it.
-local function finish(id, status, t, jt)
+-- after TTL, index it, count it. `fields`: more name, value pairs for the job's hash.
+local function finish(id, status, t, jt, fields)
   local jk = K.job(id)
-  redis.call('HSET', jk, 'status', status, 'finished', ts(t))
+  if fields then
+    redis.call('HSET', jk, 'status', status, 'finished', ts(t), unpack(fields))
+  else
+    redis.call('HSET', jk, 'status', status, 'finished', ts(t))
+  end
   redis.call('EXPIRE', jk, TTL)
   redis.call('ZREM', K.leases(), id)
   local dk = K.done(status)
   redis.call('ZADD', dk, ts(t), id)
-  redis.call('ZREMRANGEBYSCORE', dk, '-inf', '(' .. ts(t - TTL))
   jt = jt or redis.call('HGET', jk, 'type')
-  redis.call('HINCRBY', K.stats(), status, 1)
+  if redis.call('HINCRBY', K.stats(), status, 1) % DONE_TRIM_EVERY == 0 then
+    redis.call('ZREMRANGEBYSCORE', dk, '-inf', '(' .. ts(t - TTL))
+  end
   redis.call('HINCRBY', K.stats(), status .. ':' .. jt, 1)
 end
 

@@ -29,14 +29,15 @@ local seq = redis.call('INCR', K.seq())
 -- Only what is not derivable: the key holds the id, a missing attempt/lost/failures
 -- is 0, a missing client or worker is none, a missing `queued` equals `created`
 -- (see models.JobModel.from_redis). Every byte here is paid per queued job.
-redis.call('HSET', jk, 'type', jt, 'priority', priority, 'params', A(4), 'status', 'queued',
-  'max_attempts', A(6), 'seq', seq, 'created', ts(t))
-if A(5) ~= '' then redis.call('HSET', jk, 'client', A(5)) end
+local fields = {'type', jt, 'priority', priority, 'params', A(4),
+  'status', due and 'scheduled' or 'queued', 'max_attempts', A(6), 'seq', seq, 'created', ts(t)}
+if A(5) ~= '' then fields[#fields + 1], fields[#fields + 2] = 'client', A(5) end
+if due then fields[#fields + 1], fields[#fields + 2] = 'due', ts(due) end
+redis.call('HSET', jk, unpack(fields))
 redis.call('SADD', K.types(), jt)
 redis.call('HINCRBY', K.stats(), 'submitted', 1)
 redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
 if due then
-  redis.call('HSET', jk, 'status', 'scheduled', 'due', ts(due))
   redis.call('ZADD', K.delayed(), ts(due), id)
   redis.call('ZADD', K.scheduled(), ts(due), id)
   emit(t, 'submitted', {'job', id, 'status', 'scheduled', 'jtype', jt, 'priority', priority,
