@@ -11,6 +11,10 @@ redis-server), for each concurrency in turn:
   next).
 * ``PING`` and ``ZADD+ZPOPMIN``: raw redis.asyncio baselines, N each (a pair
   counts as one op), to show the engine's cost relative to the floor.
+* Redis' own cost per job over the whole lifecycle (the submit, then the
+  complete+claim that finishes it): Redis process CPU (``INFO cpu``, user + sys,
+  which includes reading and writing the sockets) and the time inside the engine's
+  functions (``INFO commandstats``, ``fcall``), each over both phases divided by N.
 
 Every phase runs ``concurrency`` coroutines sharing one ``redis.asyncio`` client,
 i.e. one connection pool (each in-flight coroutine holds its own connection),
@@ -51,9 +55,10 @@ async def _timed(
     return total / (time.perf_counter() - start)
 
 
-async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> dict[str, float]:
+async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> dict[str, Any]:
     """Every operation, ``jobs`` times, in ``concurrency`` coroutines against the Redis
-    at ``url`` (the engine's keys under ``namespace``); ops/s by operation."""
+    at ``url`` (the engine's keys under ``namespace``): ``ops_per_s`` by operation and
+    ``redis_us_per_job`` (``cpu`` and ``fcall``) over a job's whole lifecycle."""
     svc = AsyncRedisService(url, limits=EngineLimits(namespace=namespace))
     raw: aredis.Redis = svc.redis  # same client and pool for the baselines
     zkey = f"{namespace}:bench:zset"
@@ -78,6 +83,7 @@ async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> di
         ops: dict[str, float] = {}
         ops["PING"] = await _timed(concurrency, jobs, ping_loop)
         ops["ZADD+ZPOPMIN"] = await _timed(concurrency, jobs, zset_loop)
+        before = await _redis_cost(raw)
         ops["submit"] = await _timed(concurrency, jobs, submit_loop)
         assignments = [
             await svc.register_worker(f"m1:gpu{i}", [JOB_TYPE], session=f"s{i}")
@@ -95,13 +101,25 @@ async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> di
         start = time.perf_counter()
         await asyncio.gather(*(complete_loop(i) for i in range(concurrency)))
         ops["complete+claim"] = sum(completed) / (time.perf_counter() - start)
+        after = await _redis_cost(raw)
         stats = await svc.get_stats()
         if not sum(completed) == jobs == stats["totals"]["completed"] or stats["queued"]:
             raise RuntimeError(f"expected {jobs} completions, got {completed}; {stats}")
     finally:
         await raw.delete(zkey)
         await svc.aclose()
-    return {name: ops[name] for name in OPERATIONS}
+    cost = {k: 1e6 * (after[k] - before[k]) / jobs for k in after}
+    return {"ops_per_s": {name: ops[name] for name in OPERATIONS}, "redis_us_per_job": cost}
+
+
+async def _redis_cost(raw: aredis.Redis) -> dict[str, float]:
+    """Redis' process CPU seconds and seconds inside ``FCALL`` so far."""
+    cpu = await raw.info("cpu")
+    fcall = (await raw.info("commandstats")).get("cmdstat_fcall", {"usec": 0})
+    return {
+        "cpu": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        "fcall": float(fcall["usec"]) / 1e6,
+    }
 
 
 async def measure(
@@ -109,7 +127,7 @@ async def measure(
 ) -> dict[str, Any]:
     """:func:`ops_per_s` at each concurrency (a namespace of its own each)."""
     runs = [
-        {"concurrency": c, "ops_per_s": await ops_per_s(url, f"{namespace}-c{c}", jobs, c)}
+        {"concurrency": c, **await ops_per_s(url, f"{namespace}-c{c}", jobs, c)}
         for c in concurrencies
     ]
     return {

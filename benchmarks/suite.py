@@ -782,6 +782,14 @@ def _engine_lines(e: dict[str, Any]) -> list[str]:
             v = ops[name]
             row += f"{v:>14,.0f}{v / ops['PING']:>9.2f}{v / ops['ZADD+ZPOPMIN']:>17.2f}"
         lines.append(row)
+    lines.append(
+        "Redis per job, whole lifecycle (submit + complete+claim; Redis' own counters): "
+        + "; ".join(
+            f"c={r['concurrency']}: process CPU {r['redis_us_per_job']['cpu']:.0f} us, "
+            f"inside FCALL {r['redis_us_per_job']['fcall']:.0f} us"
+            for r in runs
+        )
+    )
     return lines
 
 
