@@ -397,7 +397,9 @@ async def hub_at(
 
 # ---------------------------------------------------------------------- frames
 
-_REGISTER = protocol.encode(protocol.register_worker([JOB_TYPE], id="reg"))
+
+def _register(prefetch: int) -> str:
+    return protocol.encode(protocol.register_worker([JOB_TYPE], prefetch=prefetch, id="reg"))
 
 
 def submit_frame(i: int, job_id: str) -> str:
@@ -421,14 +423,14 @@ async def open_client(hub_url: str, client_id: str) -> ClientConnection:
     return ws
 
 
-async def open_worker(hub_url: str, worker_id: str) -> ClientConnection:
-    """A worker socket registered for ``JOB_TYPE`` (its ``worker_registered`` read; a
-    job pushed on registration comes after it)."""
+async def open_worker(hub_url: str, worker_id: str, prefetch: int = 0) -> ClientConnection:
+    """A worker socket registered for ``JOB_TYPE`` with prefetch window ``prefetch``
+    (its ``worker_registered`` read; a job pushed on registration comes after it)."""
     ws = await connect(
         f"{hub_url}/ws/worker/{worker_id}", compression=None, max_size=None, open_timeout=30
     )
     await ws.recv()  # welcome
-    await ws.send(_REGISTER)
+    await ws.send(_register(prefetch))
     reply = json.loads(await ws.recv())
     if reply["type"] != MessageType.WORKER_REGISTERED:
         await ws.close()
@@ -439,9 +441,10 @@ async def open_worker(hub_url: str, worker_id: str) -> ClientConnection:
 # ---------------------------------------------------------------------- worker
 
 
-async def worker(url: str, gpus: int, total: int, conn: Connection) -> None:
-    """The GPU worker process: G sockets completing each pushed job at once until
-    ``total`` completions are acked (or a socket fails). Sends "ready" once all are
+async def worker(url: str, gpus: int, total: int, prefetch: int, conn: Connection) -> None:
+    """The GPU worker process: G sockets completing each pushed job at once, in the
+    order pushed, until ``total`` completions are acked (or a socket fails); each
+    socket registers with prefetch window ``prefetch``. Sends "ready" once all are
     registered, then ``ok``, ``acked``, ``errors``, the ``job_assigned`` arrival
     time of each job id and its own start and end times."""
     assigned: dict[str, int] = {}  # job id -> when its job_assigned arrived
@@ -463,7 +466,9 @@ async def worker(url: str, gpus: int, total: int, conn: Connection) -> None:
             elif kind == MessageType.ERROR:
                 raise RuntimeError(f"hub error: {m}")
 
-    sockets = await asyncio.gather(*(open_worker(url, f"bench:gpu{i}") for i in range(gpus)))
+    sockets = await asyncio.gather(
+        *(open_worker(url, f"bench:gpu{i}", prefetch) for i in range(gpus))
+    )
     tasks = [asyncio.create_task(serve(ws)) for ws in sockets]
     conn.send("ready")
     await asyncio.wait(tasks, timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)

@@ -88,9 +88,11 @@ async def drain(
     loop: str = "asyncio",
     profile: str = "",
     processes: int = 1,
+    prefetch: int = 0,
 ) -> dict[str, Any]:
-    """N jobs queued with no worker; then one worker process with G GPU sockets
-    (through ``processes`` hub processes on one port when > 1)."""
+    """N jobs queued with no worker; then one worker process with G GPU sockets, each
+    with prefetch window ``prefetch`` (through ``processes`` hub processes on one
+    port when > 1)."""
     svc = AsyncRedisService(redis_url, limits=EngineLimits(namespace=namespace))
     try:
         await open_connections(svc)
@@ -105,7 +107,7 @@ async def drain(
             place, redis_url, namespace, loop=loop, profile=profile, processes=processes
         ) as hub:
             await svc.redis.config_resetstat()
-            async with spawn(worker, hub.url, gpus, jobs) as w:
+            async with spawn(worker, hub.url, gpus, jobs, prefetch) as w:
                 await w.recv()  # "ready": every GPU registered
                 pids = _pids(hub, worker=w.pid, redis=redis_pid)
                 cpu0 = _cpu(pids)
@@ -132,6 +134,7 @@ async def drain(
     return {
         "jobs": jobs,
         "gpus": gpus,
+        "prefetch": prefetch,
         "hub": place,
         "hub_processes": processes,
         "loop": loop,
@@ -152,7 +155,7 @@ async def idle_latency(hub_url: str, samples: int) -> dict[str, dict[str, float 
     """One job at a time through a client socket here and a worker process with one
     idle GPU socket: submit -> ``job_assigned`` (read by the worker) and submit ->
     ``job_completed`` (read by the client), in ms."""
-    async with spawn(worker, hub_url, 1, samples) as w:
+    async with spawn(worker, hub_url, 1, samples, 0) as w:
         await w.recv()  # "ready": the worker's GPU is registered and idle
         sent, completed = await one_at_a_time(hub_url, samples, "lat")
         res = await w.recv()
@@ -230,7 +233,7 @@ async def _load_run(
     hub: HubProc, gpus: int, n: int, *, window: int = 0, rate: float = 0.0, client: str
 ) -> dict[str, Any]:
     """One load run: a G-socket worker process and a client here (this process)."""
-    async with spawn(worker, hub.url, gpus, n) as w:
+    async with spawn(worker, hub.url, gpus, n, 0) as w:
         await w.recv()  # ready
         pids = _pids(hub, worker=w.pid, client=os.getpid())
         cpu0, t0 = _cpu(pids), time.monotonic()
@@ -518,6 +521,7 @@ async def drain_median(
     place: str = "process",
     loop: str = "asyncio",
     processes: int = 1,
+    prefetch: int = 0,
 ) -> dict[str, Any]:
     """:func:`drain` ``reps`` times (fresh namespace and hub each); the median run,
     with every run's rate in ``runs_per_s``. On a small shared machine one run can be
@@ -532,6 +536,7 @@ async def drain_median(
             place=place,
             loop=loop,
             processes=processes,
+            prefetch=prefetch,
         )
         for i in range(reps)
     ]

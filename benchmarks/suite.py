@@ -15,6 +15,8 @@ What they share is in :mod:`benchmarks.common`.
     python -m benchmarks --only engine           # the engine alone, no hub
     python -m benchmarks --only policies --peers none  # scheduling policies vs strict
     python -m benchmarks --only shards --peers none    # one namespace on 1 and 3 shards
+    python -m benchmarks --only prefetch --peers none  # GPU busy share, prefetch window 0 vs 1
+    python -m benchmarks --only drain --prefetch 1     # the drain with a prefetch window
     python -m benchmarks --only peers --peers rq,arq
     python -m benchmarks --only drain --profile  # + a profile of the hub (pyinstrument, else cProfile)
 """
@@ -37,7 +39,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, footprint, ours, peers, policies, shards
+from benchmarks import engine, footprint, ours, peers, policies, prefetch, shards
 from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
@@ -52,6 +54,7 @@ PARTS = (
     "engine",
     "policies",
     "shards",
+    "prefetch",
     "peers",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +68,7 @@ class Sizes:
     jobs: int = 5000  # drain N, ours and peers
     reps: int = 3  # each drain is run this often; the median is reported
     gpus: int = 4  # GPU sockets of our worker process in drain and latency
+    prefetch: int = 0  # each drain GPU socket's prefetch window (0 or 1)
     samples: int = 500  # our one-at-a-time latency samples
     saturate_jobs: int = 4000
     window: int = 64  # jobs in flight when saturating
@@ -94,6 +98,9 @@ class Sizes:
     policy_clients: int = 10
     shard_jobs: int = 20_000  # the shards part: jobs per shard count
     shard_workers: int = 24
+    prefetch_jobs: int = 2000  # the prefetch part: jobs per run
+    prefetch_gpus: int = 4
+    prefetch_run_s: float = 0.002  # each job's run time on its mock GPU
 
 
 QUICK = Sizes(
@@ -122,6 +129,7 @@ QUICK = Sizes(
     engine_jobs=500,
     policy_jobs=600,
     shard_jobs=600,
+    prefetch_jobs=300,
     shard_workers=6,
 )
 
@@ -268,7 +276,8 @@ async def _ours(
         await svc.aclose()
 
     async def drain() -> Any:
-        _log(f"drain: {sz.jobs:,} queued jobs, 1 worker process x {sz.gpus} GPU sockets")
+        window = f", prefetch {sz.prefetch}" if sz.prefetch else ""
+        _log(f"drain: {sz.jobs:,} queued jobs, 1 worker process x {sz.gpus} GPU sockets{window}")
         r = await ours.drain_median(
             url,
             f"{run}-drain",
@@ -279,6 +288,7 @@ async def _ours(
             place=place,
             loop=loop,
             processes=args.hub_processes,
+            prefetch=sz.prefetch,
         )
         runs = ", ".join(f"{x:,.0f}" for x in r["runs_per_s"])
         _log(f"  {r['jobs_per_s']:,.0f} jobs/s (median of {runs})")
@@ -390,6 +400,18 @@ async def _ours(
         _log(f"shards: {sz.shard_jobs:,} jobs with 1 and 3 shards, {sz.shard_workers} workers")
         return await shards.measure(sz.shard_jobs, sz.shard_workers)
 
+    async def prefetch_gap() -> Any:
+        _log(
+            f"prefetch: {sz.prefetch_jobs:,} jobs of {sz.prefetch_run_s * 1000:g} ms, "
+            f"{sz.prefetch_gpus} GPUs, window 0 and 1"
+        )
+        try:
+            return await prefetch.measure(
+                scratch, "prefetch", sz.prefetch_jobs, sz.prefetch_gpus, sz.prefetch_run_s, sz.reps
+            )
+        finally:
+            await flush_scratch()
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -400,6 +422,7 @@ async def _ours(
         "engine": engine_alone,
         "policies": policies_cost,
         "shards": shards_cost,
+        "prefetch": prefetch_gap,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -428,6 +451,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sz = replace(sz, jobs=args.jobs, peer_jobs=args.jobs)
     if args.gpus:
         sz = replace(sz, gpus=args.gpus)
+    if args.prefetch:
+        sz = replace(sz, prefetch=args.prefetch)
     if args.samples:
         sz = replace(sz, samples=args.samples)
     parts = args.only
@@ -708,6 +733,8 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += ["", *policies.lines(o["policies"])]
     if "shards" in o:
         lines += ["", *shards.lines(o["shards"])]
+    if "prefetch" in o:
+        lines += ["", *prefetch.lines(o["prefetch"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
@@ -803,7 +830,8 @@ def _cpu_table(result: dict[str, Any]) -> list[str]:
     if d:
         c = d["cpu_ms_per_job"]
         hub = c.get("hub", c.get("hub+client"))
-        rows.append(("redisq (hub)", f"{d['gpus']} GPUs", hub, c.get("worker"), c.get("redis")))
+        label = f"{d['gpus']} GPUs" + (f" pf{d['prefetch']}" if d.get("prefetch") else "")
+        rows.append(("redisq (hub)", label, hub, c.get("worker"), c.get("redis")))
     for name, settings in result.get("peers", {}).items():
         spec = peers.PEERS[name]
         for setting, r in settings.items():
@@ -867,7 +895,8 @@ def _side_by_side(result: dict[str, Any]) -> list[str]:
         rows.append(
             _side_row(
                 "redisq (hub: main)" if main else "redisq (hub)",
-                f"{result['sizes']['gpus']} GPUs",
+                f"{result['sizes']['gpus']} GPUs"
+                + (f" pf{result['sizes']['prefetch']}" if result["sizes"].get("prefetch") else ""),
                 f"{d['jobs_per_s']:,.0f}" if d else "-",
                 e["one_at_a_time_per_s"] if e else None,
                 d["redis_bytes_per_job"] if d else None,
@@ -1023,6 +1052,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, help="plot path (default: the JSON path with .html)")
     p.add_argument("--jobs", type=int, help="drain N, ours and peers (default 5000)")
     p.add_argument("--gpus", type=int, help="our worker's GPU sockets (default 4)")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        choices=(0, 1),
+        help="the drain's GPU sockets register with this prefetch window (default 0)",
+    )
     p.add_argument("--samples", type=int, help="our one-at-a-time latency samples (default 500)")
     p.add_argument(
         "--hub-loop",

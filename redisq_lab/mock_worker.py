@@ -10,7 +10,9 @@ progress, and completes, fails or drops its connection as configured. Run times 
 from ``run_time`` (seconds, a distribution, or a function), or from a job's own
 ``params["duration_s"]``. ``burst=True`` makes each GPU stop the first time it has
 nothing to do (the hub says so in its acknowledgement), which makes tests and
-benchmarks deterministic. A GPU whose hub goes away reconnects with backoff.
+benchmarks deterministic. ``prefetch=1`` registers each GPU with a prefetch window:
+while it runs a job the hub may send it the next one, which it holds and runs next
+(no dispatch gap between jobs). A GPU whose hub goes away reconnects with backoff.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -81,6 +84,17 @@ class JobRecord:
     outcome: str = "running"  # completed, failed, cancelled, disconnected
 
 
+@dataclass
+class _Gpu:
+    """One GPU socket's jobs: the one running (``holding``, ``task``) and those sent
+    to run after it (``pending``; with a prefetch window, the one held ahead)."""
+
+    pending: deque[Mapping[str, Any]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    holding: tuple[str, int] | None = None
+    task: asyncio.Task[None] | None = None
+
+
 class MockWorker:
     """A simulated GPU machine. See the module docstring for the lifecycle.
 
@@ -88,7 +102,7 @@ class MockWorker:
     name the hub. ``job_types`` are the types every GPU accepts. ``failure_rate``
     and ``disconnect_rate`` are per-job probabilities (a failure is retryable; a
     disconnect closes the GPU's socket mid-job and reconnects). ``seed`` makes the
-    random choices repeatable.
+    random choices repeatable. ``prefetch`` (0 or 1) is each GPU's prefetch window.
     """
 
     def __init__(
@@ -109,9 +123,11 @@ class MockWorker:
         token: str | None = None,
         capabilities: Mapping[str, Any] | None = None,
         seed: int | None = None,
+        prefetch: int = 0,
     ) -> None:
         if gpu_count < 1:
             raise ValueError("gpu_count must be at least 1")
+        self.prefetch = protocol.validate_prefetch(prefetch)
         self.machine_id = machine_id
         self.gpu_count = gpu_count
         self.hub_url = hub_url_of(hub) if hub is not None else f"ws://{ws_host}:{ws_port}"
@@ -131,6 +147,8 @@ class MockWorker:
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
+        #: jobs that arrived while the GPU ran another (held ahead: prefetch)
+        self.held_ahead = 0
         self.disconnects = 0
         self.connects = 0
         self.errors: list[dict[str, Any]] = []
@@ -296,41 +314,71 @@ class MockWorker:
     async def _serve(self, ws: ClientConnection, worker_id: str) -> bool:
         """Speak the protocol on one GPU socket. True when a burst has finished."""
         caps = {**self.capabilities, "gpu_index": worker_id.rsplit("gpu", 1)[-1]}
-        await ws.send(
-            protocol.encode(protocol.register_worker(self.job_types, caps, id="register"))
+        register = protocol.register_worker(
+            self.job_types, caps, prefetch=self.prefetch, id="register"
         )
-        current: asyncio.Task[None] | None = None
-        holding: tuple[str, int] | None = None
+        await ws.send(protocol.encode(register))
+        gpu = _Gpu()
+        runner = asyncio.create_task(self._runner(ws, worker_id, gpu))
         try:
             async for raw in ws:
                 m = json.loads(raw)
                 kind = m.get("type")
                 if kind == MessageType.JOB_ASSIGNED:
-                    holding = (m["job_id"], m["attempt"])
-                    current = asyncio.create_task(self._run(ws, worker_id, m))
-                elif kind == MessageType.CANCEL_JOB and holding == (m["job_id"], m["attempt"]):
-                    if current is not None:
-                        current.cancel()
-                    self.cancelled += 1
-                    self._mark(m["job_id"], m["attempt"], "cancelled")
-                    await self._send(
-                        ws, protocol.fail_job(m["job_id"], m["attempt"], "cancelled", False)
-                    )
+                    if gpu.holding is not None:
+                        self.held_ahead += 1
+                    gpu.pending.append(m)  # run in the order sent: the job held ahead last
+                    gpu.wake.set()
+                elif kind == MessageType.CANCEL_JOB:
+                    await self._cancel(ws, worker_id, gpu, m["job_id"], m["attempt"])
                 elif kind == MessageType.WORKER_REGISTERED:
                     self._registered[worker_id].set()
                     if self.burst and not m.get("has_next"):
                         return True
                 elif kind == MessageType.ACK and "outcome" in m:
-                    if holding is not None and m.get("job_id") == holding[0]:
-                        holding = None
-                    if self.burst and holding is None and not m.get("has_next"):
+                    if gpu.holding is not None and m.get("job_id") == gpu.holding[0]:
+                        gpu.holding = None
+                    idle = gpu.holding is None and not gpu.pending
+                    if self.burst and idle and not m.get("has_next"):
                         return True
                 elif kind == MessageType.ERROR:
                     self.errors.append(m)
         finally:
-            if current is not None and not current.done():
-                current.cancel()
+            runner.cancel()
+            if gpu.task is not None and not gpu.task.done():
+                gpu.task.cancel()
         return False
+
+    async def _runner(self, ws: ClientConnection, worker_id: str, gpu: _Gpu) -> None:
+        """Run this GPU's jobs one at a time, in the order they were sent."""
+        while True:
+            while not gpu.pending:
+                gpu.wake.clear()
+                await gpu.wake.wait()
+            job = gpu.pending.popleft()
+            gpu.holding = (job["job_id"], job["attempt"])
+            gpu.task = asyncio.create_task(self._run(ws, worker_id, job))
+            await asyncio.wait({gpu.task})  # a cancelled job ends its task, not the runner
+
+    async def _cancel(
+        self, ws: ClientConnection, worker_id: str, gpu: _Gpu, job_id: str, attempt: int
+    ) -> None:
+        """Stop the job if it runs, drop it if it is held ahead; acknowledge either."""
+        if gpu.holding == (job_id, attempt) and gpu.task is not None:
+            gpu.task.cancel()
+        else:
+            ahead = [j for j in gpu.pending if (j["job_id"], j["attempt"]) == (job_id, attempt)]
+            if not ahead:
+                return
+            gpu.pending.remove(ahead[0])
+            job = ahead[0]
+            now = time.time()
+            self.history.append(
+                JobRecord(job_id, job["job_type"], job.get("priority", 0), attempt, worker_id, now)
+            )
+        self.cancelled += 1
+        self._mark(job_id, attempt, "cancelled")
+        await self._send(ws, protocol.fail_job(job_id, attempt, "cancelled", False))
 
     async def _send(self, ws: ClientConnection, report: dict[str, Any]) -> None:
         """Send a report on a job, with an ``id`` so that the hub acknowledges it."""

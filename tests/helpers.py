@@ -65,7 +65,17 @@ for _, jt in ipairs(redis.call('SMEMBERS', P .. 'types')) do
   end
 end
 for _, w in ipairs(redis.call('ZRANGE', P .. 'workers', 0, -1)) do
-  local h = redis.call('HMGET', P .. 'worker:' .. w, 'status', 'job')
+  local h = redis.call('HMGET', P .. 'worker:' .. w, 'status', 'job', 'next')
+  if h[3] and h[3] ~= '' then
+    -- a job held ahead (prefetch): only by a busy worker, assigned to it, held once
+    if h[1] ~= 'busy' then bad[#bad + 1] = w .. ' holds ' .. h[3] .. ' ahead while ' .. tostring(h[1]) end
+    if held[h[3]] then bad[#bad + 1] = h[3] .. ' held by ' .. held[h[3]] .. ' and ' .. w end
+    held[h[3]] = w
+    local j = redis.call('HMGET', P .. 'job:' .. h[3], 'worker', 'status', 'ahead')
+    if j[1] ~= w or j[2] ~= 'assigned' or j[3] ~= '1' then
+      bad[#bad + 1] = w .. ' holds ' .. h[3] .. ' ahead, which is ' .. tostring(j[2]) .. ' on ' .. tostring(j[1])
+    end
+  end
   if h[1] == 'busy' then
     if not h[2] or h[2] == '' then bad[#bad + 1] = w .. ' busy without a job' end
     if held[h[2]] then bad[#bad + 1] = h[2] .. ' held by ' .. held[h[2]] .. ' and ' .. w end
@@ -81,6 +91,7 @@ end
 for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
   local st = redis.call('HGET', P .. 'job:' .. id, 'status')
   if st ~= 'assigned' and st ~= 'running' then bad[#bad + 1] = 'lease on ' .. id .. ' in ' .. tostring(st) end
+  if not held[id] then bad[#bad + 1] = 'lease on ' .. id .. ' held by no live worker' end
 end
 return bad
 """

@@ -77,7 +77,9 @@ class Connection:
         # workers
         self.registered = False
         self.job_types: list[str] = []
-        self.delivered: tuple[str, int] | None = None  # (job, attempt) it holds
+        #: (job, attempt) of the jobs pushed to it and not yet reported on: the one it
+        #: runs and, with a prefetch window, the one it holds ahead
+        self.delivered: list[tuple[str, int]] = []
         self.delivered_n = 0  # the highest assignment number pushed
         self.early: list[dict[str, Any]] = []  # pushes held until worker_registered is sent
         # monitors

@@ -334,8 +334,8 @@ class Hub:
                     await self.svc.worker_lost(conn.id, conn.session, count=count)
                 except RedisError as exc:  # the reaper requeues it once its lease expires
                     log.warning("could not requeue %s's job now: %s", conn.id, exc)
-                    if conn.delivered is not None:  # the loss may still fail it for good
-                        self.events.recheck(*conn.delivered, conn.id)
+                    for job, attempt in conn.delivered:  # the loss may still fail it for good
+                        self.events.recheck(job, attempt, conn.id)
             await conn.finish()
             self._handlers.discard(task)
 

@@ -38,6 +38,7 @@ from .protocol import (
     validate_job_types,
     validate_max_attempts,
     validate_params,
+    validate_prefetch,
     validate_priority,
     validate_progress,
     validate_run_at,
@@ -119,10 +120,14 @@ class SubmitResult:
 @dataclass(frozen=True)
 class FinishResult:
     """Outcome of complete/fail: ``completed``, ``retrying``, ``failed`` or ``cancelled``
-    (the job had been cancelled; the report was dropped), and the worker's next job."""
+    (the job had been cancelled; the report was dropped), the worker's next job to
+    run, and the job it now holds ahead (a worker registered with a prefetch window).
+    The caller pushes ``next`` then ``ahead``. With a window, ``next`` is None when the
+    job the worker held ahead became its current one (pushed already, when taken)."""
 
     outcome: str
     next: Assignment | None
+    ahead: Assignment | None = None
 
 
 @dataclass(frozen=True)
@@ -258,13 +263,15 @@ class Operations:
         capabilities: Mapping[str, Any] | None,
         hub_id: str,
         session: str,
+        prefetch: int = 0,
     ) -> Op[Assignment | None]:
         validate_worker_id(worker_id)
         types = validate_job_types(list(job_types))
         caps = validate_capabilities(dict(capabilities or {}))
+        window = validate_prefetch(prefetch)
         machine = worker_id.split(":", 1)[0]
-        args = (worker_id, machine, ",".join(types), caps, hub_id, session)
-        return Op("register", args, _assignment)
+        args = (worker_id, machine, ",".join(types), caps, hub_id, session, str(window))
+        return Op("register", args, lambda r: _assignment(r[0]))
 
     def _report(self, job_id: str, attempt: int, worker_id: str) -> tuple[str, str, str]:
         validate_job_id(job_id)
@@ -280,7 +287,7 @@ class Operations:
 
         def parse(r: Any) -> FinishResult:
             outcome = "completed" if r[0] == "ok" else r[0]
-            return FinishResult(outcome, _assignment(r[1]))
+            return FinishResult(outcome, _assignment(r[1][0]), _assignment(r[1][1]))
 
         return Op("complete", (*head, encoded), parse)
 
@@ -291,7 +298,7 @@ class Operations:
         return Op(
             "fail",
             (*head, validate_error_text(error), "1" if retryable else "0"),
-            lambda r: FinishResult(r[0], _assignment(r[1])),
+            lambda r: FinishResult(r[0], _assignment(r[1][0]), _assignment(r[1][1])),
         )
 
     def progress(

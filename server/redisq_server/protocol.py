@@ -29,6 +29,7 @@ __all__ = [
     "FINAL_MESSAGES",
     "MAX_ATTEMPT",
     "MAX_DELAY_S",
+    "MAX_PREFETCH",
     "MAX_PRIORITY",
     "MESSAGE_MAX_CHARS",
     "MIN_PRIORITY",
@@ -60,6 +61,7 @@ __all__ = [
     "validate_limit",
     "validate_max_attempts",
     "validate_params",
+    "validate_prefetch",
     "validate_priority",
     "validate_progress",
     "validate_run_at",
@@ -218,6 +220,8 @@ _EVENT_ID_RE: Final = re.compile(r"0|([0-9]{1,20})(?:-([0-9]{1,20}))?")
 _EVENT_ID_PART_MAX: Final = 2**64 - 1
 #: the largest ``attempt`` a report may name (the largest integer JSON peers agree on)
 MAX_ATTEMPT: Final = 2**53 - 1
+#: the largest prefetch window a worker socket may ask for (jobs held ahead)
+MAX_PREFETCH: Final = 1
 
 
 def _invalid(name: str, why: str) -> ProtocolError:
@@ -308,6 +312,14 @@ def validate_attempt(value: Any, name: str = "attempt") -> int:
     """An integer from 1 to :data:`MAX_ATTEMPT`: the attempt a worker's report is about."""
     if not _is_int(value) or not 1 <= value <= MAX_ATTEMPT:
         raise _invalid(name, f"expected an integer from 1 to {MAX_ATTEMPT}")
+    return int(value)
+
+
+def validate_prefetch(value: Any, name: str = "prefetch") -> int:
+    """0 or :data:`MAX_PREFETCH`: how many queued jobs a worker socket holds ahead
+    while it runs one (its prefetch window; 0, the default, holds none)."""
+    if not _is_int(value) or not 0 <= value <= MAX_PREFETCH:
+        raise _invalid(name, f"expected an integer from 0 to {MAX_PREFETCH}")
     return int(value)
 
 
@@ -469,6 +481,7 @@ SCHEMAS: Final[dict[MessageType, tuple[_Field, ...]]] = {
     MessageType.REGISTER_WORKER: (
         _Field("job_types", _job_types),
         _Field("capabilities", _object, {}),
+        _Field("prefetch", validate_prefetch, 0),
     ),
     MessageType.WORKER_HEARTBEAT: (),
     MessageType.UPDATE_JOB_PROGRESS: (
@@ -688,10 +701,21 @@ def get_events(since: str = "0", limit: int = 1000, *, id: Any = None) -> dict[s
 
 
 def register_worker(
-    job_types: list[str], capabilities: Mapping[str, Any] | None = None, *, id: Any = None
+    job_types: list[str],
+    capabilities: Mapping[str, Any] | None = None,
+    *,
+    prefetch: int = 0,
+    id: Any = None,
 ) -> dict[str, Any]:
-    """A worker socket's first request. Answered by ``worker_registered``; jobs follow."""
-    fields = {"job_types": list(job_types), "capabilities": dict(capabilities or {})}
+    """A worker socket's first request. Answered by ``worker_registered``; jobs follow.
+    ``prefetch=1``: while it runs a job, the socket may be sent one more to hold ahead
+    (it must run its jobs in the order they were sent)."""
+    fields: dict[str, Any] = {
+        "job_types": list(job_types),
+        "capabilities": dict(capabilities or {}),
+    }
+    if prefetch:
+        fields["prefetch"] = prefetch
     return _request(MessageType.REGISTER_WORKER, id, fields)
 
 

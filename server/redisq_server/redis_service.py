@@ -447,16 +447,24 @@ class AsyncRedisService(_Shell):
         *,
         hub_id: str = "",
         session: str | None = None,
+        prefetch: int = 0,
     ) -> Assignment | None:
         """Register (or re-register) a worker and claim its first job, if any.
 
         ``session`` identifies this connection; pass the same one to
         :meth:`worker_lost` and :meth:`touch` so that a stale connection cannot
-        affect a newer one.
+        affect a newer one. ``prefetch=1``: from its next report on, while the
+        worker runs a job it is also given one queued job to hold ahead
+        (:class:`FinishResult` ``ahead``); it must run its jobs in that order.
         """
         return await self._run(
             self.ops.register(
-                worker_id, job_types, capabilities, hub_id, session or secrets.token_hex(8)
+                worker_id,
+                job_types,
+                capabilities,
+                hub_id,
+                session or secrets.token_hex(8),
+                prefetch,
             )
         )
 

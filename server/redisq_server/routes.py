@@ -253,6 +253,7 @@ class Routes:
                 msg.fields["capabilities"],
                 hub_id=self.hub_id,
                 session=conn.session,
+                prefetch=msg.fields["prefetch"],
             )
         except BaseException:
             self.registry.remove_worker(conn)
@@ -288,19 +289,21 @@ class Routes:
         self._ack(conn, msg, job_id=f["job_id"])
 
     def _finished(self, conn: Connection, msg: Message, res: FinishResult) -> None:
-        conn.delivered = None
+        done = msg.fields["job_id"]
+        conn.delivered = [d for d in conn.delivered if d[0] != done]
         # has_next tells the worker whether a job_assigned follows right away (so a
         # burst-mode worker knows, without waiting, that its queue is empty)
-        with conn.batch():  # the ack and the next job in one write
+        with conn.batch():  # the ack and the next job(s) in one write
             self._ack(
                 conn,
                 msg,
                 job_id=msg.fields["job_id"],
                 outcome=res.outcome,
-                has_next=res.next is not None,
+                has_next=res.next is not None or res.ahead is not None,
             )
-            if res.next is not None:
-                self.events.push(res.next)
+            for a in (res.next, res.ahead):
+                if a is not None:
+                    self.events.push(a)
 
     async def complete_job(self, conn: Connection, msg: Message) -> None:
         self._require_registered(conn)

@@ -306,7 +306,7 @@ class EventRouter:
         conn = self.registry.workers.get(a.worker_id)
         if conn is None or conn.session != a.session or a.n <= conn.delivered_n:
             return False
-        conn.delivered = (a.job_id, a.attempt)
+        conn.delivered = [*conn.delivered[-1:], (a.job_id, a.attempt)]
         conn.delivered_n = a.n
         if not conn.registered:  # its worker_registered reply has not been sent yet
             conn.early.append(a.to_message())
@@ -379,7 +379,7 @@ class EventRouter:
             )
         elif name == EventName.CANCELLED and f.get("worker"):
             conn = self.registry.workers.get(f["worker"])
-            if conn is not None and conn.delivered == (job, int(f.get("attempt", 0))):
+            if conn is not None and (job, int(f.get("attempt", 0))) in conn.delivered:
                 conn.send(protocol.cancel_running(job, int(f["attempt"])))
         subs = self.registry.job_subs.get(job)
         if not subs:

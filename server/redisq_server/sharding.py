@@ -188,10 +188,12 @@ class ShardedRedisService(RedisService):
         *,
         hub_id: str = "",
         session: str,
+        prefetch: int = 0,
     ) -> Any:
         """Register the worker on its home shard and claim that shard's best job."""
         svc = self.home(worker_id)
-        return svc._run(svc.ops.register(worker_id, job_types, capabilities, hub_id, session))
+        op = svc.ops.register(worker_id, job_types, capabilities, hub_id, session, prefetch)
+        return svc._run(op)
 
     def complete_job(
         self, job_id: str, attempt: int, worker_id: str, result: Any = None

@@ -131,6 +131,7 @@ class AsyncShardedService(AsyncRedisService):
         # which are moving (not renewed until they land)
         self._where: dict[str, int] = {}
         self._reg: dict[str, tuple[list[str], Mapping[str, Any] | None, str, str]] = {}
+        self._prefetch: dict[str, int] = {}  # each worker's prefetch window
         self._idle: set[str] = set()
         self._moving: set[str] = set()
         #: idle workers moved to a shard with queued jobs
@@ -210,6 +211,7 @@ class AsyncShardedService(AsyncRedisService):
         holds no job there (one script), then registers on ``to`` and claims its best
         job (one script). A job is never at risk: the worker holds none while moving."""
         types, caps, hub_id, session = self._reg[worker_id]
+        window = self._prefetch.get(worker_id, 0)
         here = self._shard_of_worker(worker_id)
         self._moving.add(worker_id)
         try:
@@ -223,13 +225,13 @@ class AsyncShardedService(AsyncRedisService):
                 dest = self._at(to)
                 await dest._run(dest.ops.arrive(worker_id, n))
                 got = await dest.register_worker(
-                    worker_id, types, caps, hub_id=hub_id, session=session
+                    worker_id, types, caps, hub_id=hub_id, session=session, prefetch=window
                 )
             except Exception:
                 self._where[worker_id] = here  # back where it was; renewed there
                 await svc._run(svc.ops.arrive(worker_id, n))
                 got = await svc.register_worker(
-                    worker_id, types, caps, hub_id=hub_id, session=session
+                    worker_id, types, caps, hub_id=hub_id, session=session, prefetch=window
                 )
         finally:
             self._moving.discard(worker_id)
@@ -295,9 +297,11 @@ class AsyncShardedService(AsyncRedisService):
         *,
         hub_id: str = "",
         session: str | None = None,
+        prefetch: int = 0,
     ) -> Assignment | None:
         """Register on the shard with the fewest of this hub's GPUs and claim that
-        shard's best job; with none there, move to the shard with the best one."""
+        shard's best job; with none there, move to the shard with the best one.
+        A prefetch window takes jobs ahead from the shard the worker is on."""
         session = session or secrets.token_hex(8)
         types = list(job_types)
         self._where.pop(worker_id, None)
@@ -305,8 +309,9 @@ class AsyncShardedService(AsyncRedisService):
         mine = Counter(self._where.values())
         self._where[worker_id] = min(range(len(self.shards)), key=lambda i: (mine[i], i))
         self._reg[worker_id] = (types, capabilities, hub_id, session)
+        self._prefetch[worker_id] = prefetch
         got = await self._home(worker_id).register_worker(
-            worker_id, types, capabilities, hub_id=hub_id, session=session
+            worker_id, types, capabilities, hub_id=hub_id, session=session, prefetch=prefetch
         )
         return await self._claimed(worker_id, got)
 
@@ -314,12 +319,18 @@ class AsyncShardedService(AsyncRedisService):
         self, job_id: str, attempt: int, worker_id: str, result: Any = None
     ) -> FinishResult:
         done = await self._job(job_id).complete_job(job_id, attempt, worker_id, result)
-        return replace(done, next=await self._claimed(worker_id, done.next))
+        return await self._finished(worker_id, done)
 
     async def fail_job(
         self, job_id: str, attempt: int, worker_id: str, error: str, retryable: bool = True
     ) -> FinishResult:
         done = await self._job(job_id).fail_job(job_id, attempt, worker_id, error, retryable)
+        return await self._finished(worker_id, done)
+
+    async def _finished(self, worker_id: str, done: FinishResult) -> FinishResult:
+        if done.next is None and done.ahead is not None:  # busy with the job it held ahead
+            self._idle.discard(worker_id)
+            return done
         return replace(done, next=await self._claimed(worker_id, done.next))
 
     async def update_progress(
@@ -357,6 +368,7 @@ class AsyncShardedService(AsyncRedisService):
         svc = self._home(worker_id)
         if self._reg.get(worker_id, ("", "", "", session))[3] == session:
             self._reg.pop(worker_id, None)
+            self._prefetch.pop(worker_id, None)
             self._where.pop(worker_id, None)
             self._idle.discard(worker_id)
         return await svc.worker_lost(worker_id, session, count)

@@ -6,7 +6,8 @@
 -- Returns {status after the call, worker or false, attempt}.
 local id, client = A(1), A(2)
 local jk = K.job(id)
-local j = redis.call('HMGET', jk, 'status', 'client', 'type', 'priority', 'worker', 'attempt')
+local j = redis.call('HMGET', jk, 'status', 'client', 'type', 'priority', 'worker', 'attempt',
+  'ahead')
 if not j[1] or (client ~= '' and j[2] ~= client) then
   return redis.error_reply('NOT_FOUND no job ' .. id .. ' for this client')
 end
@@ -21,7 +22,12 @@ elseif st == 'retrying' or st == 'scheduled' then
   redis.call('ZREM', K.delayed(), id)
   redis.call('ZREM', K.scheduled(), id)
 else
-  hub = redis.call('HGET', K.worker(j[5]), 'hub')
+  local wk = K.worker(j[5])
+  local h = redis.call('HMGET', wk, 'hub', 'next')
+  hub = h[1]
+  -- a job held ahead leaves the worker's prefetch slot now: the worker is busy with
+  -- the job before it, and its acknowledgement will free nothing (fence)
+  if j[7] == '1' and h[2] == id then redis.call('HSET', wk, 'next', '', 'next_attempt', '', 'nn', '') end
 end
 finish(id, 'cancelled', t)
 emit(t, 'cancelled', {'job', id, 'status', 'cancelled', 'client', j[2], 'worker',

@@ -195,24 +195,35 @@ end
 -- is its own (so the event need not reach that hub again). `from_idle`: w was
 -- taken from the idle sets (a busy or just registered worker is in none). `wf`: the
 -- worker's {types, hub, session} if the caller read them; `heard`: set the worker's
--- `seen` and `heard` to t as well.
-local function assign(id, w, t, returned, j, from_idle, wf, heard)
+-- `seen` and `heard` to t as well. `ahead`: the worker is busy and holds the job
+-- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
+-- worker's current job ends (claim_next) or the job leaves the slot otherwise.
+local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-    'started', '', 'progress', '', 'message', '')
+  if ahead then
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'started', '', 'progress', '', 'message', '', 'ahead', '1')
+  else
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'started', '', 'progress', '', 'message', '')
+  end
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
-  if heard then
-    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
-      'seen', ts(t), 'heard', ts(t))
-  else
-    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t))
-  end
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
-  -- reaches it late (through the event stream) after a newer one
+  -- reaches it late (through the event stream) after a newer one; `jn` and `nn` are
+  -- the numbers of the current job and of the one held ahead (touch.lua)
   local n = redis.call('HINCRBY', wk, 'n', 1)
+  if ahead then
+    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n)
+  elseif heard then
+    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
+      'jn', n, 'seen', ts(t), 'heard', ts(t))
+  else
+    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
+      'jn', n)
+  end
   if from_idle then unidle(w, split(wf[1])) end
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
   -- small params ride along, so the worker's hub can push without reading the job
@@ -332,15 +343,10 @@ local function queue_head(jt, avoided, heard, t)
   end
 end
 
--- Worker `w` (accepting `types`, read if not given) is free and has just been
--- heard from (it registered or reported: its `heard` time is t): hand it the best
--- queued job over all its types (priority, then the global submission order) that
--- it may take (queue_head), or mark it idle. Returns an assignment or false.
--- `wf`: from release, the worker's {types, hub, session}; its `seen` and `heard`
--- are then written here, with the worker's other fields.
-local function claim_next(w, t, types, wf)
-  local wk = K.worker(w)
-  types = types or split(redis.call('HGET', wk, 'types'))
+-- The best queued job over `types` (priority, then the global submission order)
+-- that worker `w` may take (queue_head), out of its queue: id and its fields
+-- {type, priority, client, params, avoid}, or nil.
+local function take_best(w, types, t)
   local avoided = K.avoided(machine_of(w))
   local heard = nil
   if redis.call('EXISTS', avoided) == 1 then
@@ -353,30 +359,61 @@ local function claim_next(w, t, types, wf)
     local id, s = queue_head(jt, avoided, heard, t)
     if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
-  if best then
-    local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
-    unqueue(best, best_type, j[3], t)
-    depth_add(best_type, j[2], -1)
-    return assign(best, w, t, true, j, false, wf, wf ~= nil)
-  end
-  if wf then
-    redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t),
-      'seen', ts(t), 'heard', ts(t))
+  if not best then return nil end
+  local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
+  unqueue(best, best_type, j[3], t)
+  depth_add(best_type, j[2], -1)
+  return best, j
+end
+
+-- Worker `w` (accepting `types`, read if not given) is free and has just been
+-- heard from (it registered or reported: its `heard` time is t). A job it holds
+-- ahead becomes its current one; else it gets the best queued job it may take
+-- (take_best), or is marked idle. A worker with a prefetch window then takes one
+-- more queued job to hold ahead, if there is one.
+-- `wf`: from release, the worker's {types, hub, session, next, next_attempt,
+-- prefetch, nn}; its `seen` and `heard` are then written here, with its other fields.
+-- Returns the assignments to push, {current, ahead}, either of them false: current
+-- is false when the worker is idle, or when the job it held ahead became current
+-- (that one was pushed when it was taken ahead).
+local function claim_next(w, t, types, wf)
+  local wk = K.worker(w)
+  types = types or split(redis.call('HGET', wk, 'types'))
+  local out = {false, false}
+  if wf and not blank(wf[4]) then
+    redis.call('HSET', wk, 'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t),
+      'jn', wf[7] or '', 'next', '', 'next_attempt', '', 'nn', '', 'seen', ts(t), 'heard', ts(t))
+    redis.call('HDEL', K.job(wf[4]), 'ahead')
   else
-    redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
+    local best, j = take_best(w, types, t)
+    if not best then
+      if wf then
+        redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t),
+          'seen', ts(t), 'heard', ts(t))
+      else
+        redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
+      end
+      for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
+      return out
+    end
+    out[1] = assign(best, w, t, true, j, false, wf, wf ~= nil)
   end
-  for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
-  return false
+  if wf and wf[6] == '1' then
+    local best, j = take_best(w, types, t)
+    if best then out[2] = assign(best, w, t, true, j, false, wf, false, true) end
+  end
+  return out
 end
 
 -- Worker `w` is done with its job (any outcome): account for it and claim the next.
 local function release(w, t, outcome)
   local wk = K.worker(w)
-  local h = redis.call('HMGET', wk, 'since', 'types', 'hub', 'session')
+  local h = redis.call('HMGET', wk, 'since', 'types', 'hub', 'session', 'next', 'next_attempt',
+    'prefetch', 'nn')
   local since = tonumber(h[1])
   if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
   if outcome then redis.call('HINCRBY', wk, outcome, 1) end
-  return claim_next(w, t, split(h[2]), {h[2], h[3], h[4]})
+  return claim_next(w, t, split(h[2]), {h[2], h[3], h[4], h[5], h[6], h[7], h[8]})
 end
 
 -- The done index of each status drops the ids older than TTL once per this many
@@ -404,12 +441,19 @@ local function finish(id, status, t, jt, fields)
 end
 
 -- Fencing: may worker `w` report on attempt `attempt` of job `id`?
--- Returns nil (yes), 'CANCELLED' (it may, to acknowledge a cancel) or an error text.
+-- Returns nil (yes), 'CANCELLED' (it may, to acknowledge a cancel),
+-- 'CANCELLED_AHEAD' (it may acknowledge the cancel of a job it held ahead: that
+-- frees nothing, the worker is still busy) or an error text. A job held ahead
+-- takes no report until the job before it ends (it is not running yet).
 local function fence(id, attempt, w)
-  local j = redis.call('HMGET', K.job(id), 'status', 'attempt', 'worker')
+  local j = redis.call('HMGET', K.job(id), 'status', 'attempt', 'worker', 'ahead')
   if not j[1] then return 'NOT_FOUND no job ' .. id end
   if j[3] ~= w or j[2] ~= attempt then
     return 'STALE_ATTEMPT job ' .. id .. ' attempt ' .. attempt .. ' is not current for ' .. w
+  end
+  if j[1] == 'cancelled' and j[4] == '1' then return 'CANCELLED_AHEAD' end
+  if j[4] == '1' then
+    return 'BAD_STATE job ' .. id .. ' is held ahead: report on the job before it first'
   end
   if j[1] == 'cancelled' then
     -- the acknowledgement of a cancel frees the worker once, while it still holds the job
@@ -489,15 +533,21 @@ local function redispatch(ids, t)
 end
 
 -- Take worker `w` out of service; requeue its job. Only if `session` is current.
+-- A job it held ahead (prefetch) is requeued too, never counted: it did not run.
 local function drop_worker(w, session, t, count)
   local wk = K.worker(w)
-  local h = redis.call('HMGET', wk, 'session', 'job', 'types', 'status')
+  local h = redis.call('HMGET', wk, 'session', 'job', 'types', 'status', 'next')
   if h[1] ~= session or h[4] == 'offline' then return 0 end
   unidle(w, split(h[3]))
-  redis.call('HSET', wk, 'status', 'offline', 'job', '', 'attempt', '', 'hub', '', 'seen', ts(t))
+  redis.call('HSET', wk, 'status', 'offline', 'job', '', 'attempt', '', 'hub', '', 'seen', ts(t),
+    'next', '', 'next_attempt', '', 'nn', '')
   redis.call('ZREM', K.workers(), w)
   redis.call('EXPIRE', wk, TTL)
   emit(t, 'worker_down', {'worker', w})
   if not blank(h[2]) then lose_job(h[2], w, t, count) end
+  if not blank(h[5]) then
+    redis.call('HDEL', K.job(h[5]), 'ahead')
+    lose_job(h[5], w, t, 0)
+  end
   return 1
 end

@@ -4,7 +4,7 @@
 -- Returns the job's status after the update.
 local id, attempt, w = A(1), A(2), A(3)
 local err = fence(id, attempt, w)
-if err == 'CANCELLED' then return redis.error_reply('CANCELLED job ' .. id .. ' was cancelled') end
+if err == 'CANCELLED' or err == 'CANCELLED_AHEAD' then return redis.error_reply('CANCELLED job ' .. id .. ' was cancelled') end
 if err then return redis.error_reply(err) end
 local t = now()
 local jk = K.job(id)

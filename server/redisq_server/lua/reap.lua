@@ -17,8 +17,8 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMI
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases(), '-inf', ts(t), 'LIMIT', 0, limit)) do
   local w = redis.call('HGET', K.job(id), 'worker')
-  local h = blank(w) and {} or redis.call('HMGET', K.worker(w), 'session', 'job')
-  if h[2] == id then
+  local h = blank(w) and {} or redis.call('HMGET', K.worker(w), 'session', 'job', 'next')
+  if h[2] == id or h[3] == id then
     drop_worker(w, h[1], t, 1)
   else
     lose_job(id, w, t, 1)

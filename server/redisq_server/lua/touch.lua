@@ -13,20 +13,25 @@ local i = 1
 while A(i) do
   local w, session, pushed = A(i), A(i + 1), A(i + 2)
   local wk = K.worker(w)
-  local h = redis.call('HMGET', wk, 'session', 'status', 'job', 'attempt', 'n', 'hub')
+  local h = redis.call('HMGET', wk, 'session', 'status', 'job', 'attempt', 'n', 'hub', 'jn',
+    'next', 'next_attempt', 'nn')
   if h[1] ~= session or h[2] == 'offline' or not h[2] then
     stale[#stale + 1] = w
   else
     redis.call('ZADD', K.workers(), deadline, w)
     redis.call('HSET', wk, 'seen', ts(t))
-    if not blank(h[3]) then
-      redis.call('ZADD', K.leases(), 'XX', deadline, h[3])
-      if pushed ~= '' and tonumber(h[5] or 0) > tonumber(pushed) then
-        local j = redis.call('HMGET', K.job(h[3]), 'type', 'priority', 'params', 'status',
-          'attempt', 'worker')
-        if (j[4] == 'assigned' or j[4] == 'running') and j[5] == h[4] and j[6] == w then
-          missed[#missed + 1] = {h[3], h[4], j[1], j[2], j[3] or '', w, h[6] or '', session,
-            h[5]}
+    -- the current job (numbered `jn`; `n` before jn was kept) and one held ahead
+    for _, held in ipairs({{h[3], h[4], h[7] or h[5]}, {h[8], h[9], h[10]}}) do
+      local id, attempt, num = held[1], held[2], tonumber(held[3])
+      if not blank(id) then
+        redis.call('ZADD', K.leases(), 'XX', deadline, id)
+        if pushed ~= '' and num and num > tonumber(pushed) then
+          local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'params', 'status',
+            'attempt', 'worker')
+          if (j[4] == 'assigned' or j[4] == 'running') and j[5] == attempt and j[6] == w then
+            missed[#missed + 1] = {id, attempt, j[1], j[2], j[3] or '', w, h[6] or '', session,
+              held[3]}
+          end
         end
       end
     end
