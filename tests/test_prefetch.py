@@ -53,6 +53,7 @@ async def test_the_window_fills_at_the_first_report_and_runs_in_order(
     assert done.next is not None and done.next.job_id == b
     assert done.ahead is not None and done.ahead.job_id == c
     assert done.ahead.n == done.next.n + 1  # pushed in that order
+    assert not done.took_ahead
     held = await svc.get_job(c)
     assert held is not None and held.status is JobStatus.ASSIGNED and held.worker_id == W
     assert await invariant_violations(svc.redis, svc.keys) == []
@@ -60,14 +61,16 @@ async def test_the_window_fills_at_the_first_report_and_runs_in_order(
     # the job held ahead becomes current (already pushed): only the new one ahead is sent
     done = await svc.complete_job(b, 1, W, "rb")
     assert done.next is None and done.ahead is not None and done.ahead.job_id == d
+    assert done.took_ahead
     w = await _worker(svc)
     assert (w["status"], w["job"], w["next"]) == ("busy", c, d)
     assert await invariant_violations(svc.redis, svc.keys) == []
 
     done = await svc.complete_job(c, 1, W, "rc")
-    assert (done.next, done.ahead) == (None, None)  # d runs now; nothing left to hold
+    # d runs now (busy, though nothing is pushed); nothing left to hold
+    assert (done.next, done.ahead, done.took_ahead) == (None, None, True)
     done = await svc.complete_job(d, 1, W, "rd")
-    assert (done.next, done.ahead) == (None, None)
+    assert (done.next, done.ahead, done.took_ahead) == (None, None, False)  # idle
     w = await _worker(svc)
     assert (w["status"], w["job"], w["next"], w["done"]) == ("idle", "", "", "4")
     for job_id, result in zip((a, b, c, d), ("ra", "rb", "rc", "rd"), strict=True):

@@ -316,18 +316,22 @@ def test_monitors_and_cli_read_a_sharded_namespace(
     assert code == 0 and len(out) == 11
 
 
+@pytest.mark.parametrize("window", [0, 1])
 async def test_one_gpu_serves_every_shard(
-    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
     """One GPU on 3 shards: idle before any job exists, it is moved by the hub's
     sweep to a shard with queued jobs, and after each job to the fullest shard when
-    its own is empty; every job is assigned and completed exactly once."""
+    its own is empty; every job is assigned and completed exactly once. The same
+    with a prefetch window (the job held ahead comes from the shard it is on)."""
     url = cluster.url + "?shards=3"
     monkeypatch.setenv("REDIS_URL", url)
     monkeypatch.setenv("REDISQ_NAMESPACE", namespace)
     monkeypatch.setenv("REDISQ_LEASE_S", "1")
     engine = AsyncShardedService(url, namespace=namespace)
-    worker = MockWorker("solo", 1, job_types=["t"], run_time=0.001, progress_steps=0)
+    worker = MockWorker(
+        "solo", 1, job_types=["t"], run_time=0.001, progress_steps=0, prefetch=window
+    )
     try:
         async with Hub(Settings.from_env(hub_port=0)) as hub:
             svc = hub.svc

@@ -122,12 +122,19 @@ class FinishResult:
     """Outcome of complete/fail: ``completed``, ``retrying``, ``failed`` or ``cancelled``
     (the job had been cancelled; the report was dropped), the worker's next job to
     run, and the job it now holds ahead (a worker registered with a prefetch window).
-    The caller pushes ``next`` then ``ahead``. With a window, ``next`` is None when the
-    job the worker held ahead became its current one (pushed already, when taken)."""
+    The caller pushes ``next`` then ``ahead``. ``took_ahead``: the job the worker held
+    ahead became its current one (pushed already, when taken; ``next`` is None and the
+    worker is busy)."""
 
     outcome: str
     next: Assignment | None
     ahead: Assignment | None = None
+    took_ahead: bool = False
+
+    @classmethod
+    def from_reply(cls, outcome: str, claim: Any) -> FinishResult:
+        """From the outcome and claim_next's {current, ahead, took_ahead} reply."""
+        return cls(outcome, _assignment(claim[0]), _assignment(claim[1]), bool(claim[2]))
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,7 @@ class Operations:
 
         def parse(r: Any) -> FinishResult:
             outcome = "completed" if r[0] == "ok" else r[0]
-            return FinishResult(outcome, _assignment(r[1][0]), _assignment(r[1][1]))
+            return FinishResult.from_reply(outcome, r[1])
 
         return Op("complete", (*head, encoded), parse)
 
@@ -298,7 +305,7 @@ class Operations:
         return Op(
             "fail",
             (*head, validate_error_text(error), "1" if retryable else "0"),
-            lambda r: FinishResult(r[0], _assignment(r[1][0]), _assignment(r[1][1])),
+            lambda r: FinishResult.from_reply(r[0], r[1]),
         )
 
     def progress(

@@ -328,7 +328,7 @@ class AsyncShardedService(AsyncRedisService):
         return await self._finished(worker_id, done)
 
     async def _finished(self, worker_id: str, done: FinishResult) -> FinishResult:
-        if done.next is None and done.ahead is not None:  # busy with the job it held ahead
+        if done.took_ahead:  # busy with the job it held ahead
             self._idle.discard(worker_id)
             return done
         return replace(done, next=await self._claimed(worker_id, done.next))

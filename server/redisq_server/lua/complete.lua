@@ -1,13 +1,13 @@
 -- A worker completes its job and claims its next one, in one step.
 -- A(1) job id  A(2) attempt  A(3) worker id  A(4) result JSON
--- Returns {'ok' | 'cancelled', {next assignment, assignment held ahead}} (either
--- false; see claim_next); 'cancelled' means the job had been cancelled: the result
+-- Returns {'ok' | 'cancelled', {next assignment, assignment held ahead, took_ahead}}
+-- (see claim_next); 'cancelled' means the job had been cancelled: the result
 -- is dropped, the worker is still freed (unless the job was held ahead).
 local id, attempt, w = A(1), A(2), A(3)
 local err = fence(id, attempt, w)
 local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
-if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false}} end
+if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false, false}} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
 local j = redis.call('HMGET', jk, 'started', 'client', 'type')

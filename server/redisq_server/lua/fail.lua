@@ -3,12 +3,13 @@
 -- A retryable failure waits in `delayed` for an exponential backoff while the job
 -- has failed fewer than max_attempts times (requeues after a lost worker do not
 -- count: max_lost bounds those); otherwise it fails for good (kept until its TTL).
--- Returns {'retrying' | 'failed' | 'cancelled', {next, ahead}} as complete.lua.
+-- Returns {'retrying' | 'failed' | 'cancelled', {next, ahead, took_ahead}} as
+-- complete.lua.
 local id, attempt, w = A(1), A(2), A(3)
 local err = fence(id, attempt, w)
 local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
-if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false}} end
+if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false, false}} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
 local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started', 'type')

@@ -373,14 +373,15 @@ end
 -- more queued job to hold ahead, if there is one.
 -- `wf`: from release, the worker's {types, hub, session, next, next_attempt,
 -- prefetch, nn}; its `seen` and `heard` are then written here, with its other fields.
--- Returns the assignments to push, {current, ahead}, either of them false: current
--- is false when the worker is idle, or when the job it held ahead became current
--- (that one was pushed when it was taken ahead).
+-- Returns {current, ahead, took_ahead}: the assignments to push (either false) and
+-- whether the job the worker held ahead became its current one (then current is
+-- false: that job was pushed when it was taken ahead, and the worker is busy).
 local function claim_next(w, t, types, wf)
   local wk = K.worker(w)
   types = types or split(redis.call('HGET', wk, 'types'))
-  local out = {false, false}
+  local out = {false, false, false}
   if wf and not blank(wf[4]) then
+    out[3] = true
     redis.call('HSET', wk, 'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t),
       'jn', wf[7] or '', 'next', '', 'next_attempt', '', 'nn', '', 'seen', ts(t), 'heard', ts(t))
     redis.call('HDEL', K.job(wf[4]), 'ahead')

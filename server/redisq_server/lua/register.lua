@@ -5,8 +5,8 @@
 -- to hold one queued job ahead while busy, '0' not to
 -- A job still held by an earlier session of this worker is requeued first (and may
 -- come straight back: a worker that registers has been heard from, see shun).
--- Returns {assignment or false, false} (claim_next; the first job is never held
--- ahead: the window fills when the worker next reports).
+-- Returns {assignment or false, false, false} (claim_next; the first job is never
+-- held ahead: the window fills when the worker next reports).
 local w = A(1)
 local t = now()
 local wk = K.worker(w)
