@@ -27,7 +27,9 @@ else
   hub = h[1]
   -- a job held ahead leaves the worker's prefetch slot now: the worker is busy with
   -- the job before it, and its acknowledgement will free nothing (fence)
-  if j[7] == '1' and h[2] == id then redis.call('HSET', wk, 'next', '', 'next_attempt', '', 'nn', '') end
+  if j[7] == '1' and h[2] == id then
+    redis.call('HSET', wk, 'next', '', 'next_attempt', '', 'nn', '')
+  end
 end
 finish(id, 'cancelled', t)
 emit(t, 'cancelled', {'job', id, 'status', 'cancelled', 'client', j[2], 'worker',

@@ -43,6 +43,9 @@ local function setup(args)
   AVOID_S = math.min(5, LEASE)
 end
 
+local NONE = {} -- unpack(NONE): no more fields
+local AHEAD = {'ahead', '1'} -- a job's field while a worker holds it ahead
+
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
@@ -59,6 +62,9 @@ local function ts(t)
   if t ~= last_t then last_t, last_ts = t, string.format('%.6f', t) end
   return last_ts
 end
+
+-- A worker's `seen` and `heard` fields at time t (it was just heard from).
+local function heard_at(t) return {'seen', ts(t), 'heard', ts(t)} end
 
 -- The queue score of a job (smaller runs first), formatted without an exponent.
 -- Strict (AGING_MS 0): models.queue_score, priority then seq, exact below 2^53.
@@ -194,21 +200,16 @@ end
 -- `returned`: the script returns it to its caller, which pushes it if the worker
 -- is its own (so the event need not reach that hub again). `from_idle`: w was
 -- taken from the idle sets (a busy or just registered worker is in none). `wf`: the
--- worker's {types, hub, session} if the caller read them; `heard`: set the worker's
--- `seen` and `heard` to t as well. `ahead`: the worker is busy and holds the job
+-- worker's {types, hub, session} if the caller read them; `heard`: more fields for
+-- the worker's hash (heard_at) or nil. `ahead`: the worker is busy and holds the job
 -- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
 -- worker's current job ends (claim_next) or the job leaves the slot otherwise.
 local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
   local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-  if ahead then
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'started', '', 'progress', '', 'message', '', 'ahead', '1')
-  else
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'started', '', 'progress', '', 'message', '')
-  end
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+    'started', '', 'progress', '', 'message', '', unpack(ahead and AHEAD or NONE))
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
@@ -217,12 +218,9 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local n = redis.call('HINCRBY', wk, 'n', 1)
   if ahead then
     redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n)
-  elseif heard then
-    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
-      'jn', n, 'seen', ts(t), 'heard', ts(t))
   else
     redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
-      'jn', n)
+      'jn', n, unpack(heard or NONE))
   end
   if from_idle then unidle(w, split(wf[1])) end
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
@@ -380,28 +378,25 @@ local function claim_next(w, t, types, wf)
   local wk = K.worker(w)
   types = types or split(redis.call('HGET', wk, 'types'))
   local out = {false, false, false}
+  local heard = wf and heard_at(t)
   if wf and not blank(wf[4]) then
     out[3] = true
     redis.call('HSET', wk, 'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t),
-      'jn', wf[7] or '', 'next', '', 'next_attempt', '', 'nn', '', 'seen', ts(t), 'heard', ts(t))
+      'jn', wf[7] or '', 'next', '', 'next_attempt', '', 'nn', '', unpack(heard))
     redis.call('HDEL', K.job(wf[4]), 'ahead')
   else
     local best, j = take_best(w, types, t)
     if not best then
-      if wf then
-        redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t),
-          'seen', ts(t), 'heard', ts(t))
-      else
-        redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t))
-      end
+      redis.call('HSET', wk, 'status', 'idle', 'job', '', 'attempt', '', 'since', ts(t),
+        unpack(heard or NONE))
       for _, jt in ipairs(types) do redis.call('ZADD', K.idle(jt), ts(t), w) end
       return out
     end
-    out[1] = assign(best, w, t, true, j, false, wf, wf ~= nil)
+    out[1] = assign(best, w, t, true, j, false, wf, heard)
   end
   if wf and wf[6] == '1' then
     local best, j = take_best(w, types, t)
-    if best then out[2] = assign(best, w, t, true, j, false, wf, false, true) end
+    if best then out[2] = assign(best, w, t, true, j, false, wf, nil, true) end
   end
   return out
 end
@@ -425,11 +420,7 @@ local DONE_TRIM_EVERY = 64
 -- after TTL, index it, count it. `fields`: more name, value pairs for the job's hash.
 local function finish(id, status, t, jt, fields)
   local jk = K.job(id)
-  if fields then
-    redis.call('HSET', jk, 'status', status, 'finished', ts(t), unpack(fields))
-  else
-    redis.call('HSET', jk, 'status', status, 'finished', ts(t))
-  end
+  redis.call('HSET', jk, 'status', status, 'finished', ts(t), unpack(fields or NONE))
   redis.call('EXPIRE', jk, TTL)
   redis.call('ZREM', K.leases(), id)
   local dk = K.done(status)
