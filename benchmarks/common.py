@@ -126,6 +126,26 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+async def redis_counters(raw: Any) -> tuple[float, float, int]:
+    """Redis' own counters so far: (process CPU seconds, user + sys, from ``INFO
+    cpu``; microseconds inside ``FCALL`` and ``FCALL`` calls, from ``INFO
+    commandstats``; a function's commands count inside its ``FCALL`` too)."""
+    cpu = await raw.info("cpu")
+    fcall = (await raw.info("commandstats")).get("cmdstat_fcall", {"usec": 0, "calls": 0})
+    return (
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        float(fcall["usec"]),
+        int(fcall["calls"]),
+    )
+
+
+async def queue_jobs(svc: AsyncRedisService, n: int, job_type: str = JOB_TYPE) -> None:
+    """Queue ``n`` no-op jobs of ``job_type`` (priority 0), 64 submits in flight."""
+    for k in range(0, n, 64):
+        m = min(64, n - k)
+        await asyncio.gather(*(svc.submit_job(job_type, 0, {}) for _ in range(m)))
+
+
 async def used_memory(svc: AsyncRedisService) -> int:
     return int((await svc.redis.info("memory"))["used_memory"])
 

@@ -34,7 +34,7 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.utils import HIREDIS_AVAILABLE
 
-from benchmarks.common import JOB_TYPE
+from benchmarks.common import JOB_TYPE, redis_counters
 from redisq_server import AsyncRedisService, EngineLimits
 
 #: the operations measured, in the order the tables show them
@@ -83,7 +83,7 @@ async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> di
         ops: dict[str, float] = {}
         ops["PING"] = await _timed(concurrency, jobs, ping_loop)
         ops["ZADD+ZPOPMIN"] = await _timed(concurrency, jobs, zset_loop)
-        before = await _redis_cost(raw)
+        before = await redis_counters(raw)
         ops["submit"] = await _timed(concurrency, jobs, submit_loop)
         assignments = [
             await svc.register_worker(f"m1:gpu{i}", [JOB_TYPE], session=f"s{i}")
@@ -101,25 +101,15 @@ async def ops_per_s(url: str, namespace: str, jobs: int, concurrency: int) -> di
         start = time.perf_counter()
         await asyncio.gather(*(complete_loop(i) for i in range(concurrency)))
         ops["complete+claim"] = sum(completed) / (time.perf_counter() - start)
-        after = await _redis_cost(raw)
+        after = await redis_counters(raw)
         stats = await svc.get_stats()
         if not sum(completed) == jobs == stats["totals"]["completed"] or stats["queued"]:
             raise RuntimeError(f"expected {jobs} completions, got {completed}; {stats}")
     finally:
         await raw.delete(zkey)
         await svc.aclose()
-    cost = {k: 1e6 * (after[k] - before[k]) / jobs for k in after}
+    cost = {"cpu": 1e6 * (after[0] - before[0]) / jobs, "fcall": (after[1] - before[1]) / jobs}
     return {"ops_per_s": {name: ops[name] for name in OPERATIONS}, "redis_us_per_job": cost}
-
-
-async def _redis_cost(raw: aredis.Redis) -> dict[str, float]:
-    """Redis' process CPU seconds and seconds inside ``FCALL`` so far."""
-    cpu = await raw.info("cpu")
-    fcall = (await raw.info("commandstats")).get("cmdstat_fcall", {"usec": 0})
-    return {
-        "cpu": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
-        "fcall": float(fcall["usec"]) / 1e6,
-    }
 
 
 async def measure(

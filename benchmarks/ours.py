@@ -49,6 +49,7 @@ from benchmarks.common import (
     open_client,
     open_connections,
     open_worker,
+    queue_jobs,
     spawn,
     submit_frame,
     used_memory,
@@ -98,9 +99,7 @@ async def drain(
         await open_connections(svc)
         mem0 = await used_memory(svc)
         t0 = time.perf_counter()
-        for k in range(0, jobs, 64):  # 64 submits in flight at a time
-            n = min(64, jobs - k)
-            await asyncio.gather(*(svc.submit_job(JOB_TYPE, 0, {}) for _ in range(n)))
+        await queue_jobs(svc, jobs)
         prequeue_s = time.perf_counter() - t0
         mem1 = await used_memory(svc)
         async with hub_at(

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from benchmarks.common import JOB_TYPE
+from benchmarks.common import JOB_TYPE, redis_counters
 from redisq_lab.frames import percentiles
 from redisq_server import AsyncRedisService, EngineLimits
 
@@ -40,18 +40,6 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fair share": {"fair_share": "client"},
     "aging + fair share": {"aging_s": 1.0, "fair_share": "client"},
 }
-
-
-async def _redis_cpu(raw: aredis.Redis) -> tuple[float, float, int]:
-    """(Redis CPU seconds, fcall microseconds, fcall calls) so far."""
-    cpu = await raw.info("cpu")
-    cmd = await raw.info("commandstats")
-    ev = cmd.get("cmdstat_fcall", {"usec": 0, "calls": 0})
-    return (
-        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
-        float(ev["usec"]),
-        int(ev["calls"]),
-    )
 
 
 def _per_job(
@@ -73,7 +61,7 @@ async def one_policy(
     try:
         await raw.ping()
         names = [f"c{i}" for i in range(clients)]
-        before = await _redis_cpu(raw)
+        before = await redis_counters(raw)
         submit_ns: list[int] = []
         start = time.perf_counter()
         for k in range(jobs):
@@ -84,7 +72,7 @@ async def one_policy(
             if r.assignment is not None:
                 raise RuntimeError("a worker took a job during the submit phase")
         submit_s = time.perf_counter() - start
-        after_submit = await _redis_cpu(raw)
+        after_submit = await redis_counters(raw)
 
         assignments = [
             await svc.register_worker(f"m1:gpu{i}", [JOB_TYPE], session=f"s{i}")
@@ -102,7 +90,7 @@ async def one_policy(
         start = time.perf_counter()
         await asyncio.gather(*(worker(a) for a in assignments))
         drain_s = time.perf_counter() - start
-        after_drain = await _redis_cpu(raw)
+        after_drain = await redis_counters(raw)
         stats = await svc.get_stats()
         if stats["totals"]["completed"] != jobs or stats["queued"]:
             raise RuntimeError(f"expected {jobs} completions: {stats['totals']}")

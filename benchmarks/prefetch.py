@@ -21,12 +21,11 @@ is already on the machine. Run it as a part of the one runner::
 
 from __future__ import annotations
 
-import asyncio
 import time
 from statistics import median
 from typing import Any
 
-from benchmarks.common import hub_at
+from benchmarks.common import hub_at, queue_jobs
 from redisq_lab.mock_worker import MockWorker
 from redisq_server import AsyncRedisService, EngineLimits
 
@@ -38,9 +37,7 @@ async def _one(
 ) -> dict[str, float]:
     svc = AsyncRedisService(redis_url, limits=EngineLimits(namespace=namespace))
     try:
-        for k in range(0, jobs, 64):  # 64 submits in flight at a time
-            n = min(64, jobs - k)
-            await asyncio.gather(*(svc.submit_job(JOB_TYPE, 0, {}) for _ in range(n)))
+        await queue_jobs(svc, jobs, JOB_TYPE)
         async with hub_at("process", redis_url, namespace) as hub:
             machine = MockWorker(
                 f"pf{window}",

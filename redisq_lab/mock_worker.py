@@ -83,6 +83,18 @@ class JobRecord:
     finished: float | None = None
     outcome: str = "running"  # completed, failed, cancelled, disconnected
 
+    @classmethod
+    def received_now(cls, job: Mapping[str, Any], worker_id: str) -> JobRecord:
+        """The record of a ``job_assigned`` frame ``job``, received now."""
+        return cls(
+            job["job_id"],
+            job["job_type"],
+            job.get("priority", 0),
+            job["attempt"],
+            worker_id,
+            time.time(),
+        )
+
 
 @dataclass
 class _Gpu:
@@ -371,11 +383,7 @@ class MockWorker:
             if not ahead:
                 return
             gpu.pending.remove(ahead[0])
-            job = ahead[0]
-            now = time.time()
-            self.history.append(
-                JobRecord(job_id, job["job_type"], job.get("priority", 0), attempt, worker_id, now)
-            )
+            self.history.append(JobRecord.received_now(ahead[0], worker_id))
         self.cancelled += 1
         self._mark(job_id, attempt, "cancelled")
         await self._send(ws, protocol.fail_job(job_id, attempt, "cancelled", False))
@@ -394,9 +402,7 @@ class MockWorker:
 
     async def _run(self, ws: ClientConnection, worker_id: str, job: Mapping[str, Any]) -> None:
         job_id, attempt = job["job_id"], job["attempt"]
-        rec = JobRecord(
-            job_id, job["job_type"], job.get("priority", 0), attempt, worker_id, time.time()
-        )
+        rec = JobRecord.received_now(job, worker_id)
         self.history.append(rec)
         spec = self.run_time
         if isinstance(spec, Mapping):

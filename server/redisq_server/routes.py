@@ -297,7 +297,7 @@ class Routes:
             self._ack(
                 conn,
                 msg,
-                job_id=msg.fields["job_id"],
+                job_id=done,
                 outcome=res.outcome,
                 has_next=res.next is not None or res.ahead is not None,
             )
