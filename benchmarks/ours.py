@@ -229,10 +229,18 @@ async def _client_load(
 
 
 async def _load_run(
-    hub: HubProc, gpus: int, n: int, *, window: int = 0, rate: float = 0.0, client: str
+    hub: HubProc,
+    gpus: int,
+    n: int,
+    *,
+    window: int = 0,
+    rate: float = 0.0,
+    client: str,
+    prefetch: int = 0,
 ) -> dict[str, Any]:
-    """One load run: a G-socket worker process and a client here (this process)."""
-    async with spawn(worker, hub.url, gpus, n, 0) as w:
+    """One load run: a G-socket worker process (each socket with prefetch window
+    ``prefetch``) and a client here (this process)."""
+    async with spawn(worker, hub.url, gpus, n, prefetch) as w:
         await w.recv()  # ready
         pids = _pids(hub, worker=w.pid, client=os.getpid())
         cpu0, t0 = _cpu(pids), time.monotonic()
@@ -270,25 +278,31 @@ async def latency(
     place: str = "process",
     loop: str = "asyncio",
     processes: int = 1,
+    prefetch: int = 0,
 ) -> dict[str, Any]:
     """Idle one-at-a-time latency, the saturated rate, then Poisson load at
-    ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``)."""
+    ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``).
+    The loaded runs' GPU sockets register with prefetch window ``prefetch``; with 1,
+    "start" is when a job reaches its GPU, which runs it at once when it is free."""
     async with hub_at(place, redis_url, namespace, loop=loop, processes=processes) as hub:
         idle = await idle_latency(hub.url, samples)
-        sat = await _load_run(hub, gpus, saturate_jobs, window=window, client="sat")
+        sat = await _load_run(
+            hub, gpus, saturate_jobs, window=window, client="sat", prefetch=prefetch
+        )
         sat["window"] = window
         max_rate = sat["completed_per_s"]
         loaded = []
         for k, f in enumerate(loads):
             rate = f * max_rate
             n = int(min(load_max_jobs, max(50, rate * load_seconds)))
-            r = await _load_run(hub, gpus, n, rate=rate, client=f"poisson{k}")
+            r = await _load_run(hub, gpus, n, rate=rate, client=f"poisson{k}", prefetch=prefetch)
             loaded.append({"load": f, "target_per_s": rate, **r})
     return {
         "samples": samples,
         "hub": place,
         "idle": idle,
         "gpus": gpus,
+        "prefetch": prefetch,
         "saturated": sat,
         "max_rate_per_s": max_rate,
         "loaded": loaded,

@@ -317,6 +317,7 @@ async def _ours(
             place=place,
             loop=loop,
             processes=args.hub_processes,
+            prefetch=sz.prefetch,
         )
 
     async def enqueue() -> Any:
@@ -653,7 +654,9 @@ def format_tables(result: dict[str, Any]) -> str:
         sat = lat["saturated"]
         lines += [
             "",
-            f"Our latency under load ({lat['gpus']} GPU sockets; saturated = {sat['window']} jobs "
+            f"Our latency under load ({lat['gpus']} GPU sockets"
+            + (f", prefetch {lat['prefetch']}" if lat.get("prefetch") else "")
+            + f"; saturated = {sat['window']} jobs "
             f"in flight from one client: {lat['max_rate_per_s']:,.0f} jobs/s end to end)",
             f"{'load':<24}{'jobs':>6}{'rate/s':>9}{'start p50':>10}{'p95':>7}{'p99':>8}"
             f"{'result p50':>11}{'p95':>7}{'p99':>8}",
@@ -1056,7 +1059,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefetch",
         type=int,
         choices=(0, 1),
-        help="the drain's GPU sockets register with this prefetch window (default 0)",
+        help="the GPU sockets of drain and latency under load register with this "
+        "prefetch window (default 0)",
     )
     p.add_argument("--samples", type=int, help="our one-at-a-time latency samples (default 500)")
     p.add_argument(

@@ -59,10 +59,15 @@ class Peer:
         await self.ws.close()
 
 
-async def open_worker(url: str, worker_id: str, job_types: list[str], **kwargs: Any) -> Peer:
-    """A registered worker socket."""
+async def open_worker(
+    url: str, worker_id: str, job_types: list[str], prefetch: int = 0, **kwargs: Any
+) -> Peer:
+    """A registered worker socket (with prefetch window ``prefetch``)."""
     peer = await Peer.open(f"{url}/ws/worker/{worker_id}", **kwargs)
-    reply = await peer.request({"type": "register_worker", "job_types": job_types})
+    register: dict[str, Any] = {"type": "register_worker", "job_types": job_types}
+    if prefetch:
+        register["prefetch"] = prefetch
+    reply = await peer.request(register)
     assert reply["type"] == "worker_registered", reply
     return peer
 

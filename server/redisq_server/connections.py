@@ -70,6 +70,11 @@ class Connection:
         self._writing = False  # the writer holds a frame it has not finished writing
         self._closer: asyncio.Task[None] | None = None
         self.closing = False
+        #: requests of this socket being answered while it reads on, by the number
+        #: of the request among the socket's (see Routes.handle)
+        self.in_flight: dict[int, asyncio.Task[None]] = {}
+        self.in_flight_bytes = 0  # the size of their frames
+        self.requests = 0  # requests read on this socket
         # clients: jobs whose updates this socket gets; events that arrive while a
         # submit is still being answered wait in `pending` so the reply comes first
         self.jobs: set[str] = set()

@@ -323,6 +323,8 @@ class Hub:
         except ConnectionClosed:
             pass
         finally:
+            # a report still in flight lands before the socket's loss is handled
+            await self.routes.settled(conn)
             self.registry.remove(conn)
             if role is Role.CLIENT:
                 await self._list_clients([ident])

@@ -184,6 +184,9 @@ class AsyncRedisService(_Shell):
         self._setup(client, limits, namespace, shard)
         plain = isinstance(client, aredis.Redis)
         self.pipeline_depth = pipeline_depth if plain else 0
+        #: calls run in Redis in the order they are made (one connection, one pipeline
+        #: at a time): a caller may make its next call before the last one returns
+        self.in_order = self.pipeline_depth == 1
         self._in_flight = 0  # lone calls and pipelines sent and not yet answered
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
@@ -195,6 +198,11 @@ class AsyncRedisService(_Shell):
         #: connections lost with calls unanswered (which may have run; the hub's sweep
         #: pushes any assignment whose reply was lost, see ``renew``)
         self.replies_lost = 0
+
+    def waiting(self) -> list[str]:
+        """The function names of the calls waiting for a place in the next pipeline,
+        in the order they will run (what a test or a debugger may look at)."""
+        return [op.script for op, _ in self._waiting]
 
     async def _run(self, op: Op[T]) -> T:
         if self.pipeline_depth <= 0:  # e.g. a cluster client: redis-py routes each call

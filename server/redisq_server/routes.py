@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from redis.exceptions import RedisError
 
@@ -24,7 +24,7 @@ from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError,
 from .redis_service import AsyncRedisService
 from .routing import EventRouter, final_message
 
-__all__ = ["Routes"]
+__all__ = ["IN_FLIGHT_BYTES", "IN_FLIGHT_PER_SOCKET", "Routes"]
 
 log = logging.getLogger("redisq.hub")
 
@@ -32,6 +32,24 @@ log = logging.getLogger("redisq.hub")
 _WORKER_COMMITS = frozenset(
     {MessageType.REGISTER_WORKER, MessageType.COMPLETE_JOB, MessageType.FAIL_JOB}
 )
+
+#: requests that need no answer to the socket's earlier ones before they start
+_OVERLAP_ANY = frozenset({MessageType.SUBMIT_JOB})
+#: the same, when the engine runs a socket's calls in order (one call per request).
+#: Each of these is answered with a small frame: a request whose reply may be large
+#: (a job's status holds its result) waits, so one socket cannot make the hub hold
+#: many large replies at once.
+_OVERLAP_ORDERED = _OVERLAP_ANY | {
+    MessageType.COMPLETE_JOB,
+    MessageType.FAIL_JOB,
+    MessageType.UPDATE_JOB_PROGRESS,
+    MessageType.WORKER_HEARTBEAT,
+}
+
+#: a socket's requests in flight at once; beyond it the hub reads no more of it
+IN_FLIGHT_PER_SOCKET: Final = 64
+#: the most bytes of a socket's frames in flight at once (a first frame may be larger)
+IN_FLIGHT_BYTES: Final = 1 << 20
 
 #: event fields that describe hub internals, not the client's job
 _PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
@@ -57,6 +75,10 @@ class Routes:
         self.hub_id = hub_id
         # sessions of workers this hub closed because Redis failed their report
         self._closed_for_outage: set[str] = set()
+        #: requests a socket may have in flight together (see :meth:`handle`): a
+        #: submit always (each is its own job); with an engine that keeps the order
+        #: of calls, also a worker's reports and a status read
+        self.overlapping = _OVERLAP_ORDERED if service.in_order else _OVERLAP_ANY
         self.handlers: dict[MessageType, Handler] = {
             MessageType.SUBMIT_JOB: self.submit_job,
             MessageType.GET_JOB_STATUS: self.get_job_status,
@@ -78,21 +100,69 @@ class Routes:
         return protocol.welcome(conn.role, conn.id, self.hub_id, self.settings.max_frame_bytes)
 
     async def handle(self, conn: Connection, raw: str | bytes) -> None:
-        """Validate and dispatch one inbound frame; every failure becomes an ``error``
-        reply on this socket and nothing else."""
-        ref = None
-        kind: MessageType | None = None
+        """Take one inbound frame; every failure becomes an ``error`` reply on this
+        socket and nothing else. Returns when the socket may read its next frame.
+
+        A request of a kind in :attr:`overlapping` is started and this returns at
+        once, so the socket's next frame is read (and its Redis call joins the same
+        pipeline) while this one's call is in flight: what lets one client's
+        submits, or a prefetching worker's reports, fill a pipeline. The engine runs
+        calls in the order they are made, and each such request makes its call
+        before it first waits, so they reach Redis in the socket's order, and their
+        replies leave in it. Any other request (and a frame that does not decode)
+        first waits until every earlier one of the socket is answered. At most
+        :data:`IN_FLIGHT_PER_SOCKET` requests, of :data:`IN_FLIGHT_BYTES` in all, are in
+        flight; then reading waits."""
         try:
             msg = protocol.decode_message(raw, conn.role)
-            ref, kind = msg.id, msg.type
+        except ProtocolError as err:
+            await self.settled(conn)
+            conn.send(err.to_message())
+            return
+        if msg.type not in self.overlapping:
+            await self.settled(conn)
+            await self._answer(conn, msg)
+            return
+        size = len(raw)
+        while conn.in_flight and (
+            len(conn.in_flight) >= IN_FLIGHT_PER_SOCKET
+            or conn.in_flight_bytes + size > IN_FLIGHT_BYTES
+        ):
+            await asyncio.wait(conn.in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
+        conn.requests += 1
+        n = conn.requests
+        task = asyncio.create_task(self._answer(conn, msg, n))
+        conn.in_flight[n] = task
+        conn.in_flight_bytes += size
+
+        def done(_: object) -> None:
+            del conn.in_flight[n]
+            conn.in_flight_bytes -= size
+
+        task.add_done_callback(done)
+
+    @staticmethod
+    async def settled(conn: Connection, before: int | None = None) -> None:
+        """Wait until every request of ``conn`` in flight (numbered below ``before``,
+        if given) is answered. A cancelled caller does not cancel them."""
+        tasks = [t for n, t in conn.in_flight.items() if before is None or n < before]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _answer(self, conn: Connection, msg: Message, n: int | None = None) -> None:
+        """Run ``msg``'s handler; a failure becomes an ``error`` reply, sent after the
+        replies to the socket's requests before request number ``n`` (a request
+        refused before it reaches Redis keeps its place in the order of replies)."""
+        try:
             await self.handlers[msg.type](conn, msg)
             self.events.flush_local()
         except ProtocolError as err:
-            err.ref = ref if err.ref is None else err.ref
+            err.ref = msg.id if err.ref is None else err.ref
+            await self.settled(conn, n)
             conn.send(err.to_message())
         except RedisError as exc:
             log.warning("%r: Redis error: %s", conn, exc)
-            if kind in _WORKER_COMMITS:
+            if msg.type in _WORKER_COMMITS:
                 # The worker moves on whatever the reply; had its report not reached
                 # Redis, this live socket would hold the job for ever (the sweep renews
                 # its lease). Closing (instead of an `unavailable` reply) requeues the
@@ -101,10 +171,12 @@ class Routes:
                 self._closed_for_outage.add(conn.session)
                 conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
             else:
-                conn.send(protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", ref))
+                await self.settled(conn, n)
+                conn.send(protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", msg.id))
         except Exception:
             log.exception("%r: handler failed", conn)
-            conn.send(protocol.error(ErrorCode.INTERNAL, "internal error", ref))
+            await self.settled(conn, n)
+            conn.send(protocol.error(ErrorCode.INTERNAL, "internal error", msg.id))
 
     def closed_for_outage(self, conn: Connection) -> bool:
         """Whether this hub closed worker ``conn`` because Redis failed its report

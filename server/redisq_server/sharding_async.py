@@ -120,6 +120,9 @@ class AsyncShardedService(AsyncRedisService):
             limits = shards_for(url, limits)
             client = connect_async(url, **extra)
         super().__init__(client=client, limits=limits, call_timeout_s=call_timeout_s)
+        # a worker's report may move it to another shard (several calls, across
+        # shards): a worker's next report waits for the last one's answer
+        self.in_order = False
         self.shards = [
             AsyncRedisService(client=client, limits=limits, call_timeout_s=call_timeout_s, shard=i)
             for i in range(limits.shards)
