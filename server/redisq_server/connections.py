@@ -2,8 +2,10 @@
 :class:`Registry`.
 
 An outbound frame is written to the socket at once while the socket keeps up (its
-transport is not paused and nothing waits before it). Otherwise it waits in the
-connection's send queue, drained by one writer task per socket. The queue is bounded
+transport is not paused and nothing waits before it); while its peer has several
+requests being answered, the frames of one event-loop turn are joined into one write
+at the turn's end. Otherwise a frame waits in the connection's send queue, drained by
+one writer task per socket. The queue is bounded
 twice: in frames and in bytes. When a reader stops reading and either bound is
 reached, the socket is closed (code 1008, "send queue full"): a slow peer can neither
 grow the hub's memory nor stall the senders that fan events out to everyone else. A
@@ -66,7 +68,8 @@ class Connection:
         self._queued = 0  # bytes of the frames now in the queue
         self._writer: asyncio.Task[None] | None = None
         self._batch = False  # inside batch(): frames wait for one write at its end
-        self._unsent = False  # frames are waiting for that write
+        self._unsent = False  # frames wait in the protocol for a write
+        self._deferred = False  # a write is due at the end of this loop turn
         self._writing = False  # the writer holds a frame it has not finished writing
         self._closer: asyncio.Task[None] | None = None
         self.closing = False
@@ -118,10 +121,9 @@ class Connection:
             # The fast path: what `await ws.send(frame)` does when it need not wait,
             # without a hop through the writer task (order is kept: nothing is queued)
             ws.protocol.send_text(data)
-            if self._batch:
-                self._unsent = True
-            else:
-                ws.send_data()
+            self._unsent = True
+            if not self._batch:
+                self._write_soon()
             return True
         if self._queue.full() or (self._queued and self._queued + len(data) > self._queue_bytes):
             log.warning(
@@ -138,14 +140,34 @@ class Connection:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Frames sent inside this block leave in one socket write, at its end."""
+        """Frames sent inside this block leave in one socket write, at its end (or
+        with the turn's, see :meth:`_write_soon`)."""
         self._batch = True
         try:
             yield
         finally:
             self._batch = False
             if self._unsent:
-                self._unsent = False
+                self._write_soon()
+
+    def _write_soon(self) -> None:
+        """Write what waits: at once, unless the peer has more requests being
+        answered (it sends without waiting for replies, so more frames for it are
+        coming in this loop turn): then with the turn's other frames, in one write
+        when the turn ends. Under load that is one write per socket per turn
+        instead of one per frame; a lone reply still leaves without delay."""
+        if len(self.in_flight) <= 1:
+            self._unsent = False
+            _write_joined(self.ws)
+        elif not self._deferred:
+            self._deferred = True
+            asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._deferred = False
+        if self._unsent:
+            self._unsent = False
+            if self.ws.protocol.writes:  # a close, or the writer, may have sent them
                 _write_joined(self.ws)
 
     def close(self, code: int, reason: str) -> None:

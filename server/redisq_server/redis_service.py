@@ -271,7 +271,12 @@ class AsyncRedisService(_Shell):
 
     async def _pipeline(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         """Run ``batch`` in one pipeline and settle each call's future, in order. A
-        call whose caller gave up before it was sent is not run."""
+        call whose caller gave up before it was sent is not run.
+
+        The next pipeline (the calls made meanwhile) is started before these
+        futures are settled, so Redis runs it while the callers handle their
+        replies; it still reaches Redis after this one."""
+        released = False
         try:
             batch = [(op, fut) for op, fut in batch if not fut.done()]
             if not batch:
@@ -294,6 +299,9 @@ class AsyncRedisService(_Shell):
                 else:
                     for i in missing:
                         replies[i] = await self._fcall(batch[i][0])
+            released = True
+            self._in_flight -= 1
+            self._flush()  # its task runs before the callers these futures wake
             for (op, fut), reply in zip(batch, replies, strict=True):
                 if fut.done():
                     continue
@@ -307,8 +315,9 @@ class AsyncRedisService(_Shell):
                     except Exception as exc:
                         fut.set_exception(exc)
         finally:
-            self._in_flight -= 1
-            self._flush()
+            if not released:
+                self._in_flight -= 1
+                self._flush()
 
     def _pack(self, op: Op[Any]) -> bytes:
         """``FCALL`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
