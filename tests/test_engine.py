@@ -590,6 +590,18 @@ async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
             await svc.read_events("0", block_ms=100)
         with pytest.raises(redis.exceptions.TimeoutError):
             await svc.job_payloads(["j1"])
+        # a call queued behind one in flight fails in its own time too (0.2 s), not
+        # once the one before it has used up its time (0.4 s)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def timed() -> tuple[float, str]:
+            with pytest.raises(redis.exceptions.TimeoutError) as err:
+                await svc.get_stats()
+            return loop.time() - started, str(err.value)
+
+        for took, message in await asyncio.gather(timed(), timed()):  # one sent, one queued
+            assert took < 0.3 and message.endswith("within 0.2 s (stats)"), (took, message)
     finally:
         await svc.aclose()
         for w in peers:
