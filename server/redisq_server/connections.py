@@ -5,18 +5,19 @@ An outbound frame is written to the socket at once while the socket keeps up (it
 transport is not paused and nothing waits before it); while its peer has several
 requests being answered, the frames of one event-loop turn are joined into one write
 at the turn's end. Otherwise a frame waits in the connection's send queue, drained by
-one writer task per socket. The queue is bounded
-twice: in frames and in bytes. When a reader stops reading and either bound is
-reached, the socket is closed (code 1008, "send queue full"): a slow peer can neither
-grow the hub's memory nor stall the senders that fan events out to everyone else. A
-worker closed this way has its job requeued like any other dropped worker.
+one writer task per socket. The queue is bounded twice: in frames and in bytes. When
+a reader stops reading and either bound is reached, the socket is closed (code 1008,
+"send queue full"): a slow peer can neither grow the hub's memory nor stall the
+senders that fan events out to everyone else. A worker closed this way has its job
+requeued like any other dropped worker.
 
 What one socket can make the hub hold is therefore bounded: the queue's bytes, plus
 one frame in the transport's buffer (a write pauses the transport once its buffer is
 over the WebSocket library's high-water mark, 32 KiB, and nothing more is written to
-it until it drains), plus the kernel's socket buffer. One frame is always accepted
-into an empty queue, so a single frame larger than the byte bound (a large result)
-is delivered, not refused.
+it until it drains), plus the kernel's socket buffer, plus the requests it has in
+flight (at most 64 and 1 MiB of frames, each answered with a small frame; see
+``Routes.handle``). One frame is always accepted into an empty queue, so a single
+frame larger than the byte bound (a large result) is delivered, not refused.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class Connection:
         self._deferred = False
         if self._unsent:
             self._unsent = False
-            if self.ws.protocol.writes:  # a close, or the writer, may have sent them
+            # a close, or the writer, may have sent them; a lost socket takes nothing
+            if self.ws.protocol.writes and not self.ws.transport.is_closing():
                 _write_joined(self.ws)
 
     def close(self, code: int, reason: str) -> None:

@@ -77,7 +77,7 @@ class Routes:
         self._closed_for_outage: set[str] = set()
         #: requests a socket may have in flight together (see :meth:`handle`): a
         #: submit always (each is its own job); with an engine that keeps the order
-        #: of calls, also a worker's reports and a status read
+        #: of calls, also a worker's reports and heartbeats
         self.overlapping = _OVERLAP_ORDERED if service.in_order else _OVERLAP_ANY
         self.handlers: dict[MessageType, Handler] = {
             MessageType.SUBMIT_JOB: self.submit_job,
