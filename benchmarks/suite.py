@@ -558,6 +558,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             ("submit->result p50 <= 1 ms", res["p50"], 1.0),
         ):
             add(name, f"{x:.2f} ms", *_by(x, limit))
+    rows += _speed_targets(result, best)
     if "memory" in o:
         b = o["memory"]["redis"]["bytes_per_job"]
         add("Redis <= 400 bytes per queued job", f"{b:,.0f} bytes", *_by(b, 400))
@@ -595,6 +596,63 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 measured += f" ({', '.join(f'{d:,}' for d in skipped)} skipped)"
             status = "met (within 25%)" if flat else f"missed: {b / a:.2f}x"
             add("dispatch flat from 10^3 to 10^6 queued", measured, flat, status)
+    return rows
+
+
+def _speed_targets(result: dict[str, Any], best: tuple[str, float] | None) -> list[dict[str, Any]]:
+    """Issue 18's targets (speed), from the parts of this run that measure them."""
+    o, rows = result.get("ours", {}), []
+
+    def add(target: str, measured: str, met: bool, status: str) -> None:
+        rows.append({"target": target, "measured": measured, "met": met, "status": status})
+
+    drain, peer = o.get("drain"), result.get("peers", {})
+    if drain:
+        hub_us = drain["cpu_ms_per_job"]["hub"] * 1000
+        add("hub CPU per drained job <= 100 us", f"{hub_us:.0f} us", *_by(hub_us, 100))
+        amqp = peer.get("rabbitmq", {}).get("fast", {}).get("drain")
+        if amqp and amqp["complete"]:
+            ratio = drain["jobs_per_s"] / amqp["jobs_per_s"]
+            add(
+                "drain above RabbitMQ via aio-pika",
+                f"{drain['jobs_per_s']:,.0f} vs {amqp['jobs_per_s']:,.0f} jobs/s = {ratio:.2f}x",
+                *_by(ratio, 1.0, lower_is_better=False),
+            )
+    engine = {r["concurrency"]: r for r in o.get("engine", {}).get("runs", [])}
+    if 8 in engine and "redis_us_per_job" in engine[8]:
+        us = engine[8]["redis_us_per_job"]["cpu"]
+        add(
+            "Redis CPU per job, whole lifecycle <= 60 us",
+            f"{us:.0f} us (engine part, 8 calls in flight)",
+            *_by(us, 60),
+        )
+    lat = o.get("latency")
+    if lat:
+        at90 = [r for r in lat["loaded"] if abs(r["load"] - 0.9) < 1e-9]
+        if at90:
+            x = at90[0]["submit->job_assigned"]["p50"]
+            add("submit->start p50 at 90% of the max <= 5 ms", f"{x:.2f} ms", *_by(x, 5.0))
+        rate = lat["max_rate_per_s"]
+        add(
+            "one client through one hub >= 5,000 jobs/s",
+            f"{rate:,.0f} jobs/s ({lat['gpus']} GPU sockets)",
+            *_by(rate, 5000, lower_is_better=False),
+        )
+        peer_p50 = [
+            (f"{peers.PEERS[name].label} ({setting})", r["latency"]["submit->result"]["p50"])
+            for name, settings in peer.items()
+            for setting, r in settings.items()
+            if r.get("latency") and r["latency"]["submit->result"].get("p50") is not None
+        ]
+        if peer_p50:
+            label, p50 = min(peer_p50, key=lambda t: t[1])
+            ours = lat["idle"]["submit->job_completed"]["p50"]
+            add(
+                "submit->result p50 at idle below the best peer's",
+                f"{ours:.2f} ms vs {label} {p50:.2f} ms",
+                ours < p50,
+                "met" if ours < p50 else f"missed by {ours / p50 - 1:.0%}",
+            )
     return rows
 
 
@@ -782,9 +840,10 @@ def format_tables(result: dict[str, Any]) -> str:
             "  " + ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in disturbed.items()),
         ]
     if result.get("targets"):
-        lines += ["", f"{'target':<72}{'status':<22}measured"]
+        width = max(len(t["target"]) for t in result["targets"]) + 2
+        lines += ["", f"{'target':<{width}}{'status':<22}measured"]
         for t in result["targets"]:
-            lines.append(f"{t['target']:<72}{t['status']:<22}{t['measured']}")
+            lines.append(f"{t['target']:<{width}}{t['status']:<22}{t['measured']}")
     for name, err in o.get("errors", {}).items():
         lines.append(f"FAILED: {name}: {err}")
     lines += ["", f"wall time {result['wall_s']:.0f} s"]

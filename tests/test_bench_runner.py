@@ -37,7 +37,11 @@ def test_runner_quick(tmp_path: Path) -> None:
     hub = o["memory"]["hub"]
     assert hub["workers"]["opened"] > 0 and hub["clients"]["opened"] > 0
     assert hub["rss_mb"]["with_clients"] > 0
-    assert {t["target"] for t in res["targets"]} >= {"submit->result p50 <= 1 ms"}
+    assert {t["target"] for t in res["targets"]} >= {
+        "submit->result p50 <= 1 ms",
+        "hub CPU per drained job <= 100 us",
+        "one client through one hub >= 5,000 jobs/s",
+    }
     assert "redisq (hub)" in proc.stdout
     assert "CPU per job in the drain" in proc.stdout
     assert out.with_suffix(".html").exists()
@@ -67,6 +71,51 @@ def test_cpu_table_rows_per_system() -> None:
     rabbit = next(r for r in rows if r.startswith("RabbitMQ"))
     assert rabbit.split()[-4:] == ["-", "0.120", "-", "0.120"]
     assert len(rows) == 5  # title, header, three systems (a skipped setting has no row)
+
+
+def test_speed_targets_read_the_parts_that_measure_them() -> None:
+    from benchmarks.suite import targets
+
+    def pct(p50: float) -> dict[str, float]:
+        return {"p50": p50, "p95": p50, "p99": p50}
+
+    result = {
+        "ours": {
+            "drain": {
+                "gpus": 4,
+                "jobs_per_s": 6000.0,
+                "cpu_ms_per_job": {"hub": 0.09, "worker": 0.05, "redis": 0.08},
+            },
+            "engine": {"runs": [{"concurrency": 8, "redis_us_per_job": {"cpu": 90.0}}]},
+            "latency": {
+                "gpus": 4,
+                "idle": {"submit->job_assigned": pct(0.4), "submit->job_completed": pct(0.7)},
+                "loaded": [
+                    {"load": 0.5, "submit->job_assigned": pct(1.0)},
+                    {"load": 0.9, "submit->job_assigned": pct(6.0)},
+                ],
+                "max_rate_per_s": 5200.0,
+            },
+        },
+        "peers": {
+            "huey": {"fast": {"latency": {"submit->result": pct(0.65)}}},
+            "rabbitmq": {
+                "fast": {
+                    "drain": {"complete": True, "jobs_per_s": 8000.0},
+                    "latency": {"submit->result": pct(0.9)},
+                }
+            },
+        },
+    }
+    rows = {t["target"]: t for t in targets(result)}
+    assert rows["hub CPU per drained job <= 100 us"]["met"] is True
+    assert rows["drain above RabbitMQ via aio-pika"]["met"] is False
+    assert rows["drain above RabbitMQ via aio-pika"]["measured"].endswith("= 0.75x")
+    assert rows["Redis CPU per job, whole lifecycle <= 60 us"]["status"] == "missed by 1.5x"
+    assert rows["submit->start p50 at 90% of the max <= 5 ms"]["status"] == "missed by 20%"
+    assert rows["one client through one hub >= 5,000 jobs/s"]["met"] is True
+    best = rows["submit->result p50 at idle below the best peer's"]
+    assert best["met"] is False and "Huey (fast) 0.65 ms" in best["measured"]
 
 
 def test_runner_rejects_unknown_part() -> None:
