@@ -214,12 +214,21 @@ def _top_frames(session: Any, n: int = 25) -> dict[str, Any]:
         by_fn[key] = by_fn.get(key, 0.0) + f.total_self_time
         by_pkg[pkg] = by_pkg.get(pkg, 0.0) + f.total_self_time
     top = sorted(by_fn.items(), key=lambda kv: -kv[1])[:n]
+    return _frames_summary(total, [(*key, t) for key, t in top], by_pkg)
+
+
+def _frames_summary(
+    total: float, top: list[tuple[str, str, int, float]], by_pkg: dict[str, float]
+) -> dict[str, Any]:
+    """The profile summary both profilers give: ``top`` (function, file, line, self
+    time) and self time by package, as seconds and as shares of ``total`` and of
+    the busy time (``total`` less the loop's idle wait)."""
     busy = total - by_pkg.get("idle (epoll wait)", 0.0)
     return {
         "total_s": total,
         "top_self": [
             {"function": fn, "file": path, "line": line, "self_s": t, "share": t / total}
-            for (fn, path, line), t in top
+            for fn, path, line, t in top
         ],
         "busy_s": busy,
         "by_package": {
@@ -256,25 +265,8 @@ def _cprofile_frames(stats: Any, n: int = 25) -> dict[str, Any]:
             pkg = _package(path)
         by_pkg[pkg] = by_pkg.get(pkg, 0.0) + tt
         rows.append((fn, path, line, tt))
-    total = sum(by_pkg.values())
-    busy = total - by_pkg.get("idle (epoll wait)", 0.0)
     rows.sort(key=lambda r: -r[3])
-    return {
-        "total_s": total,
-        "top_self": [
-            {"function": fn, "file": path, "line": line, "self_s": t, "share": t / total}
-            for fn, path, line, t in rows[:n]
-        ],
-        "busy_s": busy,
-        "by_package": {
-            k: {
-                "self_s": v,
-                "share": v / total,
-                "busy_share": v / busy if "idle" not in k else None,
-            }
-            for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])
-        },
-    }
+    return _frames_summary(sum(by_pkg.values()), rows[:n], by_pkg)
 
 
 def _hub_settings(redis_url: str, namespace: str) -> Settings:
