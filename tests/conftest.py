@@ -12,9 +12,20 @@ from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService, EngineLimits, RedisService
 from redisq_server.main import Hub
 
+from .cluster import RedisClusterProcess, cluster_tools_missing
 from .helpers import hub_settings
 
 _counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterProcess]:
+    """A private 3-master cluster for each test module that asks, torn down after it."""
+    missing = cluster_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    with RedisClusterProcess(masters=3) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -33,19 +33,9 @@ from redisq_server import (
 )
 from redisq_server.main import Hub
 
-from .cluster import RedisClusterProcess, cluster_tools_missing
+from .cluster import RedisClusterProcess
 from .helpers import invariant_violations, wait_for
 from .test_hub_process import HubProcess
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcess]:
-    """A private 3-master cluster for this module, torn down afterwards."""
-    missing = cluster_tools_missing()
-    if missing:
-        pytest.skip(missing)
-    with RedisClusterProcess(masters=3) as c:
-        yield c
 
 
 @pytest.fixture

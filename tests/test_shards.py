@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -37,19 +36,9 @@ from redisq_server.sharding import (
 )
 from redisq_server.sharding_async import AsyncShardedService
 
-from .cluster import RedisClusterProcess, cluster_tools_missing
+from .cluster import RedisClusterProcess
 from .helpers import wait_for
 from .test_hub_process import HubProcess
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcess]:
-    """A private 3-master cluster for this module, torn down afterwards."""
-    missing = cluster_tools_missing()
-    if missing:
-        pytest.skip(missing)
-    with RedisClusterProcess(masters=3) as c:
-        yield c
 
 
 def _slot(keys: Keys) -> int:
