@@ -18,7 +18,7 @@ from redisq_server import (
     RedisService,
 )
 from redisq_server.main import Hub
-from redisq_server.models import queue_score
+from redisq_server.models import WorkerModel, queue_score
 
 from .helpers import invariant_violations, namespace_keys, wait_for
 
@@ -675,3 +675,51 @@ async def test_the_owner_resubmitting_gets_the_stored_job(svc: AsyncRedisService
     await svc.complete_job("again", 1, "m1:gpu0", "r")
     finished = await svc.submit_job("t", job_id="again", client_id="c")
     assert (finished.status, finished.position) == (JobStatus.COMPLETED, None)
+
+
+async def test_counters_add_up_over_mixed_outcomes(svc: AsyncRedisService) -> None:
+    """The worker's counters (jobs done and failed, busy seconds, assignment number)
+    are written with its next state, and the totals are the sums of the per-type
+    counts: both must stay exact over completions, failures, a cancel and a window."""
+    ids = [(await svc.submit_job(jt, client_id="c")).job_id for jt in ("a", "a", "b", "a", "b")]
+    w = "m1:gpu0"
+    a = await svc.register_worker(w, ["a", "b"], session="s", prefetch=1)
+    seen: list[tuple[str, int]] = []
+    held = None  # the job held ahead (the window)
+    for outcome in ["done", "failed", "cancel", "done", "done"]:
+        assert a is not None
+        seen.append((a.job_id, a.attempt))
+        if outcome == "done":
+            r = await svc.complete_job(a.job_id, a.attempt, w, {"ok": 1})
+        elif outcome == "failed":
+            r = await svc.fail_job(a.job_id, a.attempt, w, "boom", retryable=False)
+        else:
+            await svc.cancel_job(a.job_id)
+            r = await svc.complete_job(a.job_id, a.attempt, w)
+            assert r.outcome == "cancelled"
+        a = held if r.took_ahead else r.next
+        held = r.ahead if r.ahead is not None or r.took_ahead else held
+    assert a is None and held is None
+    assert sorted(seen) == sorted((i, 1) for i in ids)  # each job ran once, attempt 1
+    h = await svc.redis.hgetall(svc.keys.worker(w))
+    worker = WorkerModel.from_redis(h)
+    assert (worker.jobs_done, worker.jobs_failed) == (3, 1)  # a cancel counts as neither
+    assert int(h["n"]) == 5  # one number per assignment, none skipped or repeated
+    # busy without a break from the first assignment to the last report
+    first, last = await svc.get_job(seen[0][0]), await svc.get_job(seen[-1][0])
+    assert first is not None and first.assigned is not None
+    assert last is not None and last.finished is not None
+    assert worker.busy_s == pytest.approx(last.finished - first.assigned, abs=1e-5)
+    stats = await svc.get_stats()
+    assert stats["totals"] == {
+        "submitted": 5,
+        "completed": 3,
+        "failed": 1,
+        "cancelled": 1,
+        "retried": 0,
+        "requeued": 0,
+    }
+    by_type = stats["job_types"]
+    assert (by_type["a"]["submitted"], by_type["b"]["submitted"]) == (3, 2)
+    assert by_type["a"]["completed"] + by_type["b"]["completed"] == 3
+    assert await invariant_violations(svc.redis, svc.keys) == []

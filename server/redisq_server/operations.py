@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -373,6 +373,10 @@ class Operations:
         return repr(3.0 * float(self.limits.lease_s))
 
 
+#: the counters the scripts keep per job type only (their totals are sums)
+_COUNTED_PER_TYPE: Final = frozenset({"submitted", "completed", "failed", "cancelled"})
+
+
 def _parse_stats(r: Any) -> dict[str, Any]:
     counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r[:9]
     scheduled, policy_flat = r[9], r[10]
@@ -399,7 +403,16 @@ def _parse_stats(r: Any) -> dict[str, Any]:
             "failed": counters.get(f"failed:{jt}", 0),
             "cancelled": counters.get(f"cancelled:{jt}", 0),
         }
-    totals = {k: v for k, v in counters.items() if ":" not in k}
+    # a job's submit and its end are counted per type only (`submitted:<type>`): the
+    # totals are their sums; retried and requeued are counted as totals only
+    totals: dict[str, int] = {}
+    for k, v in counters.items():
+        name = k.split(":", 1)[0]
+        if name in _COUNTED_PER_TYPE:
+            if name != k:
+                totals[name] = totals.get(name, 0) + v
+        elif name == k:
+            totals[k] = v
     n_workers, n_idle = int(workers), int(idle)
     return {
         "time": t,

@@ -4,17 +4,15 @@
 -- (see claim_next); 'cancelled' means the job had been cancelled: the result
 -- is dropped, the worker is still freed (unless the job was held ahead).
 local id, attempt, w = A(1), A(2), A(3)
-local err = fence(id, attempt, w)
+local err, j = fence(id, attempt, w, 'started', 'client', 'type')
 local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false, false}} end
 if err then return redis.error_reply(err) end
-local jk = K.job(id)
-local j = redis.call('HMGET', jk, 'started', 'client', 'type')
 local fields = {'result', A(4), 'progress', '100'}
-if blank(j[1]) then fields[5], fields[6] = 'started', ts(t) end
-finish(id, 'completed', t, j[3], fields)
-local client = j[2]
+if blank(j[5]) then fields[5], fields[6] = 'started', ts(t) end
+finish(id, 'completed', t, j[7], fields)
+local client = j[6]
 emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
   'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client))
 return {'ok', release(w, t, 'done')}

@@ -6,30 +6,32 @@
 -- Returns {'retrying' | 'failed' | 'cancelled', {next, ahead, took_ahead}} as
 -- complete.lua.
 local id, attempt, w = A(1), A(2), A(3)
-local err = fence(id, attempt, w)
+local err, j = fence(id, attempt, w, 'max_attempts', 'client', 'started', 'type')
 local t = now()
 if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
 if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false, false}} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
-local j = redis.call('HMGET', jk, 'max_attempts', 'client', 'started', 'type')
-redis.call('HSET', jk, 'error', A(4))
-if blank(j[3]) then redis.call('HSET', jk, 'started', ts(t)) end
-local failures = redis.call('HINCRBY', jk, 'failures', 1)
+if blank(j[7]) then
+  redis.call('HSET', jk, 'error', A(4), 'started', ts(t))
+else
+  redis.call('HSET', jk, 'error', A(4))
+end
+local failures = redis.call('HINCRBY', jk, 'failures', '1')
 local outcome
-if A(5) == '1' and failures < tonumber(j[1]) then
+if A(5) == '1' and failures < tonumber(j[5]) then
   local delay = math.min(BACKOFF_MAX, BACKOFF_BASE * 2 ^ (failures - 1))
   redis.call('HSET', jk, 'status', 'retrying', 'worker', '')
   redis.call('ZREM', K.leases(), id)
   redis.call('ZADD', K.delayed(), ts(t + delay), id)
-  redis.call('HINCRBY', K.stats(), 'retried', 1)
-  emit(t, 'retrying', {'job', id, 'status', 'retrying', 'client', j[2], 'worker', w,
-    'attempt', attempt, 'message', A(4), 'due', ts(t + delay)}, hubs_for(j[2]))
+  redis.call('HINCRBY', K.stats(), 'retried', '1')
+  emit(t, 'retrying', {'job', id, 'status', 'retrying', 'client', j[6], 'worker', w,
+    'attempt', attempt, 'message', A(4), 'due', ts(t + delay)}, hubs_for(j[6]))
   outcome = 'retrying'
 else
-  finish(id, 'failed', t, j[4])
-  emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[2], 'worker', w,
-    'attempt', attempt, 'message', A(4)}, hubs_for(j[2]))
+  finish(id, 'failed', t, j[8])
+  emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[6], 'worker', w,
+    'attempt', attempt, 'message', A(4)}, hubs_for(j[6]))
   outcome = 'failed'
 end
 return {outcome, release(w, t, 'failed')}

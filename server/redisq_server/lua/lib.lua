@@ -18,7 +18,7 @@
 -- reads back through Redis what its own calls did.
 
 local ARGV, LEASE, TTL, MAXLEN, MAX_LOST, BACKOFF_BASE, BACKOFF_MAX, AGING_MS, FAIR, CALLER
-local LOCAL, AVOID_S
+local LOCAL, AVOID_S, TTL_S
 -- what hubs_for found in this call: the live hubs (false until read), and per
 -- client the hubs holding a socket of it
 local HUBS, CLIENT_HUBS
@@ -28,7 +28,7 @@ local function setup(args)
   ARGV = args
   P = args[1]
   LEASE = tonumber(args[2])
-  TTL = tonumber(args[3])
+  TTL, TTL_S = tonumber(args[3]), args[3]
   MAXLEN = args[4]
   MAX_LOST = tonumber(args[5])
   BACKOFF_BASE = tonumber(args[6])
@@ -117,12 +117,12 @@ end
 -- to the hubs in `to` (hubs_for): the calling hub gets it with the reply, any other
 -- hub through its inbox stream. fields: flat list of name, value (blanks dropped).
 local function emit(t, name, fields, to)
-  local flat = {'e', name, 't', ts(t)}
+  local flat, n = {'e', name, 't', ts(t)}, 4
   for i = 1, #fields, 2 do
     local v = fields[i + 1]
-    if not blank(v) then
-      flat[#flat + 1] = fields[i]
-      flat[#flat + 1] = v
+    if v and v ~= '' then
+      flat[n + 1], flat[n + 2] = fields[i], v
+      n = n + 2
     end
   end
   local id = redis.call('XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
@@ -150,7 +150,7 @@ local function unidle(w, types)
 end
 
 local function depth_add(jt, priority, n)
-  if redis.call('HINCRBY', K.depth(jt), priority, n) <= 0 then
+  if redis.call('HINCRBY', K.depth(jt), priority, n == 1 and '1' or '-1') <= 0 then
     redis.call('HDEL', K.depth(jt), priority)
   end
 end
@@ -181,7 +181,7 @@ end
 -- Every worker skipped is a GPU of that one machine.
 local function idle_worker(jt, avoid)
   local key = K.idle(jt)
-  if blank(avoid) then return redis.call('ZRANGE', key, 0, 0)[1] end
+  if blank(avoid) then return redis.call('ZRANGE', key, '0', '0')[1] end
   local prefix = avoid .. ':'
   local from = 0
   while true do
@@ -194,33 +194,49 @@ local function idle_worker(jt, avoid)
   end
 end
 
--- Give job `id` (`j`: its {type, priority, client, params, avoid}) to worker `w`. Returns
--- the assignment the hub pushes:
+-- Give job `id` (`j`: its {type, priority, client, params, avoid, attempt}) to worker
+-- `w`; j[6], the job's `attempt` field as read (false: none yet), is nil when the
+-- caller did not read it. Returns the assignment the hub pushes:
 -- {job_id, attempt, job_type, priority, params, worker, hub, session, n}.
 -- `returned`: the script returns it to its caller, which pushes it if the worker
 -- is its own (so the event need not reach that hub again). `from_idle`: w was
 -- taken from the idle sets (a busy or just registered worker is in none). `wf`: the
--- worker's {types, hub, session} if the caller read them; `heard`: more fields for
--- the worker's hash (heard_at) or nil. `ahead`: the worker is busy and holds the job
+-- worker's {types, hub, session} if the caller read them, and `wf.n` its `n` if
+-- read (a number, updated here); `heard`: more fields for the worker's hash
+-- (heard_at and counters) or nil. `ahead`: the worker is busy and holds the job
 -- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
 -- worker's current job ends (claim_next) or the job leaves the slot otherwise.
 local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
-  local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-    'started', '', 'progress', '', 'message', '', unpack(ahead and AHEAD or NONE))
+  local attempt
+  if j[6] == nil then
+    attempt = redis.call('HINCRBY', jk, 'attempt', '1')
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'started', '', 'progress', '', 'message', '', unpack(ahead and AHEAD or NONE))
+  else
+    attempt = (tonumber(j[6]) or 0) + 1
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'started', '', 'progress', '', 'message', '', 'attempt', attempt,
+      unpack(ahead and AHEAD or NONE))
+  end
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
   -- reaches it late (through the event stream) after a newer one; `jn` and `nn` are
   -- the numbers of the current job and of the one held ahead (touch.lua)
-  local n = redis.call('HINCRBY', wk, 'n', 1)
+  local n
+  if wf.n then
+    n = wf.n + 1
+    wf.n = n
+  else
+    n = redis.call('HINCRBY', wk, 'n', '1')
+  end
   if ahead then
-    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n)
+    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n, 'n', n)
   else
     redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
-      'jn', n, unpack(heard or NONE))
+      'jn', n, 'n', n, unpack(heard or NONE))
   end
   if from_idle then unidle(w, split(wf[1])) end
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
@@ -258,7 +274,7 @@ local function fair_enqueue(id, jt, c, s, fresh)
   local sk = K.sub(jt .. ':' .. c)
   redis.call('ZADD', sk, s, id)
   redis.call('SADD', K.subs(jt), c)
-  local first = redis.call('ZRANGE', sk, 0, 1)
+  local first = redis.call('ZRANGE', sk, '0', '1')
   if first[1] == id then
     if first[2] then redis.call('ZREM', K.queue(jt), first[2]) end -- the old head waits again
     local hs = not fresh and redis.call('HGET', K.job(id), 'head')
@@ -281,7 +297,7 @@ local function unqueue(id, jt, c, t)
   c = c or ''
   local sk = K.sub(jt .. ':' .. c)
   if redis.call('ZREM', sk, id) == 1 then
-    local nxt = redis.call('ZRANGE', sk, 0, 0)[1]
+    local nxt = redis.call('ZRANGE', sk, '0', '0')[1]
     if not nxt then
       redis.call('SREM', K.subs(jt), c)
     elseif was_head then
@@ -305,7 +321,10 @@ local function enqueue(id, t, fresh, returned, j)
     'created', 'due')
   if not fresh then redis.call('HSET', jk, 'queued', ts(t), 'worker', '') end
   local w = idle_worker(j[1], j[6])
-  if w then return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6]}, true), false end
+  if w then
+    return assign(id, w, t, returned, {j[1], j[2], j[4], j[5], j[6], fresh and '0' or nil},
+      true), false
+  end
   if not fresh then redis.call('HSET', jk, 'status', 'queued') end -- a fresh job is queued
   local s = score(j[2], j[3], j[8] or j[7])
   depth_add(j[1], j[2], 1)
@@ -321,7 +340,7 @@ end
 local function queue_head(jt, avoided, heard, t)
   local key = K.queue(jt)
   if not avoided then
-    local top = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local top = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     return top[1], tonumber(top[2])
   end
   local from = 0
@@ -343,7 +362,7 @@ end
 
 -- The best queued job over `types` (priority, then the global submission order)
 -- that worker `w` may take (queue_head), out of its queue: id and its fields
--- {type, priority, client, params, avoid}, or nil.
+-- {type, priority, client, params, avoid, attempt}, or nil.
 local function take_best(w, types, t)
   local avoided = K.avoided(machine_of(w))
   local heard = nil
@@ -358,7 +377,8 @@ local function take_best(w, types, t)
     if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
   end
   if not best then return nil end
-  local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid')
+  local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid',
+    'attempt')
   unqueue(best, best_type, j[3], t)
   depth_add(best_type, j[2], -1)
   return best, j
@@ -370,7 +390,9 @@ end
 -- (take_best), or is marked idle. A worker with a prefetch window then takes one
 -- more queued job to hold ahead, if there is one.
 -- `wf`: from release, the worker's {types, hub, session, next, next_attempt,
--- prefetch, nn}; its `seen` and `heard` are then written here, with its other fields.
+-- prefetch, nn}, its `n` (wf.n) and its updated counters (wf.counters: name, value
+-- pairs); its `seen` and `heard` and those counters are then written here, with its
+-- other fields.
 -- Returns {current, ahead, took_ahead}: the assignments to push (either false) and
 -- whether the job the worker held ahead became its current one (then current is
 -- false: that job was pushed when it was taken ahead, and the worker is busy).
@@ -379,6 +401,9 @@ local function claim_next(w, t, types, wf)
   types = types or split(redis.call('HGET', wk, 'types'))
   local out = {false, false, false}
   local heard = wf and heard_at(t)
+  if wf then
+    for _, x in ipairs(wf.counters) do heard[#heard + 1] = x end
+  end
   if wf and not blank(wf[4]) then
     out[3] = true
     redis.call('HSET', wk, 'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t),
@@ -401,63 +426,74 @@ local function claim_next(w, t, types, wf)
   return out
 end
 
--- Worker `w` is done with its job (any outcome): account for it and claim the next.
+-- Worker `w` is done with its job (any outcome: 'done', 'failed', or false when it
+-- acknowledges a cancel): account for it and claim the next.
 local function release(w, t, outcome)
   local wk = K.worker(w)
   local h = redis.call('HMGET', wk, 'since', 'types', 'hub', 'session', 'next', 'next_attempt',
-    'prefetch', 'nn')
+    'prefetch', 'nn', 'n', 'busy_s', outcome or 'done')
+  local counters = {}
   local since = tonumber(h[1])
-  if since then redis.call('HINCRBYFLOAT', wk, 'busy_s', string.format('%.6f', t - since)) end
-  if outcome then redis.call('HINCRBY', wk, outcome, 1) end
-  return claim_next(w, t, split(h[2]), {h[2], h[3], h[4], h[5], h[6], h[7], h[8]})
+  if since then
+    counters = {'busy_s', string.format('%.6f', (tonumber(h[10]) or 0) + (t - since))}
+  end
+  if outcome then
+    counters[#counters + 1], counters[#counters + 2] = outcome, (tonumber(h[11]) or 0) + 1
+  end
+  local wf = {h[2], h[3], h[4], h[5], h[6], h[7], h[8]}
+  wf.n, wf.counters = tonumber(h[9]) or 0, counters
+  return claim_next(w, t, split(h[2]), wf)
 end
 
 -- The done index of each status drops the ids older than TTL once per this many
--- jobs reaching it (their hashes have expired): at most this many stale ids stay.
+-- jobs of a type reaching it (their hashes have expired): at most this many stale
+-- ids per job type stay.
 local DONE_TRIM_EVERY = 64
 
 -- Move job `id` (of type `jt`, read if not given) to terminal `status`: expire it
--- after TTL, index it, count it. `fields`: more name, value pairs for the job's hash.
+-- after TTL, index it, count it (per type: the totals are the sums, operations.stats).
+-- `fields`: more name, value pairs for the job's hash.
 local function finish(id, status, t, jt, fields)
   local jk = K.job(id)
   redis.call('HSET', jk, 'status', status, 'finished', ts(t), unpack(fields or NONE))
-  redis.call('EXPIRE', jk, TTL)
+  redis.call('EXPIRE', jk, TTL_S)
   redis.call('ZREM', K.leases(), id)
   local dk = K.done(status)
   redis.call('ZADD', dk, ts(t), id)
   jt = jt or redis.call('HGET', jk, 'type')
-  if redis.call('HINCRBY', K.stats(), status, 1) % DONE_TRIM_EVERY == 0 then
+  if redis.call('HINCRBY', K.stats(), status .. ':' .. jt, '1') % DONE_TRIM_EVERY == 0 then
     redis.call('ZREMRANGEBYSCORE', dk, '-inf', '(' .. ts(t - TTL))
   end
-  redis.call('HINCRBY', K.stats(), status .. ':' .. jt, 1)
 end
 
 -- Fencing: may worker `w` report on attempt `attempt` of job `id`?
--- Returns nil (yes), 'CANCELLED' (it may, to acknowledge a cancel),
+-- Returns the verdict and the job's {status, attempt, worker, ahead, ...} (`...`:
+-- more fields the caller wants, read in the same call). The verdict is nil (yes),
+-- 'CANCELLED' (it may, to acknowledge a cancel),
 -- 'CANCELLED_AHEAD' (it may acknowledge the cancel of a job it held ahead: that
 -- frees nothing, the worker is still busy) or an error text. A job held ahead
 -- takes no report until the job before it ends (it is not running yet).
-local function fence(id, attempt, w)
-  local j = redis.call('HMGET', K.job(id), 'status', 'attempt', 'worker', 'ahead')
-  if not j[1] then return 'NOT_FOUND no job ' .. id end
+local function fence(id, attempt, w, ...)
+  local j = redis.call('HMGET', K.job(id), 'status', 'attempt', 'worker', 'ahead', ...)
+  if not j[1] then return 'NOT_FOUND no job ' .. id, j end
   if j[3] ~= w or j[2] ~= attempt then
-    return 'STALE_ATTEMPT job ' .. id .. ' attempt ' .. attempt .. ' is not current for ' .. w
+    return 'STALE_ATTEMPT job ' .. id .. ' attempt ' .. attempt .. ' is not current for ' .. w, j
   end
-  if j[1] == 'cancelled' and j[4] == '1' then return 'CANCELLED_AHEAD' end
+  if j[1] == 'cancelled' and j[4] == '1' then return 'CANCELLED_AHEAD', j end
   if j[4] == '1' then
-    return 'BAD_STATE job ' .. id .. ' is held ahead: report on the job before it first'
+    return 'BAD_STATE job ' .. id .. ' is held ahead: report on the job before it first', j
   end
   if j[1] == 'cancelled' then
     -- the acknowledgement of a cancel frees the worker once, while it still holds the job
     if redis.call('HGET', K.worker(w), 'job') ~= id then
-      return 'STALE_ATTEMPT job ' .. id .. ' was cancelled and already acknowledged'
+      return 'STALE_ATTEMPT job ' .. id .. ' was cancelled and already acknowledged', j
     end
-    return 'CANCELLED'
+    return 'CANCELLED', j
   end
   if j[1] ~= 'assigned' and j[1] ~= 'running' then
-    return 'BAD_STATE job ' .. id .. ' is ' .. j[1]
+    return 'BAD_STATE job ' .. id .. ' is ' .. j[1], j
   end
-  return nil
+  return nil, j
 end
 
 -- The worker holding job `id` is gone: requeue the job at its old position, or
@@ -475,7 +511,7 @@ local function lose_job(id, w, t, count)
       'attempt', j[5]}, hubs_for(j[4]))
     return
   end
-  redis.call('HINCRBY', K.stats(), 'requeued', 1)
+  redis.call('HINCRBY', K.stats(), 'requeued', '1')
   emit(t, 'requeued', {'job', id, 'status', 'queued', 'client', j[4], 'worker', w,
     'attempt', j[5]}, hubs_for(j[4]))
   if count > 0 then shun(id, machine_of(w), t) end
@@ -534,7 +570,7 @@ local function drop_worker(w, session, t, count)
   redis.call('HSET', wk, 'status', 'offline', 'job', '', 'attempt', '', 'hub', '', 'seen', ts(t),
     'next', '', 'next_attempt', '', 'nn', '')
   redis.call('ZREM', K.workers(), w)
-  redis.call('EXPIRE', wk, TTL)
+  redis.call('EXPIRE', wk, TTL_S)
   emit(t, 'worker_down', {'worker', w})
   if not blank(h[2]) then lose_job(h[2], w, t, count) end
   if not blank(h[5]) then

@@ -35,8 +35,7 @@ if A(5) ~= '' then fields[#fields + 1], fields[#fields + 2] = 'client', A(5) end
 if due then fields[#fields + 1], fields[#fields + 2] = 'due', ts(due) end
 redis.call('HSET', jk, unpack(fields))
 redis.call('SADD', K.types(), jt)
-redis.call('HINCRBY', K.stats(), 'submitted', 1)
-redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, 1)
+redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, '1') -- the total is the sum
 if due then
   redis.call('ZADD', K.delayed(), ts(due), id)
   redis.call('ZADD', K.scheduled(), ts(due), id)
