@@ -8,14 +8,13 @@ rule (:mod:`redisq_server.protocol`); the engine validates through the same rule
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from .protocol import MAX_PRIORITY, validate_priority
+from .protocol import MAX_PRIORITY, loads, validate_priority
 
 __all__ = [
     "AGED_TIE_BITS",
@@ -174,7 +173,7 @@ def _opt_str(v: str | None) -> str | None:
 
 
 def _json_or_none(v: str | None) -> Any:
-    return json.loads(v) if v not in (None, "") else None
+    return loads(v) if v not in (None, "") else None
 
 
 @dataclass

@@ -10,7 +10,6 @@ parser of its reply. The result types (:class:`Assignment`, :class:`SubmitResult
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ class Assignment:
             attempt=int(r[1]),
             job_type=r[2],
             priority=int(r[3]),
-            params=json.loads(r[4]) if r[4] else {},
+            params=protocol.loads(r[4]) if r[4] else {},
             worker_id=r[5],
             hub_id=r[6],
             session=r[7],

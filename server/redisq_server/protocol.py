@@ -49,6 +49,7 @@ __all__ = [
     "dumps",
     "encode",
     "encode_bytes",
+    "loads",
     "parse_worker_id",
     "validate_attempt",
     "validate_capabilities",
@@ -559,7 +560,7 @@ def decode_message(raw: str | bytes, role: Role) -> Message:
     try:
         # bytes: strict UTF-8 (json.loads alone would let encoded surrogates through)
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        data = json.loads(text)
+        data = loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON ({exc})") from None
     except RecursionError:
@@ -625,16 +626,49 @@ def _encode_bytes_orjson(message: Mapping[str, Any]) -> bytes:
         return _encode_bytes_std(message)
 
 
-try:  # the `fast` extra: the same JSON, encoded several times faster
+def _loads_std(text: str) -> Any:
+    return json.loads(text)
+
+
+#: orjson reads an integer beyond 64 bits as a float this large or larger
+_BIG: Final = 9.2e18
+_NESTED: Final = frozenset({float, dict, list})
+
+
+def _holds_big_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return not -_BIG < value < _BIG
+    for v in value.values() if kind is dict else value:
+        if type(v) in _NESTED and _holds_big_float(v):
+            return True
+    return False
+
+
+def _loads_orjson(text: str) -> Any:
+    try:
+        value = _orjson.loads(text)
+        if type(value) not in _NESTED or not _holds_big_float(value):
+            return value
+    except (_orjson.JSONDecodeError, RecursionError):
+        pass  # the standard parser decides (it reads NaN, say) and words the error
+    # a float this large may have been an integer: read it as one
+    return json.loads(text)
+
+
+try:  # the `fast` extra: the same JSON, encoded and parsed several times faster
     import orjson as _orjson
 
     encode = _encode_orjson
     encode_bytes = _encode_bytes_orjson
+    loads = _loads_orjson
 except ImportError:  # pragma: no cover - depends on the environment
     encode = _encode_std
     encode_bytes = _encode_bytes_std
+    loads = _loads_std
 encode.__doc__ = "Encode an outbound message as a compact JSON text frame."
 encode_bytes.__doc__ = ":func:`encode` as UTF-8 bytes, what a socket sends (no str in between)."
+loads.__doc__ = "Parse JSON text into the same values as ``json.loads`` (raises ValueError)."
 
 
 # --------------------------------------------------- requests (peers -> hub)

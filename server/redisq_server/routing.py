@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -396,4 +395,4 @@ class EventRouter:
 
 
 def _loads(raw: str | None) -> Any:
-    return json.loads(raw) if raw else None
+    return protocol.loads(raw) if raw else None
