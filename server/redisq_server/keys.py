@@ -37,7 +37,9 @@ KEY_TEMPLATES: Final[dict[str, str]] = {
     "delayed": "delayed",  # ZSET: retrying and scheduled job ids by due time
     "scheduled": "scheduled",  # ZSET: the scheduled (delayed-start) ones among them
     "events": "events",  # STREAM: every lifecycle event, capped
-    "stats": "stats",  # HASH: O(1) counters, total and per job type
+    # HASH: O(1) counters: submitted/completed/failed/cancelled per job type ("completed:T";
+    # their totals are sums, operations.stats), retried and requeued as totals
+    "stats": "stats",
     "policy": "policy",  # HASH: the scheduling policy the hubs run (written at hub start)
     "seq": "seq",  # STRING: submission sequence (FIFO within a priority)
     "types": "types",  # SET: every job type seen (submitted or accepted)
