@@ -34,8 +34,11 @@ local fields = {'type', jt, 'priority', priority, 'params', A(4),
 if A(5) ~= '' then fields[#fields + 1], fields[#fields + 2] = 'client', A(5) end
 if due then fields[#fields + 1], fields[#fields + 2] = 'due', ts(due) end
 redis.call('HSET', jk, unpack(fields))
-redis.call('SADD', K.types(), jt)
-redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, '1') -- the total is the sum
+-- counted per type only (the total is the sum); the type's first job adds it to the
+-- types (nothing removes one)
+if redis.call('HINCRBY', K.stats(), 'submitted:' .. jt, '1') == 1 then
+  redis.call('SADD', K.types(), jt)
+end
 if due then
   redis.call('ZADD', K.delayed(), ts(due), id)
   redis.call('ZADD', K.scheduled(), ts(due), id)
