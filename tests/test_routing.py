@@ -10,6 +10,7 @@ import redis.asyncio as aredis
 
 from redisq_server import AsyncRedisService, EngineLimits
 from redisq_server.main import Hub
+from redisq_server.operations import Event
 
 from .helpers import hub_settings, wait_for
 from .peers import Peer, open_worker
@@ -43,6 +44,59 @@ async def test_a_hub_never_reads_back_what_its_own_calls_did(hub: Hub) -> None:
     assert await svc.redis.xlen(svc.keys.events) > 0  # the stream has it all, for monitors
     await c.close()
     await w.close()
+
+
+async def test_the_hub_a_job_ends_on_gets_no_copy_of_its_final_event(hub: Hub) -> None:
+    """A worker's report that ends a job: its hub tells the job's client here from the
+    report itself, so the engine hands that hub no copy of the final event; the
+    events the hub does not tell by itself (assigned, retrying) still come back."""
+    svc = hub.svc
+    route = svc.on_events
+    assert route is not None
+    handed: list[str] = []
+
+    def spy(events: list[Event]) -> None:
+        handed.extend(e.name for e in events)
+        route(events)
+
+    svc.on_events = spy
+    try:
+        c = await client(hub)
+        w = await open_worker(hub.url, "m1:gpu0", ["t"])
+        for report in ("complete", "fail", "retry"):
+            acc = await c.request(
+                {
+                    "type": "submit_job",
+                    "job_type": "t",
+                    "max_attempts": 2 if report == "retry" else 1,
+                }
+            )
+            a = await w.expect("job_assigned")
+            if report == "complete":
+                msg = {"type": "complete_job", "result": 7}
+            else:
+                msg = {"type": "fail_job", "error": "boom", "retryable": report == "retry"}
+            await w.request({**msg, "job_id": a["job_id"], "attempt": 1})
+            want = {
+                "complete": ("job_completed", None),
+                "fail": ("job_failed", None),
+                "retry": ("job_update", "retrying"),
+            }[report]
+            await c.expect(
+                lambda m, j=acc["job_id"], want=want: (
+                    m.get("job_id") == j and (m["type"], m.get("event")) == want
+                )
+            )
+        await c.request({"type": "cancel_job", "job_id": acc["job_id"]})  # the retry: no rerun
+        # told once each: a status request answered after them finds nothing more queued
+        await c.request({"type": "get_stats"})
+        assert [m["type"] for m in c.backlog if m["type"] in ("job_completed", "job_failed")] == []
+        await c.close()
+        await w.close()
+    finally:
+        svc.on_events = route
+    assert "completed" not in handed and "failed" not in handed
+    assert handed.count("assigned") == 3 and "retrying" in handed
 
 
 async def test_other_hubs_calls_arrive_through_the_inbox(

@@ -315,9 +315,10 @@ class EventRouter:
     def tell_final(
         self, name: str, job: str, attempt: int, worker: str, result: Any = None, error: str = ""
     ) -> None:
-        """Tell this hub's followers of ``job`` its outcome now, without waiting for the
-        event stream, and end their subscriptions (so the stream's copy of the same
-        event finds no one here to tell again)."""
+        """Tell this hub's followers of ``job`` its outcome now, from the worker's
+        report, and end their subscriptions. The engine hands the calling hub no copy
+        of that final event (``told`` in lib.lua's ``emit``); a copy that reaches this
+        hub another way (its inbox, a recheck) finds no one here to tell again."""
         subs = self.registry.job_subs.get(job)
         if not subs:
             return

@@ -14,5 +14,5 @@ if blank(j[5]) then fields[5], fields[6] = 'started', ts(t) end
 finish(id, 'completed', t, j[7], fields)
 local client = j[6]
 emit(t, 'completed', {'job', id, 'status', 'completed', 'client', client, 'worker', w,
-  'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client))
+  'attempt', attempt, 'result', #A(4) <= INLINE_MAX and A(4) or false}, hubs_for(client), true)
 return {'ok', release(w, t, 'done')}

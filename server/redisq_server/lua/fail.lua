@@ -31,7 +31,7 @@ if A(5) == '1' and failures < tonumber(j[5]) then
 else
   finish(id, 'failed', t, j[8])
   emit(t, 'failed', {'job', id, 'status', 'failed', 'client', j[6], 'worker', w,
-    'attempt', attempt, 'message', A(4)}, hubs_for(j[6]))
+    'attempt', attempt, 'message', A(4)}, hubs_for(j[6]), true)
   outcome = 'failed'
 end
 return {outcome, release(w, t, 'failed')}

@@ -116,7 +116,9 @@ end
 -- Append one event to the capped stream (for monitors and catch-up) and deliver it
 -- to the hubs in `to` (hubs_for): the calling hub gets it with the reply, any other
 -- hub through its inbox stream. fields: flat list of name, value (blanks dropped).
-local function emit(t, name, fields, to)
+-- `told`: the calling hub tells its own sockets itself (a job's final outcome, from
+-- its worker's report: routes.tell_final), so the event is not handed back to it.
+local function emit(t, name, fields, to, told)
   local flat, n = {'e', name, 't', ts(t)}, 4
   for i = 1, #fields, 2 do
     local v = fields[i + 1]
@@ -132,7 +134,7 @@ local function emit(t, name, fields, to)
       if not done[h] then
         done[h] = true
         if h == CALLER then
-          LOCAL[#LOCAL + 1] = {id, flat}
+          if not told then LOCAL[#LOCAL + 1] = {id, flat} end
         else
           redis.call('XADD', K.inbox(h), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
         end
