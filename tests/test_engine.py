@@ -701,7 +701,7 @@ async def test_counters_add_up_over_mixed_outcomes(svc: AsyncRedisService) -> No
         held = r.ahead if r.ahead is not None or r.took_ahead else held
     assert a is None and held is None
     assert sorted(seen) == sorted((i, 1) for i in ids)  # each job ran once, attempt 1
-    h = await svc.redis.hgetall(svc.keys.worker(w))
+    h = {str(k): str(v) for k, v in (await svc.redis.hgetall(svc.keys.worker(w))).items()}
     worker = WorkerModel.from_redis(h)
     assert (worker.jobs_done, worker.jobs_failed) == (3, 1)  # a cancel counts as neither
     assert int(h["n"]) == 5  # one number per assignment, none skipped or repeated
