@@ -5,7 +5,8 @@ Three sources, in order of latency:
 - *local*: the events this hub's own calls produced, handed back with each
   script's reply (``AsyncRedisService.on_events``). A request handler routes them
   before it yields (:meth:`EventRouter.flush_local`); what needs a Redis read is
-  left to the local loop.
+  left to the local loop. A job's final outcome from its worker's report is not
+  among them: the handler tells it itself (:meth:`EventRouter.tell_final`).
 - *inbox*: events other hubs' calls produced for this hub's sockets, read from
   ``{ns}:inbox:<hub>``.
 - *tap*: the whole stream, read only while a monitor asked for events.
