@@ -506,10 +506,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # -------------------------------------------------------------------- targets
 
 
-def _best_peer(result: dict[str, Any]) -> tuple[str, float] | None:
+def _best_peer(result: dict[str, Any], transport: str = "") -> tuple[str, float] | None:
+    """The job queue (not a bare transport) that drained fastest in this run, on
+    ``transport`` if given ("redis" or "amqp"): its label and jobs/s."""
     best: tuple[str, float] | None = None
     for name, settings in result.get("peers", {}).items():
-        if peers.PEERS[name].baseline:
+        spec = peers.PEERS[name]
+        if spec.baseline or (transport and spec.transport != transport):
             continue
         for setting, r in settings.items():
             d = r.get("drain")
@@ -610,6 +613,15 @@ def _speed_targets(result: dict[str, Any], best: tuple[str, float] | None) -> li
     if drain:
         hub_us = drain["cpu_ms_per_job"]["hub"] * 1000
         add("hub CPU per drained job <= 100 us", f"{hub_us:.0f} us", *_by(hub_us, 100))
+        on_redis = _best_peer(result, transport="redis")
+        if on_redis:
+            ratio = drain["jobs_per_s"] / on_redis[1]
+            add(
+                "drain >= 2x the best Redis-backed peer",
+                f"{drain['jobs_per_s']:,.0f} jobs/s ({drain['gpus']} GPU sockets) = "
+                f"{ratio:.2f}x {on_redis[0]} ({on_redis[1]:,.0f})",
+                *_by(ratio, 2.0, lower_is_better=False),
+            )
         amqp = peer.get("rabbitmq", {}).get("fast", {}).get("drain")
         if amqp and amqp["complete"]:
             ratio = drain["jobs_per_s"] / amqp["jobs_per_s"]
