@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -134,7 +133,7 @@ class QueueClient:
             max_size=None,
             compression=None,
         )
-        self.welcome = json.loads(await self.ws.recv())
+        self.welcome = protocol.loads(await self.ws.recv())
         self._reader = asyncio.create_task(self._read(), name=f"client {self.client_id}")
         return self
 
@@ -324,7 +323,7 @@ class QueueClient:
         assert self.ws is not None
         try:
             async for raw in self.ws:
-                self._dispatch(json.loads(raw))
+                self._dispatch(protocol.loads(raw))
         except ConnectionClosed:
             pass
         finally:

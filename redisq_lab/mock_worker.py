@@ -18,7 +18,6 @@ while it runs a job the hub may send it the next one, which it holds and runs ne
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import threading
@@ -334,7 +333,7 @@ class MockWorker:
         runner = asyncio.create_task(self._runner(ws, worker_id, gpu))
         try:
             async for raw in ws:
-                m = json.loads(raw)
+                m = protocol.loads(raw)
                 kind = m.get("type")
                 if kind == MessageType.JOB_ASSIGNED:
                     if gpu.holding is not None:

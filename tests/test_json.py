@@ -79,3 +79,8 @@ async def test_large_integers_in_params_reach_the_worker_exactly(svc: AsyncRedis
     assert a.params == params and all(type(v) is int for v in a.params.values())
     job = await svc.get_job(r.job_id)
     assert job is not None and job.params == params
+
+
+def test_utf8_bytes_read_as_text() -> None:
+    raw = '{"name": "ü", "n": 123456789012345678901}'
+    assert _same(protocol.loads(raw.encode()), json.loads(raw))

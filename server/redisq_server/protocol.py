@@ -626,7 +626,7 @@ def _encode_bytes_orjson(message: Mapping[str, Any]) -> bytes:
         return _encode_bytes_std(message)
 
 
-def _loads_std(text: str) -> Any:
+def _loads_std(text: str | bytes) -> Any:
     return json.loads(text)
 
 
@@ -645,7 +645,7 @@ def _holds_big_float(value: Any) -> bool:
     return False
 
 
-def _loads_orjson(text: str) -> Any:
+def _loads_orjson(text: str | bytes) -> Any:
     try:
         value = _orjson.loads(text)
         if type(value) not in _NESTED or not _holds_big_float(value):
@@ -668,7 +668,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     loads = _loads_std
 encode.__doc__ = "Encode an outbound message as a compact JSON text frame."
 encode_bytes.__doc__ = ":func:`encode` as UTF-8 bytes, what a socket sends (no str in between)."
-loads.__doc__ = "Parse JSON text into the same values as ``json.loads`` (raises ValueError)."
+loads.__doc__ = (
+    "Parse JSON (text or UTF-8 bytes) into what ``json.loads`` gives (raises ValueError)."
+)
 
 
 # --------------------------------------------------- requests (peers -> hub)
