@@ -214,14 +214,12 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local attempt
   if j[6] == nil then
     attempt = redis.call('HINCRBY', jk, 'attempt', '1')
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'started', '', 'progress', '', 'message', '', unpack(ahead and AHEAD or NONE))
   else
     attempt = (tonumber(j[6]) or 0) + 1
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'started', '', 'progress', '', 'message', '', 'attempt', attempt,
-      unpack(ahead and AHEAD or NONE))
   end
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+    'started', '', 'progress', '', 'message', '', 'attempt', attempt,
+    unpack(ahead and AHEAD or NONE))
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
