@@ -134,3 +134,33 @@ async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -
         for op in ops:
             expected = b"".join(conn.pack_command("FCALL", *svc._call(op)))
             assert svc._pack(op) == expected
+
+
+async def test_the_next_pipeline_is_on_its_way_before_the_last_caller_resumes(
+    svc: AsyncRedisService,
+) -> None:
+    """The calls that waited for a call in flight are written to Redis as it
+    returns, before its caller goes on (not a loop turn later): Redis runs them
+    while the hub handles that reply."""
+    await svc.submit_job("early", 0, {})  # the service now holds a connection
+    conn = svc._pipe_conns[-1]
+    written: list[bytes] = []
+    write = conn._writer.write
+
+    def record(data: bytes) -> None:
+        written.append(bytes(data))
+        write(data)
+
+    conn._writer.write = record
+    on_the_wire: list[int] = []
+
+    async def first() -> None:
+        await svc.submit_job("early", 0, {}, job_id="first")
+        on_the_wire.append(b"".join(written).count(b"FCALL"))
+
+    rest = [svc.submit_job("early", 0, {}, job_id=f"next{i}") for i in range(3)]
+    await asyncio.gather(first(), *rest)
+    assert on_the_wire == [3]
+    assert (svc.calls_alone, svc.calls_pipelined, svc.pipelines) == (2, 3, 1)
+    for job_id in ("first", "next0", "next1", "next2"):
+        assert await svc.get_job(job_id) is not None

@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import redis
@@ -102,6 +102,17 @@ def _missing(reply: Any) -> bool:
 
 def _last_id(newest: Sequence[Any]) -> str:
     return str(newest[0][0]) if newest else "0-0"
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A pipeline written before its task ran: the connection it went on, the
+    calls' replies so far (errors of the calls that could not be packed) and the
+    packed calls, by index."""
+
+    conn: Any
+    replies: list[Any]
+    packed: dict[int, bytes]
 
 
 class _Shell:
@@ -260,31 +271,59 @@ class AsyncRedisService(_Shell):
             ) from None
 
     def _flush(self) -> None:
-        """Send what waits as one pipeline, if a place in flight is free."""
+        """Send what waits as one pipeline, if a place in flight is free.
+
+        The pipeline is written at once when a connection is at hand (the usual
+        case), and a task reads its replies: Redis starts on it while this loop
+        turn goes on, instead of a turn later, when such a task would first run."""
         if not self._waiting or self._in_flight >= self.pipeline_depth:
             return
-        batch, self._waiting = self._waiting, []
+        batch = [(op, fut) for op, fut in self._waiting if not fut.done()]
+        self._waiting = []
+        if not batch:  # every caller gave up
+            return
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._pipeline(batch))
+        sent = self._write_now([op for op, _ in batch])
+        task = asyncio.get_running_loop().create_task(self._pipeline(batch, sent))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _pipeline(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
-        """Run ``batch`` in one pipeline and settle each call's future, in order. A
-        call whose caller gave up before it was sent is not run.
+    def _write_now(self, ops: list[Op[Any]]) -> _Sent | None:
+        """``ops`` packed and written on a held, connected connection, without
+        waiting; None (nothing written) when no such connection is at hand."""
+        if not self._pipe_conns:
+            return None
+        conn = self._pipe_conns[-1]
+        writer = getattr(conn, "_writer", None)  # redis-py's asyncio.StreamWriter
+        if writer is None or not conn.is_connected:
+            return None
+        replies, packed = self._pack_all(ops)
+        self._pipe_conns.pop()
+        if packed:
+            writer.write(b"".join(packed.values()))
+        return _Sent(conn, replies, packed)
+
+    async def _pipeline(
+        self, batch: list[tuple[Op[Any], asyncio.Future[Any]]], sent: _Sent | None = None
+    ) -> None:
+        """Run ``batch`` in one pipeline (already ``sent``, or sent now) and settle
+        each call's future, in order. A call whose caller gave up before it was
+        sent is not run.
 
         The next pipeline (the calls made meanwhile) is started before these
         futures are settled, so Redis runs it while the callers handle their
         replies; it still reaches Redis after this one."""
         released = False
         try:
-            batch = [(op, fut) for op, fut in batch if not fut.done()]
+            if sent is None:
+                batch = [(op, fut) for op, fut in batch if not fut.done()]
             if not batch:
                 return
             self.pipelines += 1
             self.calls_pipelined += len(batch)
             try:
-                replies = await self._bounded(self._send([op for op, _ in batch]), "pipeline")
+                ops = [op for op, _ in batch]
+                replies = await self._bounded(self._send(ops, sent), "pipeline")
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -334,9 +373,22 @@ class AsyncRedisService(_Shell):
         parts += [_bulk(a) for a in op.args]
         return b"".join(parts)
 
-    async def _send(self, ops: list[Op[Any]]) -> list[Any]:
+    def _pack_all(self, ops: list[Op[Any]]) -> tuple[list[Any], dict[int, bytes]]:
+        """Each of ``ops`` packed, by index; a call that cannot be packed (e.g. a
+        string Redis cannot take) gets its error as its reply instead."""
+        replies: list[Any] = [None] * len(ops)
+        packed: dict[int, bytes] = {}
+        for i, op in enumerate(ops):
+            try:
+                packed[i] = self._pack(op)
+            except (TypeError, ValueError) as exc:
+                replies[i] = exc
+        return replies, packed
+
+    async def _send(self, ops: list[Op[Any]], sent: _Sent | None = None) -> list[Any]:
         """``ops`` in one write on a pooled connection this service keeps for its
-        calls; each reply, or its error as an exception object, in order.
+        calls (or already written, as ``sent`` says); each reply, or its error as
+        an exception object, in order.
 
         As redis-py retries a lone call, the calls that got no answer are sent twice
         more at most, after 40 and 80 ms, on a fresh connection: those whose replies
@@ -344,14 +396,10 @@ class AsyncRedisService(_Shell):
         harmless) and those Redis refused while loading its data (they did not run).
         A reply already read is never sent again."""
         pool = self.redis.connection_pool
-        replies: list[Any] = [None] * len(ops)
-        packed: dict[int, bytes] = {}
-        for i, op in enumerate(ops):
-            try:
-                packed[i] = self._pack(op)
-            except (TypeError, ValueError) as exc:  # e.g. a string Redis cannot take
-                replies[i] = exc
+        replies, packed = (sent.replies, sent.packed) if sent else self._pack_all(ops)
         todo = list(packed)
+        if sent and not todo:  # nothing was written: the connection is free again
+            self._pipe_conns.append(sent.conn)
         for attempt in range(3 if todo else 0):
             if attempt:
                 await asyncio.sleep(0.02 * 2**attempt)
@@ -359,8 +407,11 @@ class AsyncRedisService(_Shell):
             conn = None
             answered = 0
             try:
-                conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
-                await conn.send_packed_command(b"".join([packed[i] for i in todo]))
+                if sent and not attempt:
+                    conn = sent.conn
+                else:
+                    conn = self._pipe_conns.pop() if self._pipe_conns else await _checkout(pool)
+                    await conn.send_packed_command(b"".join([packed[i] for i in todo]))
                 for i in todo:
                     try:
                         replies[i] = await conn.read_response(disconnect_on_error=False)
