@@ -166,7 +166,8 @@ class AsyncRedisService(_Shell):
 
     Script calls are pipelined automatically: a call made while ``pipeline_depth``
     calls (or pipelines) are already in flight waits, and every call waiting when
-    one of those returns leaves together, in one pipeline and one round trip. A
+    one of those returns leaves together, in one pipeline and one round trip,
+    written before that call's caller goes on. A
     lone call is sent at once, so an idle hub's latency does not change. Each call
     is still its own script (atomic), with its own reply or error. ``pipeline_depth``
     0 sends every call on its own (always so for a Redis Cluster client).
