@@ -377,10 +377,16 @@ def check_size(encoded: str, max_bytes: int, name: str) -> None:
         )
 
 
+#: what ``json.dumps`` with these arguments builds on every call, built once (about
+#: 1 us of a 2 us encode of a small object)
+_STRICT_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_COMPACT_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any, name: str) -> str:
     """Compact UTF-8 JSON of ``value``; ``invalid_field`` (naming ``name``) if it is not JSON."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _STRICT_JSON.encode(value)
     except (TypeError, ValueError) as exc:
         raise _invalid(name, f"not JSON-serialisable ({exc})") from None
     except RecursionError:
@@ -605,7 +611,7 @@ def decode_message(raw: str | bytes, role: Role) -> Message:
 
 
 def _encode_std(message: Mapping[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return _COMPACT_JSON.encode(message)
 
 
 def _encode_orjson(message: Mapping[str, Any]) -> str:
