@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from .protocol import MAX_PRIORITY, loads, validate_priority
+from .protocol import MAX_PRIORITY, loads_stored, validate_priority
 
 __all__ = [
     "AGED_TIE_BITS",
@@ -172,10 +172,6 @@ def _opt_str(v: str | None) -> str | None:
     return v if v not in (None, "") else None
 
 
-def _json_or_none(v: str | None) -> Any:
-    return loads(v) if v not in (None, "") else None
-
-
 @dataclass
 class JobModel:
     """A job as stored in its Redis hash (times are Unix seconds, server clock)."""
@@ -215,7 +211,7 @@ class JobModel:
             job_id=job_id,
             job_type=h["type"],
             priority=int(h.get("priority", 0)),
-            params=_json_or_none(h.get("params")) or {},
+            params=loads_stored(h.get("params")) or {},
             client_id=_opt_str(h.get("client")),
             status=JobStatus(h["status"]),
             worker_id=_opt_str(h.get("worker")),
@@ -225,7 +221,7 @@ class JobModel:
             failures=int(h.get("failures") or 0),
             progress=_opt_float(h.get("progress")),
             message=_opt_str(h.get("message")),
-            result=_json_or_none(h.get("result")),
+            result=loads_stored(h.get("result")),
             error=_opt_str(h.get("error")),
             position=position,
             created=created,
@@ -266,7 +262,7 @@ class WorkerModel:
             machine_id=h.get("machine", ""),
             status=WorkerStatus(h.get("status", "offline")),
             job_types=[t for t in h.get("types", "").split(",") if t],
-            capabilities=_json_or_none(h.get("caps")) or {},
+            capabilities=loads_stored(h.get("caps")) or {},
             current_job=_opt_str(h.get("job")),
             hub_id=_opt_str(h.get("hub")),
             registered=_opt_float(h.get("registered")),

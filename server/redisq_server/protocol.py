@@ -50,6 +50,7 @@ __all__ = [
     "encode",
     "encode_bytes",
     "loads",
+    "loads_stored",
     "parse_worker_id",
     "validate_attempt",
     "validate_capabilities",
@@ -677,6 +678,12 @@ encode_bytes.__doc__ = ":func:`encode` as UTF-8 bytes, what a socket sends (no s
 loads.__doc__ = (
     "Parse JSON (text or UTF-8 bytes) into what ``json.loads`` gives (raises ValueError)."
 )
+
+
+def loads_stored(text: str | None) -> Any:
+    """A JSON value as Redis stores it (params, a result, capabilities): parsed, or
+    None when the field is missing or empty."""
+    return loads(text) if text else None
 
 
 # --------------------------------------------------- requests (peers -> hub)

@@ -371,7 +371,7 @@ class EventRouter:
                     int(f["attempt"]),
                     f.get("jtype", ""),
                     int(f.get("priority", 0)),
-                    _loads(params) or {},
+                    protocol.loads_stored(params) or {},
                     f["worker"],
                     f.get("hub", ""),
                     f["session"],
@@ -385,7 +385,13 @@ class EventRouter:
         subs = self.registry.job_subs.get(job)
         if not subs:
             return
-        result = _loads(f["result"]) if "result" in f else _loads(row[1]) if row else None
+        result = (
+            protocol.loads_stored(f["result"])
+            if "result" in f
+            else protocol.loads_stored(row[1])
+            if row
+            else None
+        )
         error = f.get("message") or (row[2] if row else None)
         message = protocol.client_frame(name, job, f, result, error)
         if message is None:
@@ -394,7 +400,3 @@ class EventRouter:
             conn.deliver(job, message)
         if name in protocol.FINAL_EVENTS:
             self.registry.drop_job(job)
-
-
-def _loads(raw: str | None) -> Any:
-    return protocol.loads(raw) if raw else None
