@@ -14,7 +14,9 @@ scripts and the seed's example; ``add_job`` is the seed's name for
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
+import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -201,6 +203,11 @@ class AsyncRedisService(_Shell):
         self.in_order = self.pipeline_depth == 1
         self._in_flight = 0  # lone calls and pipelines sent and not yet answered
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
+        # the queued calls' deadlines, earliest first: (when, n, future, function);
+        # one timer (``_alarm``) fails those whose time is up, see ``_expire``
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any], str]] = []
+        self._alarm: asyncio.TimerHandle | None = None
+        self._numbers = itertools.count()
         self._flushes: set[asyncio.Task[None]] = set()
         self._pipe_conns: list[Any] = []  # pooled connections held for script calls
         # per function: (hub id, argument count, the encoded start of its FCALL)
@@ -259,17 +266,50 @@ class AsyncRedisService(_Shell):
         await self._bounded(self.redis.function_load(library_source(), replace=True), "load")
 
     async def _queued(self, op: Op[T]) -> T:
-        """Wait for a place in the next pipeline; its reply, parsed."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        """Wait for a place in the next pipeline; its reply, parsed. The call fails
+        with a Redis TimeoutError ``call_timeout_s`` after it was made, wherever it
+        is by then (waiting, or in a pipeline in flight)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         self._waiting.append((op, fut))
+        self._deadline(loop, fut, op.script)
         self._flush()
-        try:
-            async with asyncio.timeout(self.call_timeout_s):
-                return await fut
-        except TimeoutError:
-            raise RedisTimeoutError(
-                f"no reply from Redis within {self.call_timeout_s:g} s ({op.script})"
-            ) from None
+        return await fut
+
+    def _deadline(
+        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], what: str
+    ) -> None:
+        """Fail ``fut`` ``call_timeout_s`` from now unless it is settled by then.
+
+        One timer serves every queued call (a timer set and cancelled per call
+        was about 5 % of a busy hub's time): the heap keeps the deadlines,
+        earliest first, and the settled calls at its top are dropped as new ones
+        come, so it holds about the calls in flight."""
+        heap = self._deadlines
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        when = loop.time() + self.call_timeout_s
+        heapq.heappush(heap, (when, next(self._numbers), fut, what))
+        if self._alarm is None or heap[0][0] < self._alarm.when():
+            if self._alarm is not None:
+                self._alarm.cancel()
+            self._alarm = loop.call_at(heap[0][0], self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The timer of :meth:`_deadline`: fail the calls whose time is up (a call
+        not yet sent is then never run) and set the timer for the next one."""
+        self._alarm = None
+        heap, now = self._deadlines, loop.time()
+        while heap and (heap[0][2].done() or heap[0][0] <= now):
+            _, _, fut, what = heapq.heappop(heap)
+            if not fut.done():
+                fut.set_exception(
+                    RedisTimeoutError(
+                        f"no reply from Redis within {self.call_timeout_s:g} s ({what})"
+                    )
+                )
+        if heap:
+            self._alarm = loop.call_at(heap[0][0], self._expire, loop)
 
     def _flush(self) -> None:
         """Send what waits as one pipeline, if a place in flight is free.
@@ -453,6 +493,9 @@ class AsyncRedisService(_Shell):
         """Let the pipelines in flight finish, then close the client."""
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
         while self._pipe_conns:
             await self.redis.connection_pool.release(self._pipe_conns.pop())
         await self.redis.aclose()
