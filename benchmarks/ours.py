@@ -281,7 +281,8 @@ async def latency(
     prefetch: int = 0,
 ) -> dict[str, Any]:
     """Idle one-at-a-time latency, the saturated rate, then Poisson load at
-    ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``).
+    ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``),
+    then the saturated rate again (``max_rate_again_per_s``).
     The loaded runs' GPU sockets register with prefetch window ``prefetch``; with 1,
     "start" is when a job reaches its GPU, which runs it at once when it is free."""
     async with hub_at(place, redis_url, namespace, loop=loop, processes=processes) as hub:
@@ -297,6 +298,12 @@ async def latency(
             n = int(min(load_max_jobs, max(50, rate * load_seconds)))
             r = await _load_run(hub, gpus, n, rate=rate, client=f"poisson{k}", prefetch=prefetch)
             loaded.append({"load": f, "target_per_s": rate, **r})
+        # the machine's speed drifts: the saturated rate again, after the loaded runs,
+        # tells whether their fractions of the max still held
+        again = await _load_run(
+            hub, gpus, saturate_jobs, window=window, client="sat-again", prefetch=prefetch
+        )
+        again["window"] = window
     return {
         "samples": samples,
         "hub": place,
@@ -306,6 +313,8 @@ async def latency(
         "saturated": sat,
         "max_rate_per_s": max_rate,
         "loaded": loaded,
+        "saturated_again": again,
+        "max_rate_again_per_s": again["completed_per_s"],
     }
 
 
