@@ -102,6 +102,12 @@ def _missing(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")
 
 
+def _no_reply(seconds: float, what: str) -> RedisTimeoutError:
+    """The error of a call (``what``: its function, or the step) that Redis did not
+    answer within ``seconds``."""
+    return RedisTimeoutError(f"no reply from Redis within {seconds:g} s ({what})")
+
+
 def _last_id(newest: Sequence[Any]) -> str:
     return str(newest[0][0]) if newest else "0-0"
 
@@ -303,11 +309,7 @@ class AsyncRedisService(_Shell):
         while heap and (heap[0][2].done() or heap[0][0] <= now):
             _, _, fut, what = heapq.heappop(heap)
             if not fut.done():
-                fut.set_exception(
-                    RedisTimeoutError(
-                        f"no reply from Redis within {self.call_timeout_s:g} s ({what})"
-                    )
-                )
+                fut.set_exception(_no_reply(self.call_timeout_s, what))
         if heap:
             self._alarm = loop.call_at(heap[0][0], self._expire, loop)
 
@@ -485,9 +487,7 @@ class AsyncRedisService(_Shell):
             async with asyncio.timeout(self.call_timeout_s + wait_s):
                 return await call
         except TimeoutError:
-            raise RedisTimeoutError(
-                f"no reply from Redis within {self.call_timeout_s + wait_s:g} s ({what})"
-            ) from None
+            raise _no_reply(self.call_timeout_s + wait_s, what) from None
 
     async def aclose(self) -> None:
         """Let the pipelines in flight finish, then close the client."""
