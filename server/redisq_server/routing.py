@@ -385,13 +385,7 @@ class EventRouter:
         subs = self.registry.job_subs.get(job)
         if not subs:
             return
-        result = (
-            protocol.loads_stored(f["result"])
-            if "result" in f
-            else protocol.loads_stored(row[1])
-            if row
-            else None
-        )
+        result = protocol.loads_stored(f["result"] if "result" in f else row[1] if row else None)
         error = f.get("message") or (row[2] if row else None)
         message = protocol.client_frame(name, job, f, result, error)
         if message is None:
