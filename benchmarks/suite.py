@@ -744,10 +744,13 @@ def format_tables(result: dict[str, Any]) -> str:
             + f"; saturated = {sat['window']} jobs "
             f"in flight from one client: {lat['max_rate_per_s']:,.0f} jobs/s end to end"
             + (
-                f"; {lat['max_rate_again_per_s']:,.0f} again after the Poisson runs)"
+                f"; {lat['max_rate_again_per_s']:,.0f} jobs/s again after the Poisson runs)"
                 if "max_rate_again_per_s" in lat
                 else ")"
             ),
+            "  start = submit -> job_assigned at the worker, result = submit -> job_completed"
+            " at the client, ms (one machine's monotonic clock); rate/s = offered (Poisson)"
+            " or completed",
             f"{'load':<24}{'jobs':>6}{'rate/s':>9}{'start p50':>10}{'p95':>7}{'p99':>8}"
             f"{'result p50':>11}{'p95':>7}{'p99':>8}",
         ]
