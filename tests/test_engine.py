@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from redisq_server import (
     AsyncRedisService,
@@ -608,6 +610,62 @@ async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def _paused(redis_url: str, ms: int) -> tuple[redis.asyncio.Redis, asyncio.Task[Any]]:
+    """Pause every client of the Redis at ``redis_url`` for ``ms`` (``CLIENT PAUSE``:
+    their commands wait, unanswered). Returns the client that paused it and a task
+    that ends when the pause is over (its PING waits for the pause like any other)."""
+    r = redis.asyncio.Redis.from_url(redis_url)
+    await r.execute_command("CLIENT", "PAUSE", ms, "ALL")
+    return r, asyncio.create_task(r.ping())
+
+
+async def test_a_call_that_times_out_leaves_no_late_reply_behind(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A lone call that Redis does not answer in time fails with a Redis
+    TimeoutError, and the connection it was on is dropped: Redis' late answer
+    must not be read as the reply to the next call."""
+    svc = AsyncRedisService(redis_url, limits=limits, call_timeout_s=0.2)
+    try:
+        await svc.submit_job("late", 0, {})  # the library is loaded, a connection held
+        pauser, over = await _paused(redis_url, 600)
+        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.2 s \(stats\)"):
+            await svc.get_stats()
+        await over
+        r = await svc.submit_job("late", 0, {})  # not the stats reply that came late
+        assert r.status is JobStatus.QUEUED and r.position == 1
+        assert (await svc.get_stats())["queued"] == 2
+        await pauser.aclose()
+    finally:
+        await svc.aclose()
+
+
+async def test_a_call_cancelled_by_its_caller_stays_cancelled(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A caller that cancels a call in flight gets CancelledError, not a timeout
+    (the deadline's cancel and the caller's are told apart), and the engine works
+    on once Redis answers again."""
+    svc = AsyncRedisService(redis_url, limits=limits, call_timeout_s=5)
+    try:
+        await svc.submit_job("gone", 0, {})
+        pauser, over = await _paused(redis_url, 300)
+        call = asyncio.create_task(svc.get_stats())
+
+        async def in_flight() -> bool:
+            return svc._in_flight > 0  # the call waits for Redis' reply
+
+        await wait_for(in_flight, what="the call in flight")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await over
+        assert (await svc.get_stats())["queued"] == 1
+        await pauser.aclose()
+    finally:
+        await svc.aclose()
 
 
 async def test_throughput_covers_only_the_time_since_the_first_hub_started(

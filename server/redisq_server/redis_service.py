@@ -112,6 +112,27 @@ def _last_id(newest: Sequence[Any]) -> str:
     return str(newest[0][0]) if newest else "0-0"
 
 
+class _Guard:
+    """The deadline of a call its own task waits for (a lone call, a pipeline, a
+    read): when it fires, the task is cancelled where it waits, which drops the
+    connection (as ``asyncio.timeout`` does, without a loop timer per call)."""
+
+    __slots__ = ("fired", "over", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False  # the deadline passed and the task was cancelled
+        self.over = False  # the call has returned or raised: nothing to cancel
+
+    def done(self) -> bool:
+        return self.over
+
+    def fire(self) -> None:
+        if not self.over and not self.fired:
+            self.fired = True
+            self.task.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class _Sent:
     """A pipeline written before its task ran: the connection it went on, the
@@ -209,9 +230,9 @@ class AsyncRedisService(_Shell):
         self.in_order = self.pipeline_depth == 1
         self._in_flight = 0  # lone calls and pipelines sent and not yet answered
         self._waiting: list[tuple[Op[Any], asyncio.Future[Any]]] = []
-        # the queued calls' deadlines, earliest first: (when, n, future, function);
-        # one timer (``_alarm``) fails those whose time is up, see ``_expire``
-        self._deadlines: list[tuple[float, int, asyncio.Future[Any], str]] = []
+        # every call's deadline, earliest first: (when, n, what to fail, function,
+        # seconds); one timer (``_alarm``) fails those whose time is up, see ``_expire``
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any] | _Guard, str, float]] = []
         self._alarm: asyncio.TimerHandle | None = None
         self._numbers = itertools.count()
         self._flushes: set[asyncio.Task[None]] = set()
@@ -278,24 +299,29 @@ class AsyncRedisService(_Shell):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._waiting.append((op, fut))
-        self._deadline(loop, fut, op.script)
+        self._deadline(loop, fut, op.script, self.call_timeout_s)
         self._flush()
         return await fut
 
     def _deadline(
-        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], what: str
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: asyncio.Future[Any] | _Guard,
+        what: str,
+        seconds: float,
     ) -> None:
-        """Fail ``fut`` ``call_timeout_s`` from now unless it is settled by then.
+        """Fail ``target`` (a queued call's future, or the guard of a call its task
+        waits for) ``seconds`` from now unless it is settled by then.
 
-        One timer serves every queued call (a timer set and cancelled per call
-        was about 5 % of a busy hub's time): the heap keeps the deadlines,
-        earliest first, and the settled calls at its top are dropped as new ones
-        come, so it holds about the calls in flight."""
+        One timer serves every call (a timer set and cancelled per call was
+        about 5 % of a busy hub's time): the heap keeps the deadlines, earliest
+        first, and the settled calls at its top are dropped as new ones come, so
+        it holds about the calls in flight."""
         heap = self._deadlines
         while heap and heap[0][2].done():
             heapq.heappop(heap)
-        when = loop.time() + self.call_timeout_s
-        heapq.heappush(heap, (when, next(self._numbers), fut, what))
+        when = loop.time() + seconds
+        heapq.heappush(heap, (when, next(self._numbers), target, what, seconds))
         if self._alarm is None or heap[0][0] < self._alarm.when():
             if self._alarm is not None:
                 self._alarm.cancel()
@@ -303,13 +329,16 @@ class AsyncRedisService(_Shell):
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """The timer of :meth:`_deadline`: fail the calls whose time is up (a call
-        not yet sent is then never run) and set the timer for the next one."""
+        not yet sent is then never run; a call in flight has its task cancelled)
+        and set the timer for the next one."""
         self._alarm = None
         heap, now = self._deadlines, loop.time()
         while heap and (heap[0][2].done() or heap[0][0] <= now):
-            _, _, fut, what = heapq.heappop(heap)
-            if not fut.done():
-                fut.set_exception(_no_reply(self.call_timeout_s, what))
+            _, _, target, what, seconds = heapq.heappop(heap)
+            if isinstance(target, _Guard):
+                target.fire()
+            elif not target.done():
+                target.set_exception(_no_reply(seconds, what))
         if heap:
             self._alarm = loop.call_at(heap[0][0], self._expire, loop)
 
@@ -482,12 +511,31 @@ class AsyncRedisService(_Shell):
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
         """``await call``, failing with a Redis TimeoutError after ``call_timeout_s``
-        (plus ``wait_s`` for a blocking read); redis-py drops the connection then."""
+        (plus ``wait_s`` for a blocking read); the connection is dropped then.
+
+        What ``asyncio.timeout`` does, on the engine's one timer (:meth:`_deadline`):
+        the deadline cancels this task where it waits (redis-py, and :meth:`_send`,
+        drop a connection whose read was cancelled), and that cancel becomes the
+        timeout error; a cancel from anyone else stays a cancel."""
+        task = asyncio.current_task()
+        if task is None:  # not in a task (no loop runs one here): nothing to cancel
+            raise RuntimeError("AsyncRedisService calls must run in an asyncio task")
+        seconds = self.call_timeout_s + wait_s
+        guard = _Guard(task)
+        cancelling = task.cancelling()
+        self._deadline(asyncio.get_running_loop(), guard, what, seconds)
         try:
-            async with asyncio.timeout(self.call_timeout_s + wait_s):
-                return await call
-        except TimeoutError:
-            raise _no_reply(self.call_timeout_s + wait_s, what) from None
+            return await call
+        except asyncio.CancelledError:
+            if guard.fired:
+                guard.fired = False
+                if task.uncancel() <= cancelling:
+                    raise _no_reply(seconds, what) from None
+            raise
+        finally:
+            guard.over = True
+            if guard.fired:  # the call returned all the same: take back the cancel
+                task.uncancel()
 
     async def aclose(self) -> None:
         """Let the pipelines in flight finish, then close the client."""
