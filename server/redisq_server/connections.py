@@ -69,6 +69,7 @@ class Connection:
         self._queued = 0  # bytes of the frames now in the queue
         self._writer: asyncio.Task[None] | None = None
         self._batch = False  # inside batch(): frames wait for one write at its end
+        self._batcher = _Batch(self)
         self._unsent = False  # frames wait in the protocol for a write
         self._deferred = False  # a write is due at the end of this loop turn
         self._writing = False  # the writer holds a frame it has not finished writing
@@ -139,17 +140,10 @@ class Connection:
         self._queued += len(data)
         return True
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Frames sent inside this block leave in one socket write, at its end (or
-        with the turn's, see :meth:`_write_soon`)."""
-        self._batch = True
-        try:
-            yield
-        finally:
-            self._batch = False
-            if self._unsent:
-                self._write_soon()
+    def batch(self) -> _Batch:
+        """``with conn.batch():`` frames sent inside the block leave in one socket
+        write, at its end (or with the turn's, see :meth:`_write_soon`)."""
+        return self._batcher
 
     def _write_soon(self) -> None:
         """Write what waits: at once, unless the peer has more requests being
@@ -238,6 +232,25 @@ class Connection:
             self.pending[job_id].append(message)
         else:
             self.send(message)
+
+
+class _Batch:
+    """What :meth:`Connection.batch` returns: a plain context manager (a block per
+    job on the hot path; ``contextlib.contextmanager`` costs about 1.4 us more)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn._batch = True
+
+    def __exit__(self, *_: object) -> None:
+        conn = self._conn
+        conn._batch = False
+        if conn._unsent:
+            conn._write_soon()
 
 
 def _write_joined(ws: ServerConnection) -> None:
