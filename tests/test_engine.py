@@ -204,6 +204,28 @@ async def test_requeue_keeps_original_position(svc: AsyncRedisService) -> None:
     assert (await svc.get_job(ids[0])).status == JobStatus.ASSIGNED  # type: ignore[union-attr]
 
 
+async def test_a_new_attempt_starts_without_the_last_ones_progress(
+    svc: AsyncRedisService,
+) -> None:
+    """A first assignment writes no empty progress fields (there is nothing to clear);
+    a later attempt starts without the start time, progress and message of the one
+    before it."""
+    r = await svc.submit_job("t")
+    a = await svc.register_worker("m1:gpu0", ["t"], session="s")
+    assert a is not None and a.attempt == 1
+    fields = set(await svc.redis.hkeys(svc.keys.job(r.job_id)))
+    assert not fields & {"started", "progress", "message"}, fields
+    await svc.update_progress(r.job_id, 1, "m1:gpu0", 50, "half way")
+    job = await svc.get_job(r.job_id)
+    assert job is not None and (job.progress, job.message) == (50, "half way") and job.started
+    assert await svc.worker_lost("m1:gpu0", "s")
+    a2 = await svc.register_worker("m1:gpu1", ["t"], session="s2")
+    assert a2 is not None and a2.attempt == 2
+    job = await svc.get_job(r.job_id)
+    assert job is not None and job.status == JobStatus.ASSIGNED
+    assert (job.started, job.progress, job.message) == (None, None, None)
+
+
 async def test_a_queued_job_stores_only_what_it_cannot_derive(
     svc: AsyncRedisService, sync_svc: RedisService
 ) -> None:

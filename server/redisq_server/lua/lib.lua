@@ -204,8 +204,9 @@ end
 -- is its own (so the event need not reach that hub again). `from_idle`: w was
 -- taken from the idle sets (a busy or just registered worker is in none). `wf`: the
 -- worker's {types, hub, session} if the caller read them, and `wf.n` its `n` if
--- read (a number, updated here); `heard`: more fields for the worker's hash
--- (heard_at and counters) or nil. `ahead`: the worker is busy and holds the job
+-- read (a number, updated here); `heard`: more fields for the worker's hash, written
+-- in the same HSET (heard_at and counters; with `ahead`, claim_next's fields for the
+-- job that became current) or nil. `ahead`: the worker is busy and holds the job
 -- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
 -- worker's current job ends (claim_next) or the job leaves the slot otherwise.
 local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
@@ -217,9 +218,10 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   else
     attempt = (tonumber(j[6]) or 0) + 1
   end
-  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-    'started', '', 'progress', '', 'message', '', 'attempt', attempt,
+  -- a first attempt has no earlier attempt's fields to clear
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t), 'attempt', attempt,
     unpack(ahead and AHEAD or NONE))
+  if attempt > 1 then redis.call('HDEL', jk, 'started', 'progress', 'message') end
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
@@ -233,7 +235,8 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
     n = redis.call('HINCRBY', wk, 'n', '1')
   end
   if ahead then
-    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n, 'n', n)
+    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n, 'n', n,
+      unpack(heard or NONE))
   else
     redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
       'jn', n, 'n', n, unpack(heard or NONE))
@@ -404,10 +407,13 @@ local function claim_next(w, t, types, wf)
   if wf then
     for _, x in ipairs(wf.counters) do heard[#heard + 1] = x end
   end
+  -- the worker's fields when the job it held ahead becomes its current one: written
+  -- with the next job it takes ahead, in one HSET, or alone (its slot emptied) below
+  local took
   if wf and not blank(wf[4]) then
     out[3] = true
-    redis.call('HSET', wk, 'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t),
-      'jn', wf[7] or '', 'next', '', 'next_attempt', '', 'nn', '', unpack(heard))
+    took = {'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t), 'jn', wf[7] or '',
+      unpack(heard)}
     redis.call('HDEL', K.job(wf[4]), 'ahead')
   else
     local best, j = take_best(w, types, t)
@@ -421,7 +427,14 @@ local function claim_next(w, t, types, wf)
   end
   if wf and wf[6] == '1' then
     local best, j = take_best(w, types, t)
-    if best then out[2] = assign(best, w, t, true, j, false, wf, nil, true) end
+    if best then
+      out[2] = assign(best, w, t, true, j, false, wf, took, true)
+      took = nil
+    end
+  end
+  if took then
+    for _, x in ipairs({'next', '', 'next_attempt', '', 'nn', ''}) do took[#took + 1] = x end
+    redis.call('HSET', wk, unpack(took))
   end
   return out
 end
