@@ -295,8 +295,9 @@ end
 -- its client's sub-queue if it is in one: then the client's next job, if any,
 -- becomes its head. Works on the keys as they are, whatever the policy now.
 -- The caller adjusts the depth count. Returns true when a next head entered the queue.
-local function unqueue(id, jt, c, t)
-  local was_head = redis.call('ZREM', K.queue(jt), id) == 1
+-- `popped`: the caller took it out of the type's queue already (ZPOPMIN).
+local function unqueue(id, jt, c, t, popped)
+  local was_head = popped or redis.call('ZREM', K.queue(jt), id) == 1
   c = c or ''
   local sk = K.sub(jt .. ':' .. c)
   if redis.call('ZREM', sk, id) == 1 then
@@ -375,14 +376,19 @@ local function take_best(w, types, t)
     avoided = false
   end
   local best, best_score, best_type = nil, nil, nil
-  for _, jt in ipairs(types) do
-    local id, s = queue_head(jt, avoided, heard, t)
-    if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
+  local popped = not avoided and #types == 1
+  if popped then -- one queue, no job to skip: its first job, taken out in one call
+    best, best_type = redis.call('ZPOPMIN', K.queue(types[1]))[1], types[1]
+  else
+    for _, jt in ipairs(types) do
+      local id, s = queue_head(jt, avoided, heard, t)
+      if id and (best_score == nil or s < best_score) then best, best_score, best_type = id, s, jt end
+    end
   end
   if not best then return nil end
   local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid',
     'attempt')
-  unqueue(best, best_type, j[3], t)
+  unqueue(best, best_type, j[3], t, popped)
   depth_add(best_type, j[2], -1)
   return best, j
 end
