@@ -39,7 +39,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, footprint, ours, peers, policies, prefetch, shards
+from benchmarks import engine, footprint, functions, ours, peers, policies, prefetch, shards
 from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
@@ -55,6 +55,7 @@ PARTS = (
     "policies",
     "shards",
     "prefetch",
+    "functions",
     "peers",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,6 +102,8 @@ class Sizes:
     prefetch_jobs: int = 2000  # the prefetch part: jobs per run
     prefetch_gpus: int = 4
     prefetch_run_s: float = 0.002  # each job's run time on its mock GPU
+    function_jobs: int = 20_000  # the functions part (with --base): jobs per run
+    function_segment: int = 200  # its calls per segment
 
 
 QUICK = Sizes(
@@ -131,6 +134,8 @@ QUICK = Sizes(
     shard_jobs=600,
     prefetch_jobs=300,
     shard_workers=6,
+    function_jobs=1200,
+    function_segment=50,
 )
 
 
@@ -413,6 +418,13 @@ async def _ours(
         finally:
             await flush_scratch()
 
+    async def functions_ab() -> Any:
+        if args.base is None:
+            return {"skipped": "give --base <another checkout> to compare its library"}
+        _log(f"functions: this library against {args.base}'s, {sz.function_jobs:,} jobs")
+        source = await asyncio.to_thread(functions.base_library, args.base)
+        return await functions.compare(url, source, sz.function_jobs, sz.function_segment)
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -424,6 +436,7 @@ async def _ours(
         "policies": policies_cost,
         "shards": shards_cost,
         "prefetch": prefetch_gap,
+        "functions": functions_ab,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -833,6 +846,8 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += ["", *shards.lines(o["shards"])]
     if "prefetch" in o:
         lines += ["", *prefetch.lines(o["prefetch"])]
+    if "functions" in o:
+        lines += ["", *functions.lines(o["functions"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
@@ -1180,6 +1195,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="drain and latency through `redisq-server --processes N` (N hubs on one "
         "port) instead of one hub (default 1)",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        metavar="CHECKOUT",
+        help="the functions part: compare this checkout's function library with "
+        "CHECKOUT's, interleaved on one Redis",
     )
     p.add_argument(
         "--profile",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import functions
+from benchmarks import functions, suite
 from redisq_server.scripts import library_name, library_source
 
 
@@ -32,4 +32,18 @@ async def test_each_segment_runs_the_library_it_is_counted_for(redis_url: str) -
     assert submit["base"]["commands"] == pytest.approx(submit["this"]["commands"])
     assert complete["base"]["commands"] == pytest.approx(complete["this"]["commands"] + 1)
     assert all(r["fcall_us"] > 0 for r in (*submit.values(), *complete.values()))
-    assert "this / base in FCALL" in functions._table(res)
+    assert "this / base in FCALL: " in "\n".join(functions.lines(res))
+    assert functions.lines({"skipped": "no base"}) == ["Function libraries: skipped: no base"]
+
+
+def test_the_runner_runs_the_part_only_with_a_base(tmp_path: Path) -> None:
+    """``--only functions`` with no ``--base`` says how to run it and fails nothing;
+    with one, the runner's JSON holds both libraries' medians."""
+    out = tmp_path / "r.json"
+    common = ["--quick", "--only", "functions", "--peers", "none", "--json", str(out)]
+    skipped = suite.main(common)
+    assert "--base" in skipped["ours"]["functions"]["skipped"]
+    root = Path(__file__).resolve().parents[1]
+    ran = suite.main([*common, "--base", str(root)])["ours"]["functions"]
+    assert set(ran) == {"submit", "complete+claim"}
+    assert ran["submit"]["this"]["commands"] == pytest.approx(ran["submit"]["base"]["commands"])
