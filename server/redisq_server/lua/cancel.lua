@@ -28,7 +28,7 @@ else
   -- a job held ahead leaves the worker's prefetch slot now: the worker is busy with
   -- the job before it, and its acknowledgement will free nothing (fence)
   if j[7] == '1' and h[2] == id then
-    redis.call('HSET', wk, 'next', '', 'next_attempt', '', 'nn', '')
+    redis.call('HSET', wk, unpack(EMPTY_SLOT))
   end
 end
 finish(id, 'cancelled', t)

@@ -45,6 +45,7 @@ end
 
 local NONE = {} -- unpack(NONE): no more fields
 local AHEAD = {'ahead', '1'} -- a job's field while a worker holds it ahead
+local EMPTY_SLOT = {'next', '', 'next_attempt', '', 'nn', ''} -- a worker holding none
 
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
@@ -439,7 +440,7 @@ local function claim_next(w, t, types, wf)
     end
   end
   if took then
-    for _, x in ipairs({'next', '', 'next_attempt', '', 'nn', ''}) do took[#took + 1] = x end
+    for _, x in ipairs(EMPTY_SLOT) do took[#took + 1] = x end
     redis.call('HSET', wk, unpack(took))
   end
   return out
@@ -587,7 +588,7 @@ local function drop_worker(w, session, t, count)
   if h[1] ~= session or h[4] == 'offline' then return 0 end
   unidle(w, split(h[3]))
   redis.call('HSET', wk, 'status', 'offline', 'job', '', 'attempt', '', 'hub', '', 'seen', ts(t),
-    'next', '', 'next_attempt', '', 'nn', '')
+    unpack(EMPTY_SLOT))
   redis.call('ZREM', K.workers(), w)
   redis.call('EXPIRE', wk, TTL_S)
   emit(t, 'worker_down', {'worker', w})
