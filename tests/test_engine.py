@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import redis
@@ -634,13 +635,18 @@ async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
         await server.wait_closed()
 
 
-async def _paused(redis_url: str, ms: int) -> tuple[redis.asyncio.Redis, asyncio.Task[Any]]:
-    """Pause every client of the Redis at ``redis_url`` for ``ms`` (``CLIENT PAUSE``:
-    their commands wait, unanswered). Returns the client that paused it and a task
-    that ends when the pause is over (its PING waits for the pause like any other)."""
+@asynccontextmanager
+async def _paused(redis_url: str, ms: int) -> AsyncIterator[None]:
+    """Inside: every client of the Redis at ``redis_url`` is paused for ``ms``
+    (``CLIENT PAUSE``: their commands wait, unanswered). Leaving waits until the pause
+    is over (a PING waits for it like any other command)."""
     r = redis.asyncio.Redis.from_url(redis_url)
-    await r.execute_command("CLIENT", "PAUSE", ms, "ALL")
-    return r, asyncio.create_task(r.ping())
+    try:
+        await r.execute_command("CLIENT", "PAUSE", ms, "ALL")
+        yield
+        await r.ping()
+    finally:
+        await r.aclose()
 
 
 async def test_a_call_that_times_out_leaves_no_late_reply_behind(
@@ -652,14 +658,12 @@ async def test_a_call_that_times_out_leaves_no_late_reply_behind(
     svc = AsyncRedisService(redis_url, limits=limits, call_timeout_s=0.2)
     try:
         await svc.submit_job("late", 0, {})  # the library is loaded, a connection held
-        pauser, over = await _paused(redis_url, 600)
-        with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.2 s \(stats\)"):
-            await svc.get_stats()
-        await over
+        async with _paused(redis_url, 600):
+            with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.2 s \(stats\)"):
+                await svc.get_stats()
         r = await svc.submit_job("late", 0, {})  # not the stats reply that came late
         assert r.status is JobStatus.QUEUED and r.position == 1
         assert (await svc.get_stats())["queued"] == 2
-        await pauser.aclose()
     finally:
         await svc.aclose()
 
@@ -673,19 +677,17 @@ async def test_a_call_cancelled_by_its_caller_stays_cancelled(
     svc = AsyncRedisService(redis_url, limits=limits, call_timeout_s=5)
     try:
         await svc.submit_job("gone", 0, {})
-        pauser, over = await _paused(redis_url, 300)
-        call = asyncio.create_task(svc.get_stats())
+        async with _paused(redis_url, 300):
+            call = asyncio.create_task(svc.get_stats())
 
-        async def in_flight() -> bool:
-            return svc._in_flight > 0  # the call waits for Redis' reply
+            async def in_flight() -> bool:
+                return svc._in_flight > 0  # the call waits for Redis' reply
 
-        await wait_for(in_flight, what="the call in flight")
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        await over
+            await wait_for(in_flight, what="the call in flight")
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
         assert (await svc.get_stats())["queued"] == 1
-        await pauser.aclose()
     finally:
         await svc.aclose()
 
