@@ -155,6 +155,50 @@ async def test_the_avoidance_ends_after_its_time(redis_url: str, limits: EngineL
         await svc.aclose()
 
 
+async def test_an_avoidance_ending_under_fair_share_dispatches_the_rest_right(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """Fair share: m1 loses three jobs, two of client b (one waits behind the other
+    in b's sub-queue) and one of c. When b's first job stops avoiding m1, the
+    promoter hands it to m1's longest-idle GPU, b's second job becomes b's head,
+    and m1's other idle GPU (silent since the loss) is offered the queue again:
+    it takes nothing that still avoids m1, and nothing raises."""
+    fair = replace(limits, lease_s=0.3, fair_share="client")
+    svc = AsyncRedisService(redis_url, limits=fair)
+    try:
+        busy = await _machine(svc, "m1", 3)
+        jobs = [await svc.submit_job("t", client_id=c) for c in ("b", "b", "c")]
+        assert [j.assignment.worker_id for j in jobs if j.assignment] == busy
+        for w in ("m1:gpu3", "m1:gpu4"):  # idle, and silent from here on
+            assert await svc.register_worker(w, ["t"], session=w) is None
+        for w in busy:
+            assert await svc.worker_lost(w, w)
+        first = jobs[0].job_id
+
+        async def first_dispatched() -> bool:
+            await svc.promote(limit=1)  # one avoidance ends per call: b's first job's
+            j = await svc.get_job(first)
+            return j is not None and j.status is JobStatus.ASSIGNED
+
+        await wait_for(first_dispatched, 5, "the first avoidance to end")
+        j = await svc.get_job(first)
+        assert j is not None and j.worker_id == "m1:gpu3" and j.attempt == 2
+        assert await invariant_violations(svc.redis, svc.keys) == []
+
+        async def statuses() -> list[JobStatus]:
+            return [(await svc.get_job(j.job_id)).status for j in jobs[1:]]  # type: ignore[union-attr]
+
+        async def second_dispatched() -> bool:
+            await svc.promote(limit=1)
+            return JobStatus.ASSIGNED in await statuses()
+
+        await wait_for(second_dispatched, 5, "the other avoidances to end")
+        assert sorted(await statuses()) == sorted([JobStatus.ASSIGNED, JobStatus.QUEUED])
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
 async def test_a_loss_that_does_not_count_avoids_nothing(svc: AsyncRedisService) -> None:
     """A hub shutting down (or closing a worker for its own Redis trouble) requeues
     without counting: the machine is fine, its idle GPU takes the job at once."""

@@ -568,8 +568,13 @@ local function redispatch(ids, t)
   for _, jt in ipairs(types) do
     for _, w in ipairs(redis.call('ZRANGE', K.idle(jt), 0, -1)) do
       local avoided = K.avoided(machine_of(w))
-      if redis.call('EXISTS', avoided) == 0 then avoided = false end
-      local id = queue_head(jt, avoided, t)
+      local heard = nil
+      if redis.call('EXISTS', avoided) == 0 then
+        avoided = false
+      else
+        heard = tonumber(redis.call('HGET', K.worker(w), 'heard'))
+      end
+      local id = queue_head(jt, avoided, heard, t)
       if id then
         local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'client', 'params', 'avoid')
         unqueue(id, jt, j[3], t)
