@@ -219,8 +219,10 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   else
     attempt = (tonumber(j[6]) or 0) + 1
   end
+  -- numbers are formatted once here, not by every command and event that takes them
+  local attempt_s = tostring(attempt)
   -- a first attempt has no earlier attempt's fields to clear
-  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t), 'attempt', attempt,
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t), 'attempt', attempt_s,
     unpack(ahead and AHEAD or NONE))
   if attempt > 1 then redis.call('HDEL', jk, 'started', 'progress', 'message') end
   local wk = K.worker(w)
@@ -235,12 +237,13 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   else
     n = redis.call('HINCRBY', wk, 'n', '1')
   end
+  local n_s = tostring(n)
   if ahead then
-    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt, 'nn', n, 'n', n,
+    redis.call('HSET', wk, 'next', id, 'next_attempt', attempt_s, 'nn', n_s, 'n', n_s,
       unpack(heard or NONE))
   else
-    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt, 'since', ts(t),
-      'jn', n, 'n', n, unpack(heard or NONE))
+    redis.call('HSET', wk, 'status', 'busy', 'job', id, 'attempt', attempt_s, 'since', ts(t),
+      'jn', n_s, 'n', n_s, unpack(heard or NONE))
   end
   if from_idle then unidle(w, split(wf[1])) end
   redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
@@ -248,7 +251,7 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local push_hub = wf[2]
   if returned and push_hub == CALLER then push_hub = false end
   emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
-    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt, 'n', n,
+    'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt_s, 'n', n_s,
     'params', #j[4] <= INLINE_MAX and j[4] or false}, hubs_for(j[3], push_hub))
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
@@ -367,7 +370,7 @@ end
 
 -- The best queued job over `types` (priority, then the global submission order)
 -- that worker `w` may take (queue_head), out of its queue: id and its fields
--- {type, priority, client, params, avoid, attempt}, or nil.
+-- {type, priority, client, params, avoid, attempt, head}, or nil.
 local function take_best(w, types, t)
   local avoided = K.avoided(machine_of(w))
   local heard = nil
@@ -388,8 +391,10 @@ local function take_best(w, types, t)
   end
   if not best then return nil end
   local j = redis.call('HMGET', K.job(best), 'type', 'priority', 'client', 'params', 'avoid',
-    'attempt')
-  unqueue(best, best_type, j[3], t, popped)
+    'attempt', 'head')
+  -- a job in the type's queue is in a client's sub-queue only as its head (fair
+  -- share), which has a `head` score: one popped without it is out of every queue
+  if j[7] or not popped then unqueue(best, best_type, j[3], t, popped) end
   depth_add(best_type, j[2], -1)
   return best, j
 end
