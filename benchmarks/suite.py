@@ -166,6 +166,25 @@ def _mem_total_gib() -> float:
     return float("nan")
 
 
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_idle() -> dict[str, Any]:
+    """How an idle core waits, which sets what waking a process costs: the cpuidle
+    driver and, in a VM on the ``haltpoll`` driver, how long an idle core polls
+    before it halts (``guest_halt_poll_ns``; 0: it halts at once, so every wake-up
+    of a sleeping process goes through the hypervisor). None where not exposed."""
+    poll = _read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return {
+        "driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": int(poll) if poll and poll.isdigit() else None,
+    }
+
+
 def _versions(names: list[str]) -> dict[str, str]:
     out = {}
     for n in names:
@@ -182,6 +201,7 @@ def machine(redis_version: str) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "mem_total_gib": _mem_total_gib(),
         "kernel": platform.release(),
+        "cpu_idle": cpu_idle(),
         "python": platform.python_version(),
         "redis_server": redis_version,
         "packages": _versions(
@@ -704,11 +724,22 @@ def _ms(p: dict[str, float | None] | None, key: str) -> str:
     return f"{x:.2f}" if x is not None else "-"
 
 
+def _idle_text(idle: dict[str, Any] | None) -> str:
+    """The idle cores' wait, for the machine line ('' when unknown)."""
+    if not idle or idle.get("driver") is None:
+        return ""
+    poll = idle.get("guest_halt_poll_ns")
+    return f", idle cores: {idle['driver']}" + (
+        f" (poll {poll:,} ns before halting)" if poll is not None else ""
+    )
+
+
 def format_tables(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"{m['nproc']} cores ({m['cpu_model']}), {m['mem_total_gib']:.0f} GiB, Python {m['python']}, "
         f"Redis {m['redis_server']}, websockets {m['packages']['websockets']}"
+        + _idle_text(m.get("cpu_idle"))
         + (" - QUICK sizes" if result["sizes"]["quick"] else "")
         + (
             " - our hub in the runner's process"

@@ -49,6 +49,21 @@ def test_runner_quick(tmp_path: Path) -> None:
     assert out.with_suffix(".html").exists()
 
 
+def test_the_machine_line_says_how_idle_cores_wait() -> None:
+    """The idle cores' wait sets what each hop between processes costs: the machine
+    line names it when the runner read it, and an older JSON without it still
+    formats."""
+    from benchmarks import suite
+
+    m = suite.machine("test")
+    m["cpu_idle"] = {"driver": "haltpoll", "guest_halt_poll_ns": 0}
+    result = {"machine": m, "sizes": {"quick": True}, "ours": {}, "wall_s": 0.0}
+    first = suite.format_tables(result).splitlines()[0]
+    assert "idle cores: haltpoll (poll 0 ns before halting)" in first
+    del m["cpu_idle"]
+    assert "idle cores" not in suite.format_tables(result).splitlines()[0]
+
+
 def test_cpu_table_rows_per_system() -> None:
     from benchmarks.suite import _cpu_table
 
