@@ -230,7 +230,12 @@ class Background:
     """CPU that processes outside this run used while it ran (other users' work on
     a shared machine disturbs every figure): system-wide busy time from /proc/stat
     minus this process, its reaped children and the redis-server (the parts reap
-    their children before they end). ``part(name)`` notes it per part, in cores."""
+    their children before they end). ``part(name)`` notes it per part, in cores.
+    /proc/stat counts in clock ticks (10 ms), so a part shorter than
+    :attr:`MIN_PART_S` (a skipped one, say) is not noted apart: its time counts
+    toward the next part's."""
+
+    MIN_PART_S = 0.5
 
     def __init__(self, redis_pid: int) -> None:
         self.redis_pid = redis_pid
@@ -254,14 +259,15 @@ class Background:
     def part(self, name: str) -> None:
         now = self._sample()
         wall = now[0] - self._mark[0]
-        if wall > 0:
-            other = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2]))
-            self.parts[name] = {
-                "seconds": wall,
-                "other_cores": other / wall,
-                "steal_cores": (now[3] - self._mark[3]) / wall,
-                "cpu_speed": cpu_speed(),
-            }
+        if wall < self.MIN_PART_S:  # one tick more or less would read as many cores
+            return
+        other = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2]))
+        self.parts[name] = {
+            "seconds": wall,
+            "other_cores": other / wall,
+            "steal_cores": (now[3] - self._mark[3]) / wall,
+            "cpu_speed": cpu_speed(),
+        }
         self._mark = self._sample()
 
 

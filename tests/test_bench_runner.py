@@ -168,3 +168,20 @@ def test_runner_rejects_unknown_part() -> None:
         check=False,
     )
     assert proc.returncode == 2 and "unknown: nope" in proc.stderr
+
+
+def test_a_part_too_short_to_measure_is_not_noted_apart() -> None:
+    """/proc/stat counts 10 ms ticks: a part of microseconds (a skipped one) once
+    read 195 cores of other processes. Such a part is not noted; its time counts
+    toward the next one's."""
+    import os
+
+    from benchmarks.suite import Background
+
+    bg = Background(os.getpid())
+    bg.part("skipped")
+    assert bg.parts == {}
+    bg._mark = (bg._mark[0] - 1.0, *bg._mark[1:])  # as if a second had passed
+    bg.part("measured")
+    assert set(bg.parts) == {"measured"} and bg.parts["measured"]["seconds"] >= 1.0
+    assert 0 <= bg.parts["measured"]["other_cores"] < 2.5
