@@ -326,6 +326,66 @@ async def _after(svc: AsyncRedisService, t: float) -> bool:
     return await _redis_time(svc) > t
 
 
+async def _past_deadlines(svc: AsyncRedisService, workers: list[str]) -> None:
+    """Wait until the liveness deadline of each of ``workers`` has passed (Redis'
+    clock), as when the hub that touched them died."""
+    last = max([float(await svc.redis.zscore(svc.keys.workers, w) or 0) for w in workers])
+    await wait_for(lambda: _after(svc, last), what="the workers' deadlines")
+
+
+async def test_the_reaper_hands_no_job_to_a_gpu_as_dead_as_its_own(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A hub dies holding a busy GPU and idle GPUs of four other machines; all their
+    deadlines lapse together. The busy GPU's job is requeued once, with one loss,
+    not handed down the row of dead idle GPUs (each hand-over counted one more loss,
+    and the job failed as a poison job having run nowhere but the first)."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.3))
+    try:
+        await svc.register_worker("a:gpu0", ["t"], session="a")
+        job = await svc.submit_job("t")
+        assert job.assignment is not None and job.assignment.worker_id == "a:gpu0"
+        idle = [f"{m}:gpu0" for m in "bcde"]
+        for w in idle:
+            assert await svc.register_worker(w, ["t"], session=w) is None
+        await _past_deadlines(svc, ["a:gpu0", *idle])
+        assert await svc.reap() == 5
+        j = await svc.get_job(job.job_id)
+        assert j is not None and j.status is JobStatus.QUEUED and j.lost == 1
+        assigned = [e.fields["worker"] for e in await svc.events_since("0") if e.name == "assigned"]
+        assert assigned == ["a:gpu0"]
+        assert (await svc.get_stats())["workers"] == 0
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
+async def test_the_reaper_keeps_the_lease_of_a_job_it_hands_on(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """With more dead workers than one call handles, the reaper finds a job by its
+    lapsed lease and requeues it onto a live idle GPU at once: the job's new lease
+    stays (it used to be deleted after the hand-over, leaving a running job that no
+    reaper would ever requeue)."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.3))
+    try:
+        for w in ("a:gpu0", "b:gpu0"):
+            assert await svc.register_worker(w, ["t"], session=w) is None
+        jobs = [await svc.submit_job("t") for _ in range(2)]
+        await _past_deadlines(svc, ["a:gpu0", "b:gpu0"])
+        for w in ("c:gpu0", "d:gpu0"):  # live and idle
+            assert await svc.register_worker(w, ["t"], session=w) is None
+        assert await svc.reap(limit=1) == 2  # one worker by its deadline, one job by its lease
+        for r in jobs:
+            j = await svc.get_job(r.job_id)
+            assert j is not None and j.status is JobStatus.ASSIGNED
+            assert j.worker_id in ("c:gpu0", "d:gpu0")
+            assert await svc.redis.zscore(svc.keys.leases, r.job_id) is not None
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
 async def test_touch_keeps_a_live_worker(redis_url: str, limits: EngineLimits) -> None:
     svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.3))
     try:

@@ -10,12 +10,23 @@ for _, h in ipairs(redis.call('ZRANGEBYSCORE', K.hubs(), '-inf', ts(t), 'LIMIT',
   redis.call('ZREM', K.hubs(), h)
   redis.call('DEL', K.clients(h), K.inbox(h))
 end
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMIT', 0, limit)) do
+local dead = redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMIT', 0, limit)
+-- every worker found dead leaves the idle sets before any job is requeued: a job must
+-- not be handed to a GPU as dead as the one that lost it (each such hand-over would
+-- count one more loss against the job)
+for _, w in ipairs(dead) do
+  local types = redis.call('HGET', K.worker(w), 'types')
+  if types then unidle(w, split(types)) end
+end
+for _, w in ipairs(dead) do
   local session = redis.call('HGET', K.worker(w), 'session')
   if session and drop_worker(w, session, t, 1) == 1 then n = n + 1
   else redis.call('ZREM', K.workers(), w) end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases(), '-inf', ts(t), 'LIMIT', 0, limit)) do
+  -- the lapsed lease goes first: the job may be requeued onto a worker at once, with
+  -- a new lease that must stay
+  redis.call('ZREM', K.leases(), id)
   local w = redis.call('HGET', K.job(id), 'worker')
   local h = blank(w) and {} or redis.call('HMGET', K.worker(w), 'session', 'job', 'next')
   if h[2] == id or h[3] == id then
@@ -23,7 +34,6 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases(), '-inf', ts(t), 'LIMI
   else
     lose_job(id, w, t, 1)
   end
-  redis.call('ZREM', K.leases(), id)
   n = n + 1
 end
 return n
