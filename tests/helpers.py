@@ -93,6 +93,14 @@ for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
   if st ~= 'assigned' and st ~= 'running' then bad[#bad + 1] = 'lease on ' .. id .. ' in ' .. tostring(st) end
   if not held[id] then bad[#bad + 1] = 'lease on ' .. id .. ' held by no live worker' end
 end
+-- and every job a live worker holds, unless cancelled, has a lease (else no reaper
+-- would ever requeue it after its hub dies)
+for id, w in pairs(held) do
+  local st = redis.call('HGET', P .. 'job:' .. id, 'status')
+  if st ~= 'cancelled' and not redis.call('ZSCORE', P .. 'leases', id) then
+    bad[#bad + 1] = id .. ' held by ' .. w .. ' without a lease'
+  end
+end
 return bad
 """
 

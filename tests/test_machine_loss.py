@@ -199,6 +199,55 @@ async def test_an_avoidance_ending_under_fair_share_dispatches_the_rest_right(
         await svc.aclose()
 
 
+@pytest.mark.parametrize("how", ["taken", "cancelled"])
+async def test_a_client_s_next_head_goes_to_an_idle_gpu_it_may_use(
+    redis_url: str, limits: EngineLimits, how: str
+) -> None:
+    """Fair share: m loses Y, then H, both of client c (H is c's head, Y waits behind
+    it), while m:gpu2 sits idle. Y's avoidance ends first, while it is not a head.
+    Then H leaves the queue another way (a GPU of another machine takes it, or it is
+    cancelled): Y becomes c's head and goes to idle m:gpu2 at once, instead of
+    waiting next to it until some later call."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, fair_share="client"))
+    try:
+        for w in ("m:gpu0", "m:gpu1", "n:gpu0"):
+            assert await svc.register_worker(w, ["t"], session=w) is None
+        head = await svc.submit_job("t", client_id="c")
+        behind = await svc.submit_job("t", client_id="c")
+        other = await svc.submit_job("t", client_id="b")
+        assert other.assignment is not None and other.assignment.worker_id == "n:gpu0"
+        assert await svc.register_worker("m:gpu2", ["t"], session="m:gpu2") is None
+        assert await svc.worker_lost("m:gpu1", "m:gpu1")  # Y: `behind`
+        assert await svc.worker_lost("m:gpu0", "m:gpu0")  # H: `head`
+        # Y's avoidance is due before H's (as if its time had passed): it ends, and Y,
+        # not a head, stays in c's sub-queue
+        await svc.redis.zadd(svc.keys.avoid, {behind.job_id: 0})
+        await svc.promote()
+        assert "avoid" not in await svc.redis.hgetall(svc.keys.job(behind.job_id))
+        if how == "taken":
+            done = await svc.complete_job(other.job_id, 1, "n:gpu0")
+            assert done.next is not None and done.next.job_id == head.job_id
+        else:
+            assert (await svc.cancel_job(head.job_id)).status is JobStatus.CANCELLED
+        j = await svc.get_job(behind.job_id)
+        assert j is not None and j.status is JobStatus.ASSIGNED and j.worker_id == "m:gpu2"
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
+async def test_a_cancelled_job_stops_avoiding_its_machine(svc: AsyncRedisService) -> None:
+    """A queued job lost on m avoids m; cancelled, it leaves no trace of that."""
+    await _machine(svc, "m", 2)
+    job = await svc.submit_job("t")
+    assert await svc.worker_lost("m:gpu0", "m:gpu0")
+    assert await svc.redis.sismember(svc.keys.avoided("m"), job.job_id)
+    assert (await svc.cancel_job(job.job_id)).status is JobStatus.CANCELLED
+    assert await svc.redis.zscore(svc.keys.avoid, job.job_id) is None
+    assert not await svc.redis.exists(svc.keys.avoided("m"))
+    assert "avoid" not in await svc.redis.hgetall(svc.keys.job(job.job_id))
+
+
 async def test_a_loss_that_does_not_count_avoids_nothing(svc: AsyncRedisService) -> None:
     """A hub shutting down (or closing a worker for its own Redis trouble) requeues
     without counting: the machine is fine, its idle GPU takes the job at once."""

@@ -7,7 +7,7 @@
 local id, client = A(1), A(2)
 local jk = K.job(id)
 local j = redis.call('HMGET', jk, 'status', 'client', 'type', 'priority', 'worker', 'attempt',
-  'ahead')
+  'ahead', 'avoid')
 if not j[1] or (client ~= '' and j[2] ~= client) then
   return redis.error_reply('NOT_FOUND no job ' .. id .. ' for this client')
 end
@@ -15,9 +15,13 @@ local st = j[1]
 if st == 'completed' or st == 'failed' or st == 'cancelled' then return {st, false, j[6]} end
 local t = now()
 local hub = false
+-- a job that avoided a machine (lost there) stops avoiding it: no GPU of that machine
+-- need skip it any more
+if not blank(j[8]) then unshun(id, j[8]) end
 if st == 'queued' then
-  unqueue(id, j[3], j[2], t)
+  local nxt = unqueue(id, j[3], j[2], t)
   depth_add(j[3], j[4], -1)
+  if nxt then offer_head(nxt, j[3], t) end
 elseif st == 'retrying' or st == 'scheduled' then
   redis.call('ZREM', K.delayed(), id)
   redis.call('ZREM', K.scheduled(), id)

@@ -298,7 +298,8 @@ end
 -- Take queued job `id` (type `jt`, client `c` or false) out of its queue, and out of
 -- its client's sub-queue if it is in one: then the client's next job, if any,
 -- becomes its head. Works on the keys as they are, whatever the policy now.
--- The caller adjusts the depth count. Returns true when a next head entered the queue.
+-- The caller adjusts the depth count. Returns the next head when one entered the
+-- queue (see offer_head), else false.
 -- `popped`: the caller took it out of the type's queue already (ZPOPMIN).
 local function unqueue(id, jt, c, t, popped)
   local was_head = popped or redis.call('ZREM', K.queue(jt), id) == 1
@@ -310,10 +311,28 @@ local function unqueue(id, jt, c, t, popped)
       redis.call('SREM', K.subs(jt), c)
     elseif was_head then
       redis.call('ZADD', K.queue(jt), head_score(nxt, t), nxt)
-      return true
+      return nxt
     end
   end
   return false
+end
+
+-- Job `id` has just become its client's head in the queue of type `jt` (unqueue):
+-- like a job entering the queue, it goes to the longest-idle worker that may take
+-- it, if one waits (one can, next to a head that avoided its machine), and so on
+-- for the head after it. The caller must not be handing a job to a worker that is
+-- still in an idle set.
+local function offer_head(id, jt, t)
+  while id and redis.call('ZRANGE', K.idle(jt), '0', '0')[1] do
+    local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'client', 'params', 'avoid',
+      'attempt')
+    local w = idle_worker(jt, j[5])
+    if not w then return end
+    local nxt = unqueue(id, jt, j[3], t)
+    depth_add(jt, j[2], -1)
+    assign(id, w, t, false, j, true)
+    id = nxt
+  end
 end
 
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
@@ -394,8 +413,9 @@ local function take_best(w, types, t)
     'attempt', 'head')
   -- a job in the type's queue is in a client's sub-queue only as its head (fair
   -- share), which has a `head` score: one popped without it is out of every queue
-  if j[7] or not popped then unqueue(best, best_type, j[3], t, popped) end
+  local nxt = (j[7] or not popped) and unqueue(best, best_type, j[3], t, popped)
   depth_add(best_type, j[2], -1)
+  if nxt then offer_head(nxt, best_type, t) end
   return best, j
 end
 
