@@ -38,6 +38,18 @@ async def test_calls_made_while_one_is_in_flight_share_one_pipeline(
         assert job is not None and job.params == {"i": i} and job.priority == i % 3
 
 
+async def test_a_pipeline_carries_at_most_pipeline_calls(svc: AsyncRedisService) -> None:
+    """100 calls in one turn: the first leaves alone, the other 99 in pipelines of at
+    most 32 (a pipeline of every waiting call made a busy hub's jobs move in waves),
+    each call still answered in order with its own reply."""
+    assert svc.pipeline_calls == 32
+    results = await asyncio.gather(*(svc.submit_job("cap", 0, {"i": i}) for i in range(100)))
+    assert (svc.calls_alone, svc.calls_pipelined, svc.pipelines) == (1, 99, 4)
+    for i, r in enumerate(results):
+        job = await svc.get_job(r.job_id)
+        assert job is not None and job.params == {"i": i} and job.position == i
+
+
 async def test_each_call_in_a_pipeline_gets_its_own_error(svc: AsyncRedisService) -> None:
     first = await svc.submit_job("errs", 0, {}, job_id="taken")
     outcomes = await asyncio.gather(
