@@ -133,6 +133,7 @@ async def test_a_lost_worker_requeues_the_job_held_ahead_without_counting_it(
     assert running.status is ahead.status is JobStatus.QUEUED
     assert running.lost == 1  # it ran there
     assert ahead.lost == 0  # it never ran: no fault of its own
+    assert (await svc.get_stats())["totals"]["requeued"] == 2  # one per job requeued
     raw = await svc.redis.hmget(svc.keys.job(c), "ahead", "avoid")
     assert raw == [None, None]
     assert await invariant_violations(svc.redis, svc.keys) == []
