@@ -271,6 +271,40 @@ async def test_fair_share_with_a_busy_worker_the_next_assignment_is_the_other_cl
         await svc.aclose()
 
 
+async def test_fair_share_a_retried_head_gets_its_place_back(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A job that became its client's head with a fresh sequence number keeps that
+    head score: retried after a failure, it re-enters the queue at it, not at its own
+    queue score (docs/scheduling.md)."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, fair_share="client"))
+    try:
+        a1, a2 = [(await svc.submit_job("t", client_id="a")).job_id for _ in range(2)]
+        b1 = (await svc.submit_job("t", client_id="b")).job_id
+        first = await svc.register_worker("w:gpu0", ["t"], session="w")
+        assert first is not None and first.job_id == a1  # a2 becomes a's head now
+        head = await svc.redis.hget(svc.keys.job(a2), "head")
+        own = await svc.redis.zscore(svc.keys.sub("t", "a"), a2)
+        assert head is not None and own is not None and float(head) > own
+        nxt = (await svc.complete_job(a1, 1, "w:gpu0")).next
+        assert nxt is not None and nxt.job_id == b1
+        nxt = (await svc.complete_job(b1, 1, "w:gpu0")).next
+        assert nxt is not None and nxt.job_id == a2
+        await svc.fail_job(a2, 1, "w:gpu0", "boom")
+        assert await svc.worker_lost("w:gpu0", "w", count=False)  # no one to take it
+
+        async def queued() -> bool:
+            await svc.promote()
+            j = await svc.get_job(a2)
+            return j is not None and j.status is JobStatus.QUEUED
+
+        await wait_for(queued, 5, "the retry to be due")
+        assert await svc.redis.zscore(svc.keys.queue("t"), a2) == float(head)
+        assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
 async def test_fair_share_cancel_and_requeue_of_a_head_keep_the_queue_right(
     redis_url: str, limits: EngineLimits, sync_svc: RedisService
 ) -> None:

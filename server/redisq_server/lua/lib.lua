@@ -260,11 +260,11 @@ end
 -- wait in its sub-queue K.sub(type:client) by their queue score; the type's queue
 -- holds only each client's head (the first of its sub-queue), under its head
 -- score: given once, when the job first becomes its client's head, and kept in its
--- `head` field, so a displaced or requeued head gets its place back. A job that
--- becomes head as it enters the queue (submitted, due, retried, requeued) takes its
--- own queue score; one that becomes head when its client's previous head leaves
--- takes a fresh seq and the time now (head_score), which puts it behind every head
--- already waiting at its priority: the round-robin.
+-- `head` field, so a displaced, requeued or retried head gets its place back. A job
+-- that becomes head for the first time as it enters the queue (submitted, due,
+-- retried, requeued) takes its own queue score; one that becomes head when its
+-- client's previous head leaves takes a fresh seq and the time now (head_score),
+-- which puts it behind every head already waiting at its priority: the round-robin.
 local function head_score(id, t)
   local h = redis.call('HMGET', K.job(id), 'head', 'priority')
   if h[1] then return h[1] end
