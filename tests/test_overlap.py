@@ -81,6 +81,51 @@ async def test_a_refusal_keeps_its_place_in_the_order_of_replies(hub: Hub, redis
     await client.close()
 
 
+async def test_a_refusal_is_not_overtaken_by_a_later_reply(hub: Hub, redis_url: str) -> None:
+    """The same job id twice, then another submit: the refusal (made at once, while
+    the first waits for Redis) leaves after the first's reply and before the third's,
+    though the first and third are answered in the same loop turn."""
+    other = await Peer.open(f"{hub.url}/ws/client/ovhold")
+    client = await Peer.open(f"{hub.url}/ws/client/ovdup3")
+    async with writes_paused(redis_url):
+        alone = hub.svc.calls_alone
+        await other.send(protocol.submit_job("ov", 0, {}, job_id="ov-hold", id="h"))
+
+        async def held() -> bool:  # another socket's call holds the one place in flight
+            return hub.svc.calls_alone > alone
+
+        await wait_for(held, 10, "the other call in flight")
+        await client.send(_submit(10))
+        await client.send({**_submit(10), "id": "again"})
+        await client.send(_submit(11))
+        await _waiting(hub, "submit", 2)  # the first and third will share a pipeline
+    got = [await client.recv() for _ in range(3)]
+    assert [(m["type"], m["ref"]) for m in got] == [
+        ("job_accepted", "s10"),
+        ("error", "again"),
+        ("job_accepted", "s11"),
+    ], got
+    await client.close()
+    await other.close()
+
+
+async def test_an_engine_refusal_keeps_its_place(hub: Hub, redis_url: str) -> None:
+    """A submit the engine refuses (another client's job id) in the middle of a
+    pipeline: its error leaves between the replies before and after it."""
+    await hub.svc.submit_job("ov", 0, {}, job_id="theirs", client_id="someone-else")
+    client = await Peer.open(f"{hub.url}/ws/client/ovmid")
+    async with writes_paused(redis_url):
+        await client.send(_submit(20))
+        await client.send(_submit(21))
+        await client.send({**_submit(22), "job_id": "theirs"})
+        await client.send(_submit(23))
+        await _waiting(hub, "submit", 3)
+    got = [await client.recv() for _ in range(4)]
+    assert [m["ref"] for m in got] == ["s20", "s21", "s22", "s23"], got
+    assert (got[2]["type"], got[2]["code"]) == ("error", "duplicate")
+    await client.close()
+
+
 async def test_a_prefetching_workers_reports_overlap_in_order(hub: Hub, redis_url: str) -> None:
     for i in range(4):
         await hub.svc.submit_job("ovw", 0, {}, job_id=f"w{i}")

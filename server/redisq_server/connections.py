@@ -80,6 +80,9 @@ class Connection:
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         self.in_flight_bytes = 0  # the size of their frames
         self.requests = 0  # requests read on this socket
+        #: error replies waiting to be sent right after the reply to request number k
+        #: (Routes._reply_in_place), so they keep their place among the replies
+        self.after: dict[int, list[dict[str, Any]]] = {}
         # clients: jobs whose updates this socket gets; events that arrive while a
         # submit is still being answered wait in `pending` so the reply comes first
         self.jobs: set[str] = set()

@@ -144,8 +144,14 @@ class Routes:
     @staticmethod
     async def settled(conn: Connection, before: int | None = None) -> None:
         """Wait until every request of ``conn`` in flight (numbered below ``before``,
-        if given) is answered. A cancelled caller does not cancel them."""
-        tasks = [t for n, t in conn.in_flight.items() if before is None or n < before]
+        if given) is answered. A cancelled caller does not cancel them. Returns at
+        once, without a loop turn, when they are (a done task has sent its reply,
+        though its entry leaves ``in_flight`` a turn later): a refusal sent then
+        keeps its place before the replies of later requests answered in the same
+        turn."""
+        tasks = [
+            t for n, t in conn.in_flight.items() if (before is None or n < before) and not t.done()
+        ]
         if tasks:
             await asyncio.wait(tasks)
 
@@ -153,13 +159,13 @@ class Routes:
         """Run ``msg``'s handler; a failure becomes an ``error`` reply, sent after the
         replies to the socket's requests before request number ``n`` (a request
         refused before it reaches Redis keeps its place in the order of replies)."""
+        deferred: int | None = None  # the request this one's error reply waits behind
         try:
             await self.handlers[msg.type](conn, msg)
             self.events.flush_local()
         except ProtocolError as err:
             err.ref = msg.id if err.ref is None else err.ref
-            await self.settled(conn, n)
-            conn.send(err.to_message())
+            deferred = self._reply_in_place(conn, n, err.to_message())
         except RedisError as exc:
             log.warning("%r: Redis error: %s", conn, exc)
             if msg.type in _WORKER_COMMITS:
@@ -171,12 +177,38 @@ class Routes:
                 self._closed_for_outage.add(conn.session)
                 conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
             else:
-                await self.settled(conn, n)
-                conn.send(protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", msg.id))
+                message = protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", msg.id)
+                deferred = self._reply_in_place(conn, n, message)
         except Exception:
             log.exception("%r: handler failed", conn)
-            await self.settled(conn, n)
-            conn.send(protocol.error(ErrorCode.INTERNAL, "internal error", msg.id))
+            message = protocol.error(ErrorCode.INTERNAL, "internal error", msg.id)
+            deferred = self._reply_in_place(conn, n, message)
+        finally:
+            # the error replies of later requests that waited behind this one go now,
+            # in this turn, before any later request's reply; or, if this one's own
+            # reply waits behind an earlier request, they wait there after it
+            waiting = conn.after.pop(n, []) if n is not None else []
+            if deferred is not None:
+                conn.after[deferred].extend(waiting)
+            else:
+                for m in waiting:
+                    conn.send(m)
+
+    @staticmethod
+    def _reply_in_place(conn: Connection, n: int | None, message: dict[str, Any]) -> int | None:
+        """Send ``message``, the error reply of request number ``n``, after the
+        replies of the socket's earlier requests: at once when they are answered,
+        else right after the latest of them is (``_answer``'s ``finally``), in the same
+        loop turn, so that no later request answered in that turn overtakes it.
+        Returns the number of the request it waits behind, or None if sent."""
+        if n is not None:
+            earlier = [k for k, t in conn.in_flight.items() if k < n and not t.done()]
+            if earlier:
+                k = max(earlier)
+                conn.after.setdefault(k, []).append(message)
+                return k
+        conn.send(message)
+        return None
 
     def closed_for_outage(self, conn: Connection) -> bool:
         """Whether this hub closed worker ``conn`` because Redis failed its report
