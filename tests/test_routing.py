@@ -5,8 +5,10 @@ produced for them; monitors that asked for events read the whole stream."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from redisq_server import AsyncRedisService, EngineLimits
 from redisq_server.main import Hub
@@ -118,6 +120,36 @@ async def test_other_hubs_calls_arrive_through_the_inbox(
         await c.request({"type": "cancel_job", "job_id": acc2["job_id"]})
         cancel = await w.expect("cancel_job")
         assert cancel["job_id"] == j2["job_id"]
+        await c.close()
+        await w.close()
+
+
+async def test_an_inbox_batch_whose_read_fails_is_read_again(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A job's result too large to ride in its event is read when the event is
+    routed; when that read fails (Redis gone for a moment), the inbox batch is read
+    again, so the client still gets its final frame (the batch used to be skipped)."""
+    async with Hub(hub_settings(redis_url, limits)) as a, Hub(hub_settings(redis_url, limits)) as b:
+        c = await client(a)
+        w = await open_worker(b.url, "m1:gpu0", ["t"])
+        acc = await c.request({"type": "submit_job", "job_type": "t"})
+        job = await w.expect("job_assigned")
+        real = a.events.svc.job_payloads
+        failures = []
+
+        async def fails_once(ids: Any) -> Any:
+            if not failures:
+                failures.append(ids)
+                raise RedisConnectionError("Redis went away for a moment")
+            return await real(ids)
+
+        a.events.svc.job_payloads = fails_once  # type: ignore[method-assign]
+        big = {"blob": "x" * 2000}  # over the 512 bytes an event carries
+        await w.send({"type": "complete_job", "job_id": job["job_id"], "attempt": 1, "result": big})
+        done = await c.expect("job_completed", timeout=10)
+        assert done["job_id"] == acc["job_id"] and done["result"] == big
+        assert failures  # the first read did fail
         await c.close()
         await w.close()
 

@@ -148,9 +148,19 @@ class EventRouter:
         async def step() -> None:
             nonlocal last
             events = await self.svc.read_inbox(last, count=1000, block_ms=1000)
-            if events:
-                last = events[-1].id
+            if not events:
+                return
+            try:
                 await self.route_events(events)
+            except RedisError:
+                # the batch's payloads could not be read, so nothing of it was
+                # routed: it is read again on the next step (a skipped batch lost
+                # its clients' final frames)
+                raise
+            except BaseException:
+                last = events[-1].id
+                raise
+            last = events[-1].id
 
         return step
 
@@ -274,8 +284,14 @@ class EventRouter:
             self._local_busy = True
             try:
                 await self.route_events(self._local[0])
-            finally:
+            except RedisError:
+                raise  # nothing of the batch was routed: it stays first, for the next try
+            except BaseException:
                 self._local.popleft()
+                raise
+            else:
+                self._local.popleft()
+            finally:
                 self._local_busy = False
 
     # ----------------------------------------------------------- routing
