@@ -241,6 +241,32 @@ async def test_two_hubs_share_one_redis(redis_url: str, limits: EngineLimits) ->
             await p.close()
 
 
+async def test_a_failed_subscribe_keeps_the_subscription_the_socket_had(hub: Hub) -> None:
+    """A client follows its job (it submitted it); a subscribe_job for that job
+    whose read fails answers `unavailable`, and the client still gets the job's
+    final frame (the failure used to end the subscription it had)."""
+    c = await client(hub, "subfail")
+    w = await open_worker(hub.url, "m1:gpu0", ["t"])
+    acc = await c.request({"type": "submit_job", "job_type": "t"})
+    job = await w.expect("job_assigned")
+    real = hub.routes.svc.get_job
+
+    async def fails(job_id: str) -> Any:
+        raise redis.exceptions.ConnectionError("Redis went away for a moment")
+
+    hub.routes.svc.get_job = fails  # type: ignore[method-assign]
+    try:
+        sub = await c.request({"type": "subscribe_job", "job_id": acc["job_id"]})
+    finally:
+        hub.routes.svc.get_job = real  # type: ignore[method-assign]
+    assert (sub["type"], sub["code"]) == ("error", "unavailable")
+    await w.send({"type": "complete_job", "job_id": job["job_id"], "attempt": 1, "result": 5})
+    done = await c.expect("job_completed")
+    assert done["job_id"] == acc["job_id"] and done["result"] == 5
+    await c.close()
+    await w.close()
+
+
 async def test_slow_reader_is_closed_and_others_unaffected(
     redis_url: str, limits: EngineLimits
 ) -> None:

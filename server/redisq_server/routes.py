@@ -285,18 +285,24 @@ class Routes:
     async def subscribe_job(self, conn: Connection, msg: Message) -> None:
         job_id = msg.fields["job_id"]
         self._check_room(conn)
-        self.registry.subscribe(conn, job_id, pending=True)
+        # a socket that follows the job already (its own submit, an earlier
+        # subscribe) keeps that subscription, whatever this request meets
+        fresh = job_id not in conn.jobs
+        if fresh:
+            self.registry.subscribe(conn, job_id, pending=True)
         try:
             job = await self._own_job(conn, job_id)
         except BaseException:
-            self.registry.unsubscribe(conn, job_id)
+            if fresh:
+                self.registry.unsubscribe(conn, job_id)
             raise
         conn.send(protocol.subscribed_job(msg.id, job_id, job.status.value))
         final = final_message(job)
         if final is not None:
-            self.registry.unsubscribe(conn, job_id)
-            conn.send(final)
-        else:
+            if job_id in conn.jobs:  # not told yet (a subscription it had may have been)
+                self.registry.unsubscribe(conn, job_id)
+                conn.send(final)
+        elif fresh:
             conn.release_pending(job_id, keep=True)
 
     async def cancel_job(self, conn: Connection, msg: Message) -> None:
