@@ -4,8 +4,10 @@ while one is in flight leave together in one pipeline, each with its own reply."
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+import redis
 import redis.asyncio
 
 from redisq_server import (
@@ -132,6 +134,32 @@ async def test_calls_on_a_killed_connection_are_sent_again(
     assert all(r.status is JobStatus.QUEUED for r in results)
     stats = await svc.get_stats()
     assert stats["queued"] == 5 and stats["totals"]["submitted"] == 5
+
+
+async def test_a_report_whose_reply_was_lost_is_not_refused_by_its_own_rerun(
+    svc: AsyncRedisService,
+) -> None:
+    """Redis runs a worker's completion and the connection breaks before its reply
+    is read: the call is sent again and meets a job it completed itself. That
+    refusal is not the answer: the caller gets a connection error (its outage path:
+    the hub rechecks the job), not `bad_state`; the job is completed once."""
+    assert await svc.register_worker("m:gpu0", ["lost"], session="s") is None
+    job = await svc.submit_job("lost", 0, {})
+    assert job.assignment is not None
+    (conn,) = svc._pipe_conns  # the connection the next lone call is written on
+    read = conn.read_response
+
+    async def read_then_break(*args: Any, **kwargs: Any) -> Any:
+        conn.read_response = read  # type: ignore[method-assign]  # once
+        await read(*args, **kwargs)  # Redis ran the call; its reply is lost
+        raise redis.exceptions.ConnectionError("connection reset")
+
+    conn.read_response = read_then_break  # type: ignore[method-assign]
+    with pytest.raises(redis.exceptions.ConnectionError, match="may have done it"):
+        await svc.complete_job(job.job_id, 1, "m:gpu0", {"ok": 1})
+    done = await svc.get_job(job.job_id)
+    assert done is not None and done.status is JobStatus.COMPLETED and done.result == {"ok": 1}
+    assert (await svc.get_stats())["totals"]["completed"] == 1
 
 
 async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -> None:

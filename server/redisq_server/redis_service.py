@@ -475,12 +475,18 @@ class AsyncRedisService(_Shell):
 
         As redis-py retries a lone call, the calls that got no answer are sent twice
         more at most, after 40 and 80 ms, on a fresh connection: those whose replies
-        were lost with a broken connection (they may have run; fencing makes a rerun
-        harmless) and those Redis refused while loading its data (they did not run).
-        A reply already read is never sent again."""
+        were lost with a broken connection and those Redis refused while loading its
+        data (they did not run). A reply already read is never sent again.
+
+        A call whose reply was lost may have run: its rerun then meets its own work
+        (a report on a job it already ended is refused as stale or in a bad state).
+        Such a refusal is not the call's answer, so it becomes a connection error:
+        the caller takes its outage path (the hub rechecks the job and closes the
+        worker's socket), as if the rerun had not been made."""
         pool = self.redis.connection_pool
         replies, packed = (sent.replies, sent.packed) if sent else self._pack_all(ops)
         todo = list(packed)
+        unsure: list[int] = []  # sent again after a lost reply: the first run may have run
         if sent and not todo:  # nothing was written: the connection is free again
             self._pipe_conns.append(sent.conn)
         for attempt in range(3 if todo else 0):
@@ -512,12 +518,22 @@ class AsyncRedisService(_Shell):
                 for i in todo[answered:]:
                     replies[i] = exc
                 again += todo[answered:]
+                unsure += todo[answered:]
                 self.replies_lost += 1
             else:
                 self._pipe_conns.append(conn)
             if not again:
                 break
             todo = again
+        for i in unsure:
+            reply = replies[i]
+            if isinstance(reply, ResponseError) and not (
+                isinstance(reply, BusyLoadingError) or _missing(reply)
+            ):
+                replies[i] = RedisConnectionError(
+                    f"the connection was lost before this call's reply and its rerun was "
+                    f"refused ({reply}): the first run may have done it"
+                )
         return replies
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
