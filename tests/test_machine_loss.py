@@ -248,6 +248,23 @@ async def test_a_cancelled_job_stops_avoiding_its_machine(svc: AsyncRedisService
     assert "avoid" not in await svc.redis.hgetall(svc.keys.job(job.job_id))
 
 
+async def test_registering_again_on_the_same_session_counts_no_loss(
+    svc: AsyncRedisService,
+) -> None:
+    """A registration run twice with one session (its reply lost and the call sent
+    again, or a worker registering twice on one socket) requeues what the first run
+    handed out, which never ran, without counting a loss against it."""
+    job = await svc.submit_job("t")
+    first = await svc.register_worker("m:gpu0", ["t"], session="s")
+    assert first is not None and first.job_id == job.job_id
+    again = await svc.register_worker("m:gpu0", ["t"], session="s")
+    assert again is not None and again.job_id == job.job_id and again.attempt == 2
+    j = await svc.get_job(job.job_id)
+    assert j is not None and j.lost == 0
+    assert await svc.redis.zcard(svc.keys.avoid) == 0  # and it avoids nothing
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+
 async def test_a_loss_that_does_not_count_avoids_nothing(svc: AsyncRedisService) -> None:
     """A hub shutting down (or closing a worker for its own Redis trouble) requeues
     without counting: the machine is fine, its idle GPU takes the job at once."""

@@ -11,7 +11,10 @@ local w = A(1)
 local t = now()
 local wk = K.worker(w)
 local old = redis.call('HMGET', wk, 'session', 'status')
-if old[1] and old[2] ~= 'offline' then drop_worker(w, old[1], t, 1) end
+-- the same session again (a rerun of this registration after its reply was lost, or
+-- a worker registering twice on one socket): what it holds was not lost by a fault
+-- of the job's, so no loss is counted
+if old[1] and old[2] ~= 'offline' then drop_worker(w, old[1], t, old[1] == A(6) and 0 or 1) end
 -- counters (done, failed, busy_s) are kept across reconnects; `registered` is the
 -- first registration, so busy_s / (now - registered) stays a share of wall time
 redis.call('HSETNX', wk, 'registered', ts(t))
