@@ -177,6 +177,24 @@ async def test_renewal_extends_the_lease_of_the_job_held_ahead_and_finds_it_miss
     assert (await svc.renew([(W, "s", done.ahead.n)])).missed == []
 
 
+async def test_a_gpu_never_told_of_a_job_cancelled_since_is_freed(
+    svc: AsyncRedisService,
+) -> None:
+    """The push of a job is lost (its hub never sent it) and its client cancels it
+    before the sweep pushes it again: the GPU cannot acknowledge a cancel of a job
+    it never heard of. The sweep frees it instead, and hands it the next job (it
+    used to stay busy with the cancelled job for good)."""
+    first = await svc.submit_job("t")
+    assert await svc.register_worker(W, ["t"], session="s") is not None  # never pushed
+    second = await svc.submit_job("t")
+    assert (await svc.cancel_job(first.job_id)).status is JobStatus.CANCELLED
+    renewal = await svc.renew([(W, "s", 0)])  # the hub pushed nothing to this socket
+    assert [(a.job_id, a.attempt) for a in renewal.missed] == [(second.job_id, 1)]
+    worker = await svc.redis.hget(svc.keys.worker(W), "job")
+    assert worker == second.job_id
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+
 async def test_a_worker_without_a_window_never_holds_one_ahead(svc: AsyncRedisService) -> None:
     a, b, _ = await _queue(svc, 3)
     await svc.register_worker(W, ["t"], session="s")

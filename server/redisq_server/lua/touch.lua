@@ -5,7 +5,8 @@
 -- Returns {stale, missed}: the workers whose session is no longer current (they
 -- must re-register), and the assignments of live workers that their hub has not
 -- pushed (a reply or an event lost to a Redis outage): the hub pushes them now,
--- so a worker never holds a job it was never told of.
+-- so a worker never holds a job it was never told of. A worker whose current job
+-- was cancelled before it was told of it is freed, and claims its next job.
 local t = now()
 local deadline = ts(t + LEASE)
 local stale, missed = {}, {}
@@ -20,6 +21,18 @@ while A(i) do
   else
     redis.call('ZADD', K.workers(), deadline, w)
     redis.call('HSET', wk, 'seen', ts(t))
+    local current = tonumber(h[7] or h[5])
+    if pushed ~= '' and not blank(h[3]) and current and current > tonumber(pushed)
+        and redis.call('HGET', K.job(h[3]), 'status') == 'cancelled' then
+      -- its current job was cancelled before its hub told it of the job: it cannot
+      -- acknowledge a cancel it never heard of, so it is free now (it would stay
+      -- busy for good); what it claims instead is pushed with the missed ones
+      local a = release(w, t, false)
+      for k = 1, 2 do
+        if a[k] then missed[#missed + 1] = a[k] end
+      end
+      h[3], h[8] = '', '' -- nothing left to renew or push below
+    end
     -- the current job (numbered `jn`; `n` before jn was kept) and one held ahead
     for _, held in ipairs({{h[3], h[4], h[7] or h[5]}, {h[8], h[9], h[10]}}) do
       local id, attempt, num = held[1], held[2], tonumber(held[3])
