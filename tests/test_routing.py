@@ -241,6 +241,26 @@ async def test_a_stopped_or_dead_hub_is_forgotten(redis_url: str, limits: Engine
         await plain.aclose()
 
 
+async def test_a_hub_lists_ten_thousand_clients_in_one_call(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A hub given up for dead lists all its clients again in one call; Lua unpacks
+    at most about 8,000 values at once, so the list goes in batches (one call of
+    10,000 ids used to fail on every sweep, and those clients got no events)."""
+    svc = AsyncRedisService(redis_url, limits=limits)
+    svc.hub_id = "many"
+    try:
+        await svc.hub_start()
+        ids = [f"c{i}" for i in range(10_000)]
+        await svc.clients_here(ids)
+        assert await svc.redis.scard(svc.keys.clients("many")) == 10_000
+        await svc.clients_gone(ids[:9_000])
+        assert await svc.redis.scard(svc.keys.clients("many")) == 1_000
+        await svc.hub_stop()
+    finally:
+        await svc.aclose()
+
+
 async def test_an_assignment_whose_push_was_lost_is_pushed_by_the_sweep(
     redis_url: str, limits: EngineLimits
 ) -> None:

@@ -24,13 +24,18 @@ if action == 'start' or action == 'alive' then
   local added = redis.call('ZADD', K.hubs(), ts(now() + tonumber(A(2))), h)
   return action == 'alive' and added or 0
 end
-local ids = {}
-local i = 2
+local command = action == 'join' and 'SADD' or action == 'leave' and 'SREM'
+if not command then return redis.error_reply('INVALID_FIELD unknown action ' .. action) end
+-- in batches: Lua unpacks at most about 8,000 values at once, and a hub that lists
+-- its clients again (after being given up for dead) may hold more
+local changed, ids, i = 0, {}, 2
 while A(i) do
   ids[#ids + 1] = A(i)
+  if #ids == 1000 then
+    changed = changed + redis.call(command, K.clients(h), unpack(ids))
+    ids = {}
+  end
   i = i + 1
 end
-if #ids == 0 then return 0 end
-if action == 'join' then return redis.call('SADD', K.clients(h), unpack(ids)) end
-if action == 'leave' then return redis.call('SREM', K.clients(h), unpack(ids)) end
-return redis.error_reply('INVALID_FIELD unknown action ' .. action)
+if #ids > 0 then changed = changed + redis.call(command, K.clients(h), unpack(ids)) end
+return changed
