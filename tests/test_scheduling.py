@@ -271,6 +271,24 @@ async def test_fair_share_with_a_busy_worker_the_next_assignment_is_the_other_cl
         await svc.aclose()
 
 
+async def test_fair_share_a_resubmit_behind_the_head_tells_its_position(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """The same job id sent again by its client (say, after `unavailable`) answers
+    with the stored job's position, also for a job waiting behind its client's head
+    under fair share (it used to answer none): the same lower bound a status read
+    gives."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, fair_share="client"))
+    try:
+        for i in range(3):
+            await svc.submit_job("t", client_id="c", job_id=f"fs-{i}")
+        again = await svc.submit_job("t", client_id="c", job_id="fs-2")
+        stored = await svc.get_job("fs-2")
+        assert stored is not None and again.position == stored.position == 2
+    finally:
+        await svc.aclose()
+
+
 async def test_fair_share_a_retried_head_gets_its_place_back(
     redis_url: str, limits: EngineLimits
 ) -> None:

@@ -335,6 +335,19 @@ local function offer_head(id, jt, t)
   end
 end
 
+-- The queue position of queued job `id` (type `jt`, client `c` or '') counted from
+-- 0 (next); under fair share, for a job behind its client's head, a lower bound (its
+-- head's position plus the jobs ahead of it in the sub-queue); -1 if in no queue.
+local function queued_position(id, jt, c)
+  local pos = redis.call('ZRANK', K.queue(jt), id)
+  if pos then return pos end
+  local sk = K.sub(jt .. ':' .. (c or ''))
+  local r = redis.call('ZRANK', sk, id)
+  local head = redis.call('ZRANGE', sk, 0, 0)[1]
+  if r and head then return (redis.call('ZRANK', K.queue(jt), head) or 0) + r end
+  return -1
+end
+
 -- Put job `id` where it belongs: onto the longest-idle worker that accepts its
 -- type, else into its queue at the position its priority and seq give it. `fresh`:
 -- just submitted (its `queued` time is its `created` time and it had no worker).

@@ -10,16 +10,5 @@ for i = 1, #h, 2 do
   if h[i] == 'status' then st = h[i + 1] elseif h[i] == 'type' then jt = h[i + 1] end
 end
 local pos = -1
-if st == 'queued' then
-  pos = redis.call('ZRANK', K.queue(jt), A(1))
-  if not pos then
-    -- fair share: a job behind its client's head; a lower bound (docs/scheduling.md)
-    local c = redis.call('HGET', jk, 'client') or ''
-    local sk = K.sub(jt .. ':' .. c)
-    local r = redis.call('ZRANK', sk, A(1))
-    local head = redis.call('ZRANGE', sk, 0, 0)[1]
-    pos = -1
-    if r and head then pos = (redis.call('ZRANK', K.queue(jt), head) or 0) + r end
-  end
-end
+if st == 'queued' then pos = queued_position(A(1), jt, redis.call('HGET', jk, 'client')) end
 return {h, pos}

@@ -15,7 +15,7 @@ if redis.call('EXISTS', jk) == 1 then
     return redis.error_reply('DUPLICATE job ' .. id .. ' already exists')
   end
   local pos = -1
-  if h[2] == 'queued' then pos = redis.call('ZRANK', K.queue(h[3]), id) or -1 end
+  if h[2] == 'queued' then pos = queued_position(id, h[3], h[1]) end
   return {h[2], pos, false}
 end
 local t = now()
