@@ -386,6 +386,23 @@ async def test_the_reaper_keeps_the_lease_of_a_job_it_hands_on(
         await svc.aclose()
 
 
+async def test_a_worker_arriving_from_another_shard_leaves_no_record_for_ever(
+    svc: AsyncRedisService,
+) -> None:
+    """A worker moving here from another shard first carries its assignment number
+    over; until it registers here its record holds only that number. If it never
+    registers here, the record expires (it used to stay for good); when it does,
+    the record is kept and its numbers go on from the carried one."""
+    wk = svc.keys.worker("m9:gpu0")
+    assert await svc._run(svc.ops.arrive("m9:gpu0", 5)) == 1
+    assert await svc.redis.hgetall(wk) == {"n": "5"}
+    assert await svc.redis.ttl(wk) > 0
+    await svc.submit_job("t")
+    a = await svc.register_worker("m9:gpu0", ["t"], session="s")
+    assert a is not None and a.n == 6
+    assert await svc.redis.ttl(wk) == -1
+
+
 async def test_touch_keeps_a_live_worker(redis_url: str, limits: EngineLimits) -> None:
     svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=0.3))
     try:
