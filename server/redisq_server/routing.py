@@ -29,7 +29,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol
 from .connections import Registry
@@ -41,6 +43,10 @@ from .redis_service import AsyncRedisService
 __all__ = ["EventRouter", "final_message", "forever"]
 
 log = logging.getLogger("redisq.hub")
+
+#: a read that failed for these may succeed if made again (any other Redis error
+#: would fail again: a batch it stops is skipped, not retried for ever)
+_TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError)
 
 #: how long a job whose report met a Redis failure is read again, at most
 RECHECK_FOR_S: Final = 60.0
@@ -152,10 +158,10 @@ class EventRouter:
                 return
             try:
                 await self.route_events(events)
-            except RedisError:
-                # the batch's payloads could not be read, so nothing of it was
-                # routed: it is read again on the next step (a skipped batch lost
-                # its clients' final frames)
+            except _TRANSIENT:
+                # the batch's payloads could not be read (Redis gone or slow for a
+                # moment), so nothing of it was routed: it is read again on the next
+                # step (a skipped batch lost its clients' final frames)
                 raise
             except BaseException:
                 last = events[-1].id
@@ -284,7 +290,7 @@ class EventRouter:
             self._local_busy = True
             try:
                 await self.route_events(self._local[0])
-            except RedisError:
+            except _TRANSIENT:
                 raise  # nothing of the batch was routed: it stays first, for the next try
             except BaseException:
                 self._local.popleft()
