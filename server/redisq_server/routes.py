@@ -57,6 +57,15 @@ _PRIVATE_EVENT_FIELDS = frozenset({"hub", "session", "n"})
 Handler = Callable[[Connection, Message], Awaitable[None]]
 
 
+def _unanswered(conn: Connection, before: int | None) -> dict[int, asyncio.Task[None]]:
+    """The requests of ``conn`` in flight and not yet answered (a done task has sent
+    its reply, though its entry leaves ``in_flight`` a turn later), by number;
+    only those numbered below ``before``, if given."""
+    return {
+        k: t for k, t in conn.in_flight.items() if (before is None or k < before) and not t.done()
+    }
+
+
 class Routes:
     """Dispatches one socket's frames to their handlers (see :meth:`handle`)."""
 
@@ -149,11 +158,9 @@ class Routes:
         though its entry leaves ``in_flight`` a turn later): a refusal sent then
         keeps its place before the replies of later requests answered in the same
         turn."""
-        tasks = [
-            t for n, t in conn.in_flight.items() if (before is None or n < before) and not t.done()
-        ]
+        tasks = _unanswered(conn, before)
         if tasks:
-            await asyncio.wait(tasks)
+            await asyncio.wait(tasks.values())
 
     async def _answer(self, conn: Connection, msg: Message, n: int | None = None) -> None:
         """Run ``msg``'s handler; a failure becomes an ``error`` reply, sent after the
@@ -202,7 +209,7 @@ class Routes:
         loop turn, so that no later request answered in that turn overtakes it.
         Returns the number of the request it waits behind, or None if sent."""
         if n is not None:
-            earlier = [k for k, t in conn.in_flight.items() if k < n and not t.done()]
+            earlier = _unanswered(conn, n)
             if earlier:
                 k = max(earlier)
                 conn.after.setdefault(k, []).append(message)
