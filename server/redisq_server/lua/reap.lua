@@ -14,13 +14,14 @@ local dead = redis.call('ZRANGEBYSCORE', K.workers(), '-inf', ts(t), 'LIMIT', 0,
 -- every worker found dead leaves the idle sets before any job is requeued: a job must
 -- not be handed to a GPU as dead as the one that lost it (each such hand-over would
 -- count one more loss against the job)
-for _, w in ipairs(dead) do
-  local types = redis.call('HGET', K.worker(w), 'types')
-  if types then unidle(w, split(types)) end
+local sessions = {}
+for k, w in ipairs(dead) do
+  local h = redis.call('HMGET', K.worker(w), 'session', 'types')
+  sessions[k] = h[1]
+  if h[2] then unidle(w, split(h[2])) end
 end
-for _, w in ipairs(dead) do
-  local session = redis.call('HGET', K.worker(w), 'session')
-  if session and drop_worker(w, session, t, 1) == 1 then n = n + 1
+for k, w in ipairs(dead) do
+  if sessions[k] and drop_worker(w, sessions[k], t, 1) == 1 then n = n + 1
   else redis.call('ZREM', K.workers(), w) end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases(), '-inf', ts(t), 'LIMIT', 0, limit)) do
