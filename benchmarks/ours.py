@@ -404,7 +404,7 @@ async def _fill(svc: AsyncRedisService, start: int, stop: int, chunk: int = 2000
     Each is exactly what ``submit_job`` would write."""
     await svc.get_stats()  # the engine loads its library into Redis if it is missing
     template = svc.ops.submit(JOB_TYPE, 0, {})
-    fn, head = function_name("submit"), [svc.keys.events, *svc.ops.header, ""]
+    fn, head = function_name("submit"), [svc.keys.events, svc.ops.header("")]
     tail = list(template.args[1:])
 
     async def one(a: int, b: int) -> None:

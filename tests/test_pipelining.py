@@ -18,7 +18,7 @@ from redisq_server import (
     ProtocolError,
     RedisService,
 )
-from redisq_server.scripts import library_name
+from redisq_server.scripts import function_name, library_name
 
 
 async def test_a_lone_call_is_sent_alone(svc: AsyncRedisService) -> None:
@@ -220,3 +220,49 @@ async def test_the_deadlines_of_answered_calls_are_not_kept(svc: AsyncRedisServi
         assert len(kept) <= 50 + svc.pipelines - pipelines
         assert all(target.done() for _, _, target, _, _ in kept)
     assert svc._alarm is not None and svc._alarm.when() > asyncio.get_running_loop().time()
+
+
+async def test_each_caller_s_header_is_its_own_across_many_callers(
+    redis_url: str, namespace: str
+) -> None:
+    """Every call carries its namespace, limits and hub id as one header that the
+    library parses once and keeps, a few at a time: two namespaces with different
+    leases, called in turn before and after 70 other callers (more than the library
+    keeps), each get their own lease; a hub id holding the separator is its own."""
+    services = [
+        AsyncRedisService(redis_url, limits=EngineLimits(namespace=f"{namespace}{k}", lease_s=s))
+        for k, s in (("a", 30.0), ("b", 300.0))
+    ]
+    others = [
+        AsyncRedisService(redis_url, limits=EngineLimits(namespace=namespace)) for _ in range(70)
+    ]
+    try:
+        services[1].hub_id = "hub|with|bars"
+
+        async def lease_left(svc: AsyncRedisService, worker: str) -> float:
+            await svc.submit_job("hdr", 0, {})
+            a = await svc.register_worker(worker, ["hdr"], session=worker)
+            assert a is not None
+            deadline = await svc.redis.zscore(svc.keys.leases, a.job_id)
+            now = await svc.redis.time()
+            return float(deadline) - (now[0] + now[1] / 1e6)
+
+        for round_ in range(2):
+            left = [await lease_left(s, f"m{round_}:gpu{i}") for i, s in enumerate(services)]
+            assert 25 < left[0] <= 30 and 295 < left[1] <= 300, left
+            for i, other in enumerate(others):
+                other.hub_id = f"hub-{round_}-{i}"
+                assert (await other.submit_job("hdr", 0, {})).status is JobStatus.QUEUED
+        assert (await services[1].get_stats())["totals"]["submitted"] == 2
+        assert (await others[0].get_stats())["queued"] == 140
+    finally:
+        for s in (*services, *others):
+            await s.aclose()
+
+
+async def test_a_malformed_header_is_refused_and_changes_nothing(svc: AsyncRedisService) -> None:
+    await svc.submit_job("bad", 0, {})  # the library is loaded
+    before = await svc.redis.dbsize()
+    with pytest.raises(redis.ResponseError, match="malformed call header"):
+        await svc.redis.fcall(function_name("submit"), 1, svc.keys.events, "no|fields", "x")
+    assert await svc.redis.dbsize() == before

@@ -213,17 +213,26 @@ class Operations:
     def __init__(self, limits: EngineLimits, shard: int = 0) -> None:
         self.limits = limits
         self.keys = Keys(limits.namespace, shard)
-        self.header = (
-            self.keys.prefix,
-            repr(float(limits.lease_s)),
-            str(int(limits.result_ttl_s)),
-            str(int(limits.events_maxlen)),
-            str(int(limits.max_lost)),
-            repr(float(limits.backoff_base_s)),
-            repr(float(limits.backoff_max_s)),
-            str(round(limits.aging_s * 1000)),  # aging step in ms (0: off)
-            limits.fair_share,
+        self._header = "|".join(
+            (
+                self.keys.prefix,
+                repr(float(limits.lease_s)),
+                str(int(limits.result_ttl_s)),
+                str(int(limits.events_maxlen)),
+                str(int(limits.max_lost)),
+                repr(float(limits.backoff_base_s)),
+                repr(float(limits.backoff_max_s)),
+                str(round(limits.aging_s * 1000)),  # aging step in ms (0: off)
+                limits.fair_share,
+                "",
+            )
         )
+
+    def header(self, caller: str) -> str:
+        """The first argument of every function call made for hub ``caller`` ('' when
+        the caller is not a hub): this namespace's prefix and limits and the caller,
+        joined by ``|`` (lib.lua parses each header text once and keeps it)."""
+        return self._header + caller
 
     def submit(
         self,

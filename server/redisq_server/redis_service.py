@@ -166,13 +166,12 @@ class _Shell:
 
     def _call(self, op: Op[Any]) -> list[Any]:
         """``FCALL`` arguments for ``op``: the function, one key (the routing key: the
-        namespace's hash slot), the common header, the hub id and the op's own."""
+        namespace's hash slot), the header (limits and hub id) and the op's own."""
         return [
             function_name(op.script),
             1,
             self.keys.events,
-            *self.ops.header,
-            self.hub_id,
+            self.ops.header(self.hub_id),
             *op.args,
         ]
 
@@ -444,8 +443,8 @@ class AsyncRedisService(_Shell):
     def _pack(self, op: Op[Any]) -> bytes:
         """``FCALL`` of ``op`` (as :meth:`_call` gives it) in Redis' wire format.
         What precedes the call's own arguments (the function's name, the key, the
-        common header and the hub id) is the same for every call of a function: it
-        is encoded once."""
+        header with the hub id) is the same for every call of a function: it is
+        encoded once."""
         cached = self._prefixes.get(op.script)
         if cached is None or cached[0] != self.hub_id:
             call = self._call(op)

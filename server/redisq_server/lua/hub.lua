@@ -18,7 +18,7 @@ end
 if action == 'start' then
   -- the namespace's first hub start: rates never average over time before it
   redis.call('HSETNX', K.stats(), 'since', ts(now()))
-  redis.call('HSET', K.policy(), 'aging_ms', AGING_MS, 'fair_share', ARGV[9], 'hub', h)
+  redis.call('HSET', K.policy(), 'aging_ms', AGING_MS, 'fair_share', FAIR_ARG, 'hub', h)
 end
 if action == 'start' or action == 'alive' then
   local added = redis.call('ZADD', K.hubs(), ts(now() + tonumber(A(2))), h)

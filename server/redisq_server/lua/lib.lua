@@ -2,45 +2,64 @@
 -- generated key functions K.* before them and registers each state change after
 -- them). Each registered function is one atomic state change.
 --
--- ARGV header, the same for every function (see redis_service.py, _Shell._call):
---   1 prefix "{ns}:"   2 lease seconds   3 result TTL seconds   4 events MAXLEN
---   5 max lost-worker requeues   6 retry backoff base s   7 retry backoff cap s
---   8 aging step in ms (0: off)   9 fair share: 'off' or 'client'
---   10 the calling hub's id ('' when the caller is not a hub)
--- Function arguments follow from ARGV[11] on: use A(i).
+-- ARGV[1] is the header, one string, the same for every call of one caller
+-- (operations.Operations.header): nine fields and the caller joined by '|'
+--   prefix "{ns}:" | lease seconds | result TTL seconds | events MAXLEN |
+--   max lost-worker requeues | retry backoff base s | retry backoff cap s |
+--   aging step in ms (0: off) | fair share 'off' or 'client' | the calling hub's id
+--   ('' when the caller is not a hub; the only field that may hold a '|')
+-- Function arguments follow from ARGV[2] on: use A(i).
 --
 -- The library is loaded once and its helpers live on between calls, so everything
 -- a call's header sets is (re)set by `setup` at the start of every call: these
--- locals hold the current call's values only (Redis runs one call at a time).
+-- locals hold the current call's values only (Redis runs one call at a time). A
+-- header is parsed once and kept (one per caller, a few): one argument instead of
+-- ten took about 1.2 us of Redis CPU off each call (docs/benchmarks.md, section 18).
 --
 -- Every function's reply is wrapped as {reply, LOCAL} (scripts.library_source):
 -- LOCAL holds the events for the calling hub's own sockets, so that a hub never
 -- reads back through Redis what its own calls did.
 
 local ARGV, LEASE, TTL, MAXLEN, MAX_LOST, BACKOFF_BASE, BACKOFF_MAX, AGING_MS, FAIR, CALLER
-local LOCAL, AVOID_S, TTL_S
+local LOCAL, AVOID_S, TTL_S, FAIR_ARG
 -- what hubs_for found in this call: the live hubs (false until read), and per
 -- client the hubs holding a socket of it
 local HUBS, CLIENT_HUBS
-local function A(i) return ARGV[10 + i] end
+local function A(i) return ARGV[1 + i] end
+
+-- parsed headers by their text; emptied when it holds more than HEADERS_MAX (hubs
+-- come and go under new ids)
+local HEADERS, HEADERS_N, HEADERS_MAX = {}, 0, 64
+local HEADER_RE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
+
+local function parse_header(text)
+  local f = {string.match(text, HEADER_RE)}
+  if #f ~= 10 then error('redisq: a malformed call header: ' .. text) end
+  local lease = tonumber(f[2])
+  return {
+    prefix = f[1], lease = lease, ttl = tonumber(f[3]), ttl_s = f[3], maxlen = f[4],
+    max_lost = tonumber(f[5]), backoff_base = tonumber(f[6]), backoff_max = tonumber(f[7]),
+    aging_ms = tonumber(f[8]), fair_arg = f[9], fair = f[9] == 'client', caller = f[10],
+    -- A job whose worker was lost avoids that worker's machine this long (see shun):
+    -- the machine's other sockets may be dying too.
+    avoid_s = math.min(5, lease),
+  }
+end
 
 local function setup(args)
   ARGV = args
-  P = args[1]
-  LEASE = tonumber(args[2])
-  TTL, TTL_S = tonumber(args[3]), args[3]
-  MAXLEN = args[4]
-  MAX_LOST = tonumber(args[5])
-  BACKOFF_BASE = tonumber(args[6])
-  BACKOFF_MAX = tonumber(args[7])
-  AGING_MS = tonumber(args[8])
-  FAIR = args[9] == 'client'
-  CALLER = args[10]
+  local h = HEADERS[args[1]]
+  if not h then
+    h = parse_header(args[1])
+    if HEADERS_N >= HEADERS_MAX then HEADERS, HEADERS_N = {}, 0 end
+    HEADERS[args[1]], HEADERS_N = h, HEADERS_N + 1
+  end
+  P = h.prefix
+  LEASE, TTL, TTL_S, MAXLEN, MAX_LOST = h.lease, h.ttl, h.ttl_s, h.maxlen, h.max_lost
+  BACKOFF_BASE, BACKOFF_MAX, AGING_MS = h.backoff_base, h.backoff_max, h.aging_ms
+  FAIR, FAIR_ARG, CALLER, AVOID_S = h.fair, h.fair_arg, h.caller, h.avoid_s
   LOCAL = {}
   HUBS, CLIENT_HUBS = false, {}
-  -- A job whose worker was lost avoids that worker's machine this long (see shun):
-  -- the machine's other sockets may be dying too.
-  AVOID_S = math.min(5, LEASE)
 end
 
 local NONE = {} -- unpack(NONE): no more fields
