@@ -16,9 +16,12 @@
 -- header is parsed once and kept (one per caller, a few): one argument instead of
 -- ten took about 1.2 us of Redis CPU off each call (docs/benchmarks.md, section 18).
 --
--- Every function's reply is wrapped as {reply, LOCAL} (scripts.library_source):
--- LOCAL holds the events for the calling hub's own sockets, so that a hub never
--- reads back through Redis what its own calls did.
+-- Every function's reply is wrapped as {reply, LOCAL}, or {reply} when LOCAL is
+-- empty (scripts.library_source): LOCAL holds the events for the calling hub's own
+-- sockets, so that a hub never reads back through Redis what its own calls did.
+-- Redis turns each table of a reply into its reply after looking up seven special
+-- names in it (err, ok, double, ...), about 2,500 instructions a table: replies keep
+-- few tables.
 
 local ARGV, LEASE, TTL, MAXLEN, MAX_LOST, BACKOFF_BASE, BACKOFF_MAX, AGING_MS, FAIR, CALLER
 local LOCAL, AVOID_S, TTL_S, FAIR_ARG
@@ -71,16 +74,21 @@ local INLINE_MAX = 512 -- params/results up to this size are copied into events
 local MAX_PRIORITY = 32767
 local MAX_DELAY_S = 31622400 -- protocol.MAX_DELAY_S
 
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-
 -- a script formats the same few times many times over: keep the last one
 local last_t, last_ts = nil, nil
 local function ts(t)
   if t ~= last_t then last_t, last_ts = t, string.format('%.6f', t) end
   return last_ts
+end
+
+-- Redis' clock, in Unix seconds. Its text (what ts gives for it) is made from TIME's
+-- own digits: a '%.6f' format costs more than the rest of the call's arithmetic.
+local ZEROS = {'00000', '0000', '000', '00', '0', ''}
+local function now()
+  local t = redis.call('TIME')
+  local n = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  last_t, last_ts = n, t[1] .. '.' .. ZEROS[#t[2]] .. t[2]
+  return n
 end
 
 -- A worker's `seen` and `heard` fields at time t (it was just heard from).
@@ -112,7 +120,8 @@ end
 local function blank(v) return v == nil or v == false or v == '' end
 
 -- The hubs that hold a socket of client `c`, plus `extra` (a worker's hub) if set:
--- the hubs an event about one of c's jobs must reach. Bounded by the live hubs.
+-- the hubs an event about one of c's jobs must reach, each once. Bounded by the
+-- live hubs.
 -- Read once per client and call (no function changes the hub lists after reading
 -- them).
 local function hubs_for(c, extra)
@@ -128,37 +137,36 @@ local function hubs_for(c, extra)
       end
       CLIENT_HUBS[c] = found
     end
-    for _, h in ipairs(found) do out[#out + 1] = h end
+    for _, h in ipairs(found) do if h ~= extra then out[#out + 1] = h end end
   end
   return out
 end
 
 -- Append one event to the capped stream (for monitors and catch-up) and deliver it
--- to the hubs in `to` (hubs_for): the calling hub gets it with the reply, any other
--- hub through its inbox stream. fields: flat list of name, value (blanks dropped).
--- `told`: the calling hub tells its own sockets itself (a job's final outcome, from
--- its worker's report: routes.tell_final), so the event is not handed back to it.
+-- to the hubs in `to` (hubs_for: each once): the calling hub gets it with the reply, any other
+-- hub through its inbox stream. fields: a new flat list of name, value; blanks are
+-- dropped from it in place (no second list is built: a list that grows is copied
+-- at every doubling). `told`: the calling hub tells its own sockets itself (a job's
+-- final outcome, from its worker's report: routes.tell_final), so the event is not
+-- handed back to it.
 local function emit(t, name, fields, to, told)
-  local flat, n = {'e', name, 't', ts(t)}, 4
+  local n = 0
   for i = 1, #fields, 2 do
     local v = fields[i + 1]
     if v and v ~= '' then
-      flat[n + 1], flat[n + 2] = fields[i], v
+      fields[n + 1], fields[n + 2] = fields[i], v
       n = n + 2
     end
   end
-  local id = redis.call('XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
-  if to then
-    local done = {}
-    for _, h in ipairs(to) do
-      if not done[h] then
-        done[h] = true
-        if h == CALLER then
-          if not told then LOCAL[#LOCAL + 1] = {id, flat} end
-        else
-          redis.call('XADD', K.inbox(h), 'MAXLEN', '~', MAXLEN, '*', unpack(flat))
-        end
-      end
+  local at = ts(t)
+  local id = redis.call('XADD', K.events(), 'MAXLEN', '~', MAXLEN, '*', 'e', name, 't', at,
+    unpack(fields, 1, n))
+  for _, h in ipairs(to or NONE) do
+    if h == CALLER then
+      if not told then LOCAL[#LOCAL + 1] = {id, {'e', name, 't', at, unpack(fields, 1, n)}} end
+    else
+      redis.call('XADD', K.inbox(h), 'MAXLEN', '~', MAXLEN, '*', 'e', name, 't', at,
+        unpack(fields, 1, n))
     end
   end
   return id
@@ -517,10 +525,14 @@ local function release(w, t, outcome)
   if outcome then
     counters[#counters + 1], counters[#counters + 2] = outcome, (tonumber(h[11]) or 0) + 1
   end
-  local wf = {h[2], h[3], h[4], h[5], h[6], h[7], h[8]}
-  wf.n, wf.counters = tonumber(h[9]) or 0, counters
+  local wf = {h[2], h[3], h[4], h[5], h[6], h[7], h[8], n = tonumber(h[9]) or 0,
+    counters = counters}
   return claim_next(w, t, split(h[2]), wf)
 end
+
+-- A worker's report's reply: {outcome, current, ahead, took_ahead}, claim_next's
+-- three after the outcome (one table: see the reply note at the top).
+local function report_reply(outcome, claim) return {outcome, claim[1], claim[2], claim[3]} end
 
 -- The done index of each status drops the ids older than TTL once per this many
 -- jobs of a type reaching it (their hashes have expired): at most this many stale
