@@ -131,9 +131,10 @@ class FinishResult:
     took_ahead: bool = False
 
     @classmethod
-    def from_reply(cls, outcome: str, claim: Any) -> FinishResult:
-        """From the outcome and claim_next's {current, ahead, took_ahead} reply."""
-        return cls(outcome, _assignment(claim[0]), _assignment(claim[1]), bool(claim[2]))
+    def from_reply(cls, outcome: str, r: Sequence[Any]) -> FinishResult:
+        """From ``outcome`` and the script's {outcome as sent, current, ahead,
+        took_ahead} reply (lib.lua's report_reply)."""
+        return cls(outcome, _assignment(r[1]), _assignment(r[2]), bool(r[3]))
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ class Operations:
 
         def parse(r: Any) -> FinishResult:
             outcome = "completed" if r[0] == "ok" else r[0]
-            return FinishResult.from_reply(outcome, r[1])
+            return FinishResult.from_reply(outcome, r)
 
         return Op("complete", (*head, encoded), parse)
 
@@ -313,7 +314,7 @@ class Operations:
         return Op(
             "fail",
             (*head, validate_error_text(error), "1" if retryable else "0"),
-            lambda r: FinishResult.from_reply(r[0], r[1]),
+            lambda r: FinishResult.from_reply(r[0], r),
         )
 
     def progress(

@@ -177,7 +177,7 @@ class _Shell:
 
     def _reply(self, op: Op[T], wrapped: Any) -> T:
         """Hand the events for this hub to ``on_events``; parse the reply proper."""
-        reply, local = wrapped
+        reply, local = wrapped[0], wrapped[1] if len(wrapped) > 1 else None
         if local and self.on_events is not None:
             self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
         return op.parse(reply)

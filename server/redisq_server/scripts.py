@@ -5,7 +5,8 @@ and one function per body file. Redis compiles it once (``FUNCTION LOAD``) and e
 call is an ``FCALL``: the helpers are not defined again on every call, as they
 would be in a script sent with ``EVALSHA`` (about 12-17 us per call on the
 reference machine, docs/benchmarks.md). Each function's reply comes back as
-``{reply, events for the calling hub}`` (an error reply as it is).
+``{reply, events for the calling hub}``, or ``{reply}`` when there are none (an
+error reply as it is).
 
 The library's name, and so every function's, carries a hash of its source: hubs of
 two versions (a rolling upgrade) each call their own library on the same Redis, and
@@ -58,6 +59,7 @@ def _template() -> str:
         "\nlocal function reply(r)\n"
         "  if type(r) == 'table' and r.err then return r end\n"
         "  if r == nil then r = false end\n"
+        "  if #LOCAL == 0 then return {r} end\n"
         "  return {r, LOCAL}\n"
         "end\n"
     )

@@ -3,13 +3,13 @@
 -- A retryable failure waits in `delayed` for an exponential backoff while the job
 -- has failed fewer than max_attempts times (requeues after a lost worker do not
 -- count: max_lost bounds those); otherwise it fails for good (kept until its TTL).
--- Returns {'retrying' | 'failed' | 'cancelled', {next, ahead, took_ahead}} as
+-- Returns {'retrying' | 'failed' | 'cancelled', next, ahead, took_ahead} as
 -- complete.lua.
 local id, attempt, w = A(1), A(2), A(3)
 local err, j = fence(id, attempt, w, 'max_attempts', 'client', 'started', 'type')
 local t = now()
-if err == 'CANCELLED' then return {'cancelled', release(w, t, false)} end
-if err == 'CANCELLED_AHEAD' then return {'cancelled', {false, false, false}} end
+if err == 'CANCELLED' then return report_reply('cancelled', release(w, t, false)) end
+if err == 'CANCELLED_AHEAD' then return {'cancelled', false, false, false} end
 if err then return redis.error_reply(err) end
 local jk = K.job(id)
 if blank(j[7]) then
@@ -34,4 +34,4 @@ else
     'attempt', attempt, 'message', A(4)}, hubs_for(j[6]), true)
   outcome = 'failed'
 end
-return {outcome, release(w, t, 'failed')}
+return report_reply(outcome, release(w, t, 'failed'))
