@@ -39,7 +39,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, footprint, functions, ours, peers, policies, prefetch, shards
+from benchmarks import (
+    engine,
+    footprint,
+    functions,
+    instructions,
+    ours,
+    peers,
+    policies,
+    prefetch,
+    shards,
+)
 from benchmarks.common import HUB_PLACES, cpu_s
 from redisq_lab.redis_process import RedisProcess
 from redisq_server import AsyncRedisService
@@ -56,6 +66,7 @@ PARTS = (
     "shards",
     "prefetch",
     "functions",
+    "instructions",
     "peers",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,6 +115,8 @@ class Sizes:
     prefetch_run_s: float = 0.002  # each job's run time on its mock GPU
     function_jobs: int = 20_000  # the functions part (with --base): jobs per run
     function_segment: int = 200  # its calls per segment
+    instruction_jobs: int = 800  # the instructions part: N (and 2N) job lifecycles
+    instruction_repeats: int = 1  # its counts per checkout (twice with --base, alternating)
 
 
 QUICK = Sizes(
@@ -136,6 +149,7 @@ QUICK = Sizes(
     shard_workers=6,
     function_jobs=1200,
     function_segment=50,
+    instruction_jobs=100,
 )
 
 
@@ -451,6 +465,17 @@ async def _ours(
         source = await asyncio.to_thread(functions.base_library, args.base)
         return await functions.compare(url, source, sz.function_jobs, sz.function_segment)
 
+    async def instruction_counts() -> Any:
+        _log(
+            f"instructions: Redis under callgrind, {sz.instruction_jobs:,} and "
+            f"{2 * sz.instruction_jobs:,} job lifecycles"
+            + (f", against {args.base}" if args.base else "")
+        )
+        repeats = sz.instruction_repeats * (2 if args.base else 1)
+        return await asyncio.to_thread(
+            instructions.measure, sz.instruction_jobs, args.base, repeats
+        )
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -463,6 +488,7 @@ async def _ours(
         "shards": shards_cost,
         "prefetch": prefetch_gap,
         "functions": functions_ab,
+        "instructions": instruction_counts,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -885,6 +911,8 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += ["", *prefetch.lines(o["prefetch"])]
     if "functions" in o:
         lines += ["", *functions.lines(o["functions"])]
+    if "instructions" in o:
+        lines += ["", *instructions.lines(o["instructions"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
@@ -1238,7 +1266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         metavar="CHECKOUT",
         help="the functions part: compare this checkout's function library with "
-        "CHECKOUT's, interleaved on one Redis",
+        "CHECKOUT's, interleaved on one Redis; the instructions part: count CHECKOUT's "
+        "Redis instructions per job too",
     )
     p.add_argument(
         "--profile",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepare this checkout from nothing: system packages (redis-server, and chromium
-# when asked with WITH_BROWSER=1), a virtualenv in .venv, the project installed
+# Prepare this checkout from nothing: system packages (redis-server, valgrind for
+# the benchmarks' instruction counts, and chromium when asked with WITH_BROWSER=1), a virtualenv in .venv, the project installed
 # editable with the extras in $EXTRAS (default: dev). Safe to run again: each step
 # is skipped when already done. Source it or run it.
 set -euo pipefail
@@ -11,6 +11,7 @@ PYTHON="${PYTHON:-python3}"
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 if [ "${WITH_BROWSER:-0}" = "1" ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} with apt-get" >&2

@@ -1,0 +1,202 @@
+"""Redis' instructions per job, counted under callgrind: a measure the machine's noise
+does not move.
+
+Redis' CPU time per job moves by 30 % and more between runs on a shared 2-core VM,
+far more than a change to the Lua is worth. ``valgrind --tool=callgrind`` counts the
+instructions a process runs instead, which do not depend on how fast the machine is
+at the moment. For each checkout measured (this one, and ``--base`` if given) a
+redis-server runs under callgrind, counting only inside ``processInputBuffer``
+(parsing the calls and running them: not the timers, which run more often the longer
+the slow run takes), while one process drives N whole job lifecycles through that
+checkout's engine (each job submitted, then completed by one of 8 workers, which
+claims the next: the engine part's lifecycle) and then 2N in a fresh server. The
+difference over N is the cost of a job; the fixed costs (loading the library,
+registering) cancel out. Repeated counts differ by about 1 % (timestamps of
+different lengths, the hash seeds).
+
+The driver is this module run with the checkout's ``server/`` first on the path, so
+a base checkout runs its own engine and library through the same public calls. Part
+of the one runner::
+
+    python -m benchmarks --only instructions --peers none [--base /tmp/base]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+JOB_TYPE = "cg"
+WORKERS = 8
+HERE = Path(__file__).resolve().parent
+
+
+async def drive(url: str, jobs: int) -> None:
+    """``jobs`` lifecycles through the engine at ``url``: the submits from ``WORKERS``
+    coroutines, then ``WORKERS`` workers completing them, each claiming the next."""
+    from redisq_server import AsyncRedisService, EngineLimits
+
+    svc = AsyncRedisService(url, limits=EngineLimits(namespace="cg"))
+    try:
+        await svc.get_stats()  # the library is loaded before the counted calls
+
+        async def submit(n: int) -> None:
+            for _ in range(n):
+                await svc.submit_job(JOB_TYPE, 0, {"n": 1})
+
+        await asyncio.gather(
+            *(submit(jobs // WORKERS + (i < jobs % WORKERS)) for i in range(WORKERS))
+        )
+        first = [
+            await svc.register_worker(f"cg:gpu{i}", [JOB_TYPE], session=f"s{i}")
+            for i in range(WORKERS)
+        ]
+
+        async def complete(a: Any) -> None:
+            while a is not None:
+                a = (await svc.complete_job(a.job_id, a.attempt, a.worker_id, {"ok": 1})).next
+
+        await asyncio.gather(*(complete(a) for a in first))
+        stats = await svc.get_stats()
+        if stats["totals"]["completed"] != jobs:
+            raise RuntimeError(f"expected {jobs} completions: {stats['totals']}")
+    finally:
+        await svc.aclose()
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server under valgrind exited ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("redis-server under valgrind did not start listening")
+
+
+def _count(server: Path, jobs: int, redis_server: str) -> int:
+    """Instructions inside processInputBuffer while ``jobs`` lifecycles run through
+    the engine in ``server`` (a checkout's ``server/`` directory)."""
+    import redis
+
+    from redisq_lab.redis_process import free_port
+
+    port = free_port("127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--toggle-collect=processInputBuffer",
+                f"--callgrind-out-file={out}",
+                redis_server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp,
+        )
+        try:
+            _wait_listening(port, proc)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(server), str(HERE.parent)))}
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.instructions",
+                    str(server),
+                    str(port),
+                    str(jobs),
+                ],
+                env=env,
+                check=True,
+            )
+            with contextlib.suppress(redis.ConnectionError):  # the server closes it as it exits
+                redis.Redis(port=port).shutdown(nosave=True)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError("callgrind wrote no total")
+
+
+def per_job(server: Path, jobs: int, redis_server: str) -> float:
+    """Instructions per job lifecycle: the count for 2 x ``jobs`` less that for
+    ``jobs``, over ``jobs``."""
+    one = _count(server, jobs, redis_server)
+    two = _count(server, 2 * jobs, redis_server)
+    return (two - one) / jobs
+
+
+def measure(jobs: int, base: Path | None, repeats: int) -> dict[str, Any]:
+    """Per checkout (``this``, and ``base`` if given), ``repeats`` counts of Redis'
+    instructions per job lifecycle, alternating the checkouts; or why it is skipped."""
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        return {"skipped": "no redis-server on the PATH"}
+    sides = {"this": HERE.parent / "server"}
+    if base is not None:
+        sides["base"] = Path(base).resolve() / "server"
+    counts: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side, server in sides.items():
+            counts[side].append(per_job(server, jobs, redis_server))
+    return {"jobs": jobs, "workers": WORKERS, "per_job": counts}
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    """The part's table: each checkout's counts and, with a base, the ratio."""
+    if "skipped" in result:
+        return [f"Redis instructions per job: skipped: {result['skipped']}"]
+    rows = [
+        "Redis instructions per job lifecycle, under callgrind (submit + complete+claim,"
+        f" {result['workers']} workers; 2 x {result['jobs']:,} jobs less {result['jobs']:,})",
+    ]
+    means = {}
+    for side, counts in result["per_job"].items():
+        means[side] = sum(counts) / len(counts)
+        shown = ", ".join(f"{c:,.0f}" for c in counts)
+        rows.append(f"  {side:5s} {means[side]:9,.0f}  ({shown})")
+    if "base" in means:
+        rows.append(f"  this / base: {means['this'] / means['base']:.3f}")
+    return rows
+
+
+def _main(argv: list[str]) -> None:
+    """The driver: ``python -m benchmarks.instructions SERVER_DIR PORT JOBS``."""
+    server, port, jobs = Path(argv[0]).resolve(), int(argv[1]), int(argv[2])
+    import redisq_server
+
+    if not Path(redisq_server.__file__).resolve().is_relative_to(server):
+        raise SystemExit(f"imported {redisq_server.__file__}, not the engine in {server}")
+    asyncio.run(drive(f"redis://127.0.0.1:{port}/0", jobs))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
