@@ -11,8 +11,8 @@ the slow run takes), while one process drives N whole job lifecycles through tha
 checkout's engine (each job submitted, then completed by one of 8 workers, which
 claims the next: the engine part's lifecycle) and then 2N in a fresh server. The
 difference over N is the cost of a job; the fixed costs (loading the library,
-registering) cancel out. Repeated counts differ by about 1 % (timestamps of
-different lengths, the hash seeds).
+registering) cancel out. Repeated counts differ by 1-2 % (how the calls fall into
+pipelines, the hash seeds).
 
 The driver is this module run with the checkout's ``server/`` first on the path, so
 a base checkout runs its own engine and library through the same public calls. Part
