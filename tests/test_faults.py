@@ -548,6 +548,67 @@ async def test_redis_restart_with_aof_loses_no_accepted_job(
             await engine.aclose()
 
 
+@pytest.mark.parametrize("told_by", ["registration", "sweep"])
+async def test_an_outage_close_counts_no_loss_even_when_redis_could_not_hear_it(
+    namespace: str, told_by: str
+) -> None:
+    """With ``REDISQ_MAX_LOST=0`` one counted loss fails a job for good. A GPU holding
+    a job reports it while Redis is down: the hub closes it (1011), a loss that is not
+    the job's, and cannot tell Redis so. Once Redis is back the job must run again,
+    not fail as a poison job: the hub tells Redis of the uncounted loss before the
+    worker registers again (``registration``: a long lease, so no sweep comes first),
+    or at its next sweep (``sweep``: a 2 s lease, so the reaper would count the
+    loss soon after)."""
+    lease = "30" if told_by == "registration" else "2"
+    env = {"REDISQ_LEASE_S": lease, "REDISQ_MAX_LOST": "0"}
+    with RedisProcess(appendonly=True) as rp:
+        engine = AsyncRedisService(rp.url, limits=EngineLimits(namespace=namespace))
+        hub = LiveHub(rp.url, namespace, env=env)
+        try:
+            probe = await open_worker(hub.url, "probe-m:gpu0", ["outage-probe"])
+            async with QueueClient(hub.url, "c-probe") as pc:
+                job_id = await pc.submit("outage-probe")
+            held = await probe.expect("job_assigned")
+            assert rp.proc is not None
+            rp.proc.send_signal(signal.SIGTERM)
+            await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
+            await probe.send(_report(held))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await probe.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+            async def tried() -> bool:  # the hub tried to tell Redis of the close, and could not
+                return "could not requeue probe-m:gpu0's job now" in hub.output()
+
+            await wait_for(tried, 30, "the hub's try")
+            rp.restart()
+            if told_by == "registration":
+                probe = await open_worker(hub.url, "probe-m:gpu0", ["outage-probe"])
+                again = await probe.expect("job_assigned")
+                assert again["job_id"] == job_id and again["attempt"] == 2
+                job = await engine.get_job(job_id)
+                assert job is not None and job.status is JobStatus.ASSIGNED
+                ack = await probe.request({**_report(again), "result": "ran"})
+                assert ack["outcome"] == "completed"
+                await probe.close()
+            else:
+
+                async def requeued() -> bool:
+                    j = await engine.get_job(job_id)
+                    return j is not None and j.status not in (JobStatus.ASSIGNED, JobStatus.RUNNING)
+
+                await wait_for(requeued, 30, "the job out of the closed worker's hands")
+                job = await engine.get_job(job_id)
+                assert job is not None and job.status is JobStatus.QUEUED, job
+            assert job.lost == 0
+            assert await invariant_violations(engine.redis, engine.keys) == []
+            assert hub.alive and "Traceback" not in hub.output()
+        finally:
+            hub.stop()
+            await engine.aclose()
+
+
 def _report(assigned: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "complete_job", "job_id": assigned["job_id"], "attempt": assigned["attempt"]}
 

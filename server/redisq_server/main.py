@@ -332,8 +332,11 @@ class Hub:
             # worker's loss: its job is requeued without counting against it
             count = not self.routes.closed_for_outage(conn) and not self.stopping
             if conn.registered:
+                if not count:  # told again later if Redis cannot hear it now
+                    self.routes.uncounted_loss(conn.id, conn.session)
                 try:
                     await self.svc.worker_lost(conn.id, conn.session, count=count)
+                    self.routes.told(conn.id, conn.session)
                 except RedisError as exc:  # the reaper requeues it once its lease expires
                     log.warning("could not requeue %s's job now: %s", conn.id, exc)
                     for job, attempt in conn.delivered:  # the loss may still fail it for good
@@ -378,11 +381,13 @@ class Hub:
                     log.warning(
                         "pushed %s's job %s late: its assignment was lost", a.worker_id, a.job_id
                     )
+            await self.routes.tell_losses()  # after the renewals: a failure spares them
 
         await forever("sweep", step, interval, self._is_stopping)
 
     async def _reap(self, interval: float) -> None:
         async def step() -> None:
+            await self.routes.tell_losses()  # a loss this hub knows is uncounted, first
             n = await self.svc.reap()
             if n:
                 log.info("reaped %d expired workers/leases", n)

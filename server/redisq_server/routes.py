@@ -22,7 +22,7 @@ from .models import TERMINAL_STATUSES, JobModel, JobStatus
 from .operations import FinishResult, new_job_id
 from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError, Role
 from .redis_service import AsyncRedisService
-from .routing import EventRouter, final_message
+from .routing import TRANSIENT_ERRORS, EventRouter, final_message
 
 __all__ = ["IN_FLIGHT_BYTES", "IN_FLIGHT_PER_SOCKET", "Routes"]
 
@@ -84,6 +84,9 @@ class Routes:
         self.hub_id = hub_id
         # sessions of workers this hub closed because Redis failed their report
         self._closed_for_outage: set[str] = set()
+        # worker id -> the session of its socket that is gone with a loss that must
+        # not count against its job, until Redis has been told (see uncounted_loss)
+        self._untold: dict[str, str] = {}
         #: requests a socket may have in flight together (see :meth:`handle`): a
         #: submit always (each is its own job); with an engine that keeps the order
         #: of calls, also a worker's reports and heartbeats
@@ -227,6 +230,38 @@ class Routes:
             return True
         return False
 
+    def uncounted_loss(self, worker_id: str, session: str) -> None:
+        """Remember that ``worker_id``'s socket of ``session`` is gone with a loss that
+        must not count against its job (a shutdown, or a close for this hub's Redis
+        trouble). The caller then tells Redis (``worker_lost`` with ``count=False``)
+        and calls :meth:`told` if that worked; if it failed (Redis is away), the loss
+        is told again before that worker registers here and by :meth:`tell_losses`,
+        so neither its registration nor this hub's reaper counts it."""
+        self._untold[worker_id] = session
+
+    def told(self, worker_id: str, session: str) -> None:
+        """Redis now knows of the uncounted loss of ``worker_id``'s ``session``."""
+        if self._untold.get(worker_id) == session:
+            del self._untold[worker_id]
+
+    async def tell_losses(self, worker_id: str | None = None) -> None:
+        """Tell Redis every remembered uncounted loss (only ``worker_id``'s, if
+        given): each requeues the job that socket held without counting it, or does
+        nothing if that session is no longer the worker's. A lost connection or a
+        timeout propagates and what was not told is kept, to be told again; a loss
+        Redis refused (which telling again cannot change) is logged and dropped."""
+        for w in [worker_id] if worker_id is not None else list(self._untold):
+            session = self._untold.get(w)
+            if session is None:
+                continue
+            try:
+                await self.svc.worker_lost(w, session, count=False)
+            except TRANSIENT_ERRORS:
+                raise
+            except (RedisError, ProtocolError) as exc:
+                log.warning("Redis refused %s's uncounted loss: %s", w, exc)
+            self.told(w, session)
+
     # ------------------------------------------------------------- clients
 
     async def _own_job(self, conn: Connection, job_id: str) -> JobModel:
@@ -364,6 +399,9 @@ class Routes:
             old.close(CloseCode.REPLACED, "replaced by a newer connection for this worker id")
         conn.job_types = msg.fields["job_types"]
         try:
+            # an earlier socket of this worker gone without Redis hearing of it: its
+            # job is requeued first, uncounted (the registration would count it)
+            await self.tell_losses(conn.id)
             assignment = await self.svc.register_worker(
                 conn.id,
                 conn.job_types,
