@@ -96,6 +96,8 @@ async def test_metrics_match_the_engine_after_jobs_ran(
     assert sample(samples, "redisq_hub_connections", role="client") == 1
     assert sample(samples, "redisq_hub_connections", role="monitor") == 0
     assert sample(samples, "redisq_redis_up") == 1
+    assert sample(samples, "redisq_jobs_running") == stats["running"] == 0
+    assert sample(samples, "redisq_jobs_held_ahead") == stats["held_ahead"] == 0
     # every job that got a GPU was timed once; the queued and the cancelled ones not
     assert sample(samples, "redisq_submit_to_assigned_seconds_count") == 14
     total = sample(samples, "redisq_submit_to_assigned_seconds_sum")
@@ -212,6 +214,7 @@ def test_the_docs_name_only_metrics_the_hub_exports() -> None:
         "redisq_jobs_total",
         "redisq_workers",
         "redisq_jobs_running",
+        "redisq_jobs_held_ahead",
         "redisq_jobs_retrying",
         "redisq_redis_up",
         "redisq_hub_connections",

@@ -56,6 +56,9 @@ async def test_the_window_fills_at_the_first_report_and_runs_in_order(
     assert not done.took_ahead
     held = await svc.get_job(c)
     assert held is not None and held.status is JobStatus.ASSIGNED and held.worker_id == W
+    # one job runs, one waits ahead of it: `running` counts only the first
+    stats = await svc.get_stats()
+    assert (stats["running"], stats["held_ahead"], stats["queued"]) == (1, 1, 1)
     assert await invariant_violations(svc.redis, svc.keys) == []
 
     # the job held ahead becomes current (already pushed): only the new one ahead is sent

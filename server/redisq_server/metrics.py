@@ -8,6 +8,7 @@ What a scrape shows (see docs/operations.md):
 - from one run of the engine's stats script (namespace-wide, the same numbers every
   hub reports): ``redisq_queue_depth{job_type,priority}``,
   ``redisq_jobs_total{outcome}``, ``redisq_workers{state}``, ``redisq_jobs_running``,
+  ``redisq_jobs_held_ahead``,
   ``redisq_jobs_retrying``, ``redisq_redis_up``;
 - from this hub's memory: ``redisq_hub_connections{role}`` and the histogram
   ``redisq_submit_to_assigned_seconds``: for each job submitted through this hub, the
@@ -238,7 +239,14 @@ class HubMetrics:
         workers.add_metric(["busy"], stats["workers_busy"])
         yield workers
         yield GaugeMetricFamily(
-            "redisq_jobs_running", "Jobs assigned to or running on a worker", value=stats["running"]
+            "redisq_jobs_running",
+            "Jobs assigned to or running on a worker, not counting those held ahead",
+            value=stats["running"],
+        )
+        yield GaugeMetricFamily(
+            "redisq_jobs_held_ahead",
+            "Jobs a worker holds ahead in its prefetch window (assigned, not started)",
+            value=stats["held_ahead"],
         )
         yield GaugeMetricFamily(
             "redisq_jobs_retrying", "Failed jobs waiting for their retry", value=stats["retrying"]

@@ -388,7 +388,7 @@ _COUNTED_PER_TYPE: Final = frozenset({"submitted", "completed", "failed", "cance
 
 def _parse_stats(r: Any) -> dict[str, Any]:
     counters_flat, types_flat, running, retrying, workers, idle, done_window, window, now = r[:9]
-    scheduled, policy_flat = r[9], r[10]
+    scheduled, policy_flat, held_ahead = r[9], r[10], r[11]
     pol = dict(zip(policy_flat[::2], policy_flat[1::2], strict=True))
     policy = (
         {"aging_s": int(pol["aging_ms"]) / 1000, "fair_share": pol["fair_share"]} if pol else None
@@ -427,7 +427,8 @@ def _parse_stats(r: Any) -> dict[str, Any]:
         "time": t,
         "since": since,
         "queued": sum(t["queued"] for t in by_type.values()),
-        "running": int(running),
+        "running": int(running),  # not counting the jobs held ahead
+        "held_ahead": int(held_ahead),
         "retrying": int(retrying),
         "scheduled": int(scheduled),
         "policy": policy,  # as the last hub to start runs it; None before any hub
