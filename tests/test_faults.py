@@ -37,10 +37,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from redisq_lab.client import QueueClient, RequestError
 from redisq_lab.mock_worker import MockWorker
-from redisq_lab.redis_process import RedisProcess
+from redisq_lab.redis_process import RedisProcess, free_port
 from redisq_server import AsyncRedisService, EngineLimits, Event, JobStatus
+from redisq_server.main import Hub
 
-from .helpers import invariant_violations, wait_for, wait_sync
+from .helpers import hub_settings, invariant_violations, wait_for, wait_sync
 from .peers import Peer, open_worker
 from .test_hub_process import HubProcess
 
@@ -607,6 +608,87 @@ async def test_an_outage_close_counts_no_loss_even_when_redis_could_not_hear_it(
         finally:
             hub.stop()
             await engine.aclose()
+
+
+async def test_a_worker_back_before_its_old_socket_is_handled_counts_no_loss(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_lost=0``. A GPU reports while Redis is down and is closed (1011); the
+    hub handles the end of that socket only after the worker's other requests have
+    settled, which here waits until the test says so. Redis comes back and the
+    worker registers again before then: the close, remembered when it was made, is
+    told to Redis first, so the job runs again (attempt 2) with no loss counted,
+    instead of failing as a poison job when the registration counted it."""
+    limits = EngineLimits(namespace=namespace, max_lost=0)
+    with RedisProcess(appendonly=True) as rp:
+        engine = AsyncRedisService(rp.url, limits=limits)
+        async with Hub(hub_settings(rp.url, limits)) as hub:
+            probe = await open_worker(hub.url, "m:gpu0", ["t"])
+            async with QueueClient(hub.url, "c") as qc:
+                job_id = await qc.submit("t")
+            held = await probe.expect("job_assigned")
+            first = hub.registry.workers["m:gpu0"]
+            gate = asyncio.Event()
+            settled = hub.routes.settled
+
+            async def held_back(conn: Any) -> None:
+                if conn is first:
+                    await gate.wait()
+                await settled(conn)
+
+            monkeypatch.setattr(hub.routes, "settled", held_back)
+            try:
+                assert rp.proc is not None
+                rp.proc.send_signal(signal.SIGTERM)
+                await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
+                await probe.send(_report(held))
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await probe.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+                rp.restart()
+                again_peer = await open_worker(hub.url, "m:gpu0", ["t"])
+                job = await engine.get_job(job_id)
+                assert job is not None and job.lost == 0, job
+                again = await again_peer.expect("job_assigned")
+                assert again["job_id"] == job_id and again["attempt"] == 2
+                assert (await engine.get_job(job_id)).status is JobStatus.ASSIGNED  # type: ignore[union-attr]
+            finally:
+                gate.set()  # the old socket's end is handled now: it changes nothing
+            ack = await again_peer.request({**_report(again), "result": "ran"})
+            assert ack["outcome"] == "completed"
+            await again_peer.close()
+            assert await invariant_violations(engine.redis, engine.keys) == []
+        await engine.aclose()
+
+
+async def test_a_loss_redis_refused_for_a_moment_is_told_again(namespace: str) -> None:
+    """An uncounted loss the hub remembers is told again after Redis refused it for a
+    reason that passes (a read-only replica, as during a failover), not dropped: the
+    job is requeued uncounted once Redis takes writes again."""
+    limits = EngineLimits(namespace=namespace, max_lost=0)
+    with RedisProcess() as rp:
+        engine = AsyncRedisService(rp.url, limits=limits)
+        async with Hub(hub_settings(rp.url, limits)) as hub:
+            probe = await open_worker(hub.url, "m:gpu0", ["t"])
+            async with QueueClient(hub.url, "c") as qc:
+                job_id = await qc.submit("t")
+            await probe.expect("job_assigned")
+            # what the hub remembers after a close it could not tell Redis of
+            hub.routes.uncounted_loss("m:gpu0", hub.registry.workers["m:gpu0"].session)
+            # a replica of a master that is not there: it keeps its data, takes no writes
+            await engine.redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            try:
+                await hub.routes.tell_losses()  # READONLY: kept, nothing raised
+                # (the engine's functions are refused on a replica: the hash is read)
+                assert await engine.redis.hget(engine.keys.job(job_id), "status") == "assigned"
+            finally:
+                await engine.redis.execute_command("REPLICAOF", "NO", "ONE")
+            await hub.routes.tell_losses()
+            job = await engine.get_job(job_id)
+            assert job is not None and job.status is JobStatus.QUEUED and job.lost == 0
+            await probe.close()
+        await engine.aclose()
 
 
 def _report(assigned: Mapping[str, Any]) -> dict[str, Any]:

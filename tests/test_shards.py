@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from redisq_lab.cli import main as cli_main
@@ -346,4 +347,39 @@ async def test_one_gpu_serves_every_shard(
             assert sorted(started) == sorted(j for j in ids if job_shard(j, 3) == shard)
     finally:
         await worker.stop()
+        await engine.aclose()
+
+
+async def test_a_lost_worker_s_shard_is_kept_until_that_shard_hears_of_the_loss(
+    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker is placed on the shard with the fewest of the hub's GPUs, not on its
+    hash shard. When the call telling its shard of the worker's loss fails (Redis
+    away), the call made again must go to that same shard, which requeues the job
+    uncounted; the hash shard would do nothing, and the job would sit with a gone
+    worker until the reaper counted the loss."""
+    engine = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
+    try:
+        worker = next(f"m{i}:gpu0" for i in itertools.count() if worker_shard(f"m{i}:gpu0", 2))
+        job_id = next(f"j{i}" for i in itertools.count() if job_shard(f"j{i}", 2) == 0)
+        await engine.submit_job("t", 0, {}, job_id=job_id)
+        got = await engine.register_worker(worker, ["t"], session="s1")
+        assert got is not None and got.job_id == job_id  # on shard 0, its hash shard is 1
+        real = engine.shards[0].worker_lost
+        calls: list[str] = []
+
+        async def fails_once(worker_id: str, session: str, count: bool = True) -> bool:
+            calls.append(worker_id)
+            if len(calls) == 1:
+                raise redis.exceptions.ConnectionError("Redis is away")
+            return await real(worker_id, session, count)
+
+        monkeypatch.setattr(engine.shards[0], "worker_lost", fails_once)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await engine.worker_lost(worker, "s1", count=False)
+        assert await engine.worker_lost(worker, "s1", count=False) is True
+        assert calls == [worker, worker]
+        job = await engine.get_job(job_id)
+        assert job is not None and job.status is JobStatus.QUEUED and job.lost == 0
+    finally:
         await engine.aclose()

@@ -381,7 +381,7 @@ class Hub:
                     log.warning(
                         "pushed %s's job %s late: its assignment was lost", a.worker_id, a.job_id
                     )
-            await self.routes.tell_losses()  # after the renewals: a failure spares them
+            await self.routes.tell_losses()
 
         await forever("sweep", step, interval, self._is_stopping)
 

@@ -22,7 +22,7 @@ from .models import TERMINAL_STATUSES, JobModel, JobStatus
 from .operations import FinishResult, new_job_id
 from .protocol import CloseCode, ErrorCode, Message, MessageType, ProtocolError, Role
 from .redis_service import AsyncRedisService
-from .routing import TRANSIENT_ERRORS, EventRouter, final_message
+from .routing import EventRouter, final_message
 
 __all__ = ["IN_FLIGHT_BYTES", "IN_FLIGHT_PER_SOCKET", "Routes"]
 
@@ -185,6 +185,8 @@ class Routes:
                 # job, now or by the reaper once Redis is back; the worker registers
                 # afresh.
                 self._closed_for_outage.add(conn.session)
+                if conn.registered:  # remembered now: the worker may be back before its
+                    self.uncounted_loss(conn.id, conn.session)  # socket's end is handled
                 conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
             else:
                 message = protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", msg.id)
@@ -245,21 +247,28 @@ class Routes:
             del self._untold[worker_id]
 
     async def tell_losses(self, worker_id: str | None = None) -> None:
-        """Tell Redis every remembered uncounted loss (only ``worker_id``'s, if
-        given): each requeues the job that socket held without counting it, or does
-        nothing if that session is no longer the worker's. A lost connection or a
-        timeout propagates and what was not told is kept, to be told again; a loss
-        Redis refused (which telling again cannot change) is logged and dropped."""
+        """Tell Redis the remembered uncounted losses: each requeues the job that
+        socket held without counting it, or does nothing if that session is no longer
+        the worker's. Only ``worker_id``'s, if given (before it registers): a Redis
+        error then propagates, as the registration would meet it too. Otherwise all
+        of them (the sweep, the reaper): at the first Redis error the rest wait for
+        the next try, logged, nothing raised. Whatever was not told is kept, but a
+        loss the engine refused (which telling again cannot change) is dropped."""
         for w in [worker_id] if worker_id is not None else list(self._untold):
             session = self._untold.get(w)
             if session is None:
                 continue
             try:
                 await self.svc.worker_lost(w, session, count=False)
-            except TRANSIENT_ERRORS:
-                raise
-            except (RedisError, ProtocolError) as exc:
-                log.warning("Redis refused %s's uncounted loss: %s", w, exc)
+            except ProtocolError as exc:
+                log.warning("the engine refused %s's uncounted loss: %s", w, exc)
+            except RedisError as exc:
+                if worker_id is not None:
+                    raise
+                log.warning(
+                    "could not tell Redis of %d uncounted losses yet: %s", len(self._untold), exc
+                )
+                return
             self.told(w, session)
 
     # ------------------------------------------------------------- clients

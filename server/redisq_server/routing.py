@@ -40,13 +40,13 @@ from .operations import Assignment, Event
 from .protocol import EventName
 from .redis_service import AsyncRedisService
 
-__all__ = ["TRANSIENT_ERRORS", "EventRouter", "final_message", "forever"]
+__all__ = ["EventRouter", "final_message", "forever"]
 
 log = logging.getLogger("redisq.hub")
 
 #: a read that failed for these may succeed if made again (any other Redis error
 #: would fail again: a batch it stops is skipped, not retried for ever)
-TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+_TRANSIENT: Final = (RedisConnectionError, RedisTimeoutError)
 
 #: how long a job whose report met a Redis failure is read again, at most
 RECHECK_FOR_S: Final = 60.0
@@ -158,7 +158,7 @@ class EventRouter:
                 return
             try:
                 await self.route_events(events)
-            except TRANSIENT_ERRORS:
+            except _TRANSIENT:
                 # the batch's payloads could not be read (Redis gone or slow for a
                 # moment), so nothing of it was routed: it is read again on the next
                 # step (a skipped batch lost its clients' final frames)
@@ -290,7 +290,7 @@ class EventRouter:
             self._local_busy = True
             try:
                 await self.route_events(self._local[0])
-            except TRANSIENT_ERRORS:
+            except _TRANSIENT:
                 raise  # nothing of the batch was routed: it stays first, for the next try
             except BaseException:
                 self._local.popleft()

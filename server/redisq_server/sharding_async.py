@@ -369,12 +369,17 @@ class AsyncShardedService(AsyncRedisService):
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
         svc = self._home(worker_id)
-        if self._reg.get(worker_id, ("", "", "", session))[3] == session:
+        mine = self._reg.get(worker_id, ("", "", "", session))[3] == session
+        if mine:
             self._reg.pop(worker_id, None)
             self._prefetch.pop(worker_id, None)
-            self._where.pop(worker_id, None)
             self._idle.discard(worker_id)
-        return await svc.worker_lost(worker_id, session, count)
+        lost = await svc.worker_lost(worker_id, session, count)
+        # its shard is kept until that shard has heard of the loss: a call that fails
+        # (Redis away) is made again there, not on the worker's hash shard
+        if mine and worker_id not in self._reg:
+            self._where.pop(worker_id, None)
+        return lost
 
     async def reap(self, limit: int = 100) -> int:
         return sum(await _each(s.reap(limit) for s in self._all()))
