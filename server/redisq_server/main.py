@@ -337,7 +337,7 @@ class Hub:
                 try:
                     await self.svc.worker_lost(conn.id, conn.session, count=count)
                     self.routes.told(conn.id, conn.session)
-                except RedisError as exc:  # the reaper requeues it once its lease expires
+                except RedisError as exc:  # told later if uncounted, else the reaper's
                     log.warning("could not requeue %s's job now: %s", conn.id, exc)
                     for job, attempt in conn.delivered:  # the loss may still fail it for good
                         self.events.recheck(job, attempt, conn.id)
