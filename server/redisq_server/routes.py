@@ -82,10 +82,9 @@ class Routes:
         self.events = events
         self.settings = settings
         self.hub_id = hub_id
-        # sessions of workers this hub closed because Redis failed their report
-        self._closed_for_outage: set[str] = set()
         # worker id -> the session of its socket that is gone with a loss that must
-        # not count against its job, until Redis has been told (see uncounted_loss)
+        # not count against its job (a close for this hub's Redis trouble, a
+        # shutdown), until Redis has been told (see uncounted_loss)
         self._untold: dict[str, str] = {}
         #: requests a socket may have in flight together (see :meth:`handle`): a
         #: submit always (each is its own job); with an engine that keeps the order
@@ -183,10 +182,10 @@ class Routes:
                 # Redis, this live socket would hold the job for ever (the sweep renews
                 # its lease). Closing (instead of an `unavailable` reply) requeues the
                 # job, now or by the reaper once Redis is back; the worker registers
-                # afresh.
-                self._closed_for_outage.add(conn.session)
-                if conn.registered:  # remembered now: the worker may be back before its
-                    self.uncounted_loss(conn.id, conn.session)  # socket's end is handled
+                # afresh. Remembered now, not when the socket's end is handled: the
+                # worker may be back before then.
+                if conn.registered:
+                    self.uncounted_loss(conn.id, conn.session)
                 conn.close(CloseCode.UNAVAILABLE, "the queue is unavailable; reconnect")
             else:
                 message = protocol.error(ErrorCode.UNAVAILABLE, "the queue is unavailable", msg.id)
@@ -223,14 +222,13 @@ class Routes:
         return None
 
     def closed_for_outage(self, conn: Connection) -> bool:
-        """Whether this hub closed worker ``conn`` because Redis failed its report
-        (answers once per socket; the hub asks when the socket is gone). Such a loss
-        is not the worker's: it had finished its job (or had none yet), so it does
-        not count against the job it held."""
-        if conn.session in self._closed_for_outage:
-            self._closed_for_outage.discard(conn.session)
-            return True
-        return False
+        """Whether this hub closed worker ``conn`` because Redis failed its report,
+        and Redis has not heard of that loss yet (the hub asks when the socket is
+        gone). Such a loss is not the worker's: it had finished its job (or had none
+        yet), so it does not count against the job it held. (Once Redis has heard of
+        it, that session is no longer the worker's, and a loss told again changes
+        nothing.)"""
+        return self._untold.get(conn.id) == conn.session
 
     def uncounted_loss(self, worker_id: str, session: str) -> None:
         """Remember that ``worker_id``'s socket of ``session`` is gone with a loss that
