@@ -24,14 +24,11 @@ of the one runner::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,71 +70,30 @@ async def drive(url: str, jobs: int) -> None:
         await svc.aclose()
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server under valgrind exited ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("redis-server under valgrind did not start listening")
-
-
 def _count(server: Path, jobs: int, redis_server: str) -> int:
     """Instructions inside processInputBuffer while ``jobs`` lifecycles run through
     the engine in ``server`` (a checkout's ``server/`` directory)."""
-    import redis
+    # imported here: the driver (this module run in a checkout's engine) needs no lab
+    from redisq_lab.redis_process import RedisProcess
 
-    from redisq_lab.redis_process import free_port
-
-    port = free_port("127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        proc = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--toggle-collect=processInputBuffer",
-                f"--callgrind-out-file={out}",
-                redis_server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=tmp,
+        wrapper = (
+            "valgrind",
+            "--tool=callgrind",
+            "--toggle-collect=processInputBuffer",
+            f"--callgrind-out-file={out}",
         )
+        rp = RedisProcess(executable=redis_server, wrapper=wrapper).start(timeout=120)
         try:
-            _wait_listening(port, proc)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(server), str(HERE.parent)))}
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.instructions",
-                    str(server),
-                    str(port),
-                    str(jobs),
-                ],
+                [sys.executable, "-m", "benchmarks.instructions", str(server), rp.url, str(jobs)],
                 env=env,
                 check=True,
             )
-            with contextlib.suppress(redis.ConnectionError):  # the server closes it as it exits
-                redis.Redis(port=port).shutdown(nosave=True)
-            proc.wait(timeout=120)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            rp.stop()  # SIGTERM: the server exits and callgrind writes its counts
         for line in out.read_text().splitlines():
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1])
@@ -189,13 +145,13 @@ def lines(result: dict[str, Any]) -> list[str]:
 
 
 def _main(argv: list[str]) -> None:
-    """The driver: ``python -m benchmarks.instructions SERVER_DIR PORT JOBS``."""
-    server, port, jobs = Path(argv[0]).resolve(), int(argv[1]), int(argv[2])
+    """The driver: ``python -m benchmarks.instructions SERVER_DIR REDIS_URL JOBS``."""
+    server, url, jobs = Path(argv[0]).resolve(), argv[1], int(argv[2])
     import redisq_server
 
     if not Path(redisq_server.__file__).resolve().is_relative_to(server):
         raise SystemExit(f"imported {redisq_server.__file__}, not the engine in {server}")
-    asyncio.run(drive(f"redis://127.0.0.1:{port}/0", jobs))
+    asyncio.run(drive(url, jobs))
 
 
 if __name__ == "__main__":

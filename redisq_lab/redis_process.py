@@ -61,8 +61,9 @@ class RedisProcess:
     """One ``redis-server`` child process. ``start()`` returns once it answers PING.
 
     Nothing is persisted unless ``appendonly=True`` (then the AOF lives in the temp
-    dir and survives :meth:`restart`). Call :meth:`stop` (or use ``with``) when done;
-    the temp dir is removed then.
+    dir and survives :meth:`restart`). ``wrapper``: a command the server runs under,
+    e.g. ``("valgrind", "--tool=callgrind")`` (give :meth:`start` a timeout to match).
+    Call :meth:`stop` (or use ``with``) when done; the temp dir is removed then.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class RedisProcess:
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
         executable: str | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.host = host
         self.port = port or 0
@@ -81,6 +83,7 @@ class RedisProcess:
         self.appendonly = appendonly
         self.extra_args = extra_args
         self.executable = executable or shutil.which("redis-server")
+        self.wrapper = wrapper
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -98,6 +101,7 @@ class RedisProcess:
     def _argv(self) -> list[str]:
         assert self.executable
         argv = [
+            *self.wrapper,
             self.executable,
             "--port", str(self.port),
             "--bind", self.host,
