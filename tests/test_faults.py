@@ -419,6 +419,25 @@ async def test_workers_dropping_at_random_lose_nothing(
 # ----------------------------------------------------------------- Redis restart
 
 
+async def _report_into_an_outage(
+    rp: RedisProcess, sig: signal.Signals, worker: Peer, report: dict[str, Any]
+) -> float:
+    """Stop Redis with ``sig``, then send ``worker``'s ``report``: the hub, which
+    cannot record it, closes the worker's socket (1011). Returns the monotonic time
+    of the stop."""
+    assert rp.proc is not None
+    rp.proc.send_signal(sig)
+    await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
+    stopped = time.monotonic()
+    await worker.send(report)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await worker.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert closed.value.rcvd.reason == "the queue is unavailable; reconnect"
+    return stopped
+
+
 async def _redis_outage(
     rp: RedisProcess, hub: LiveHub, sig: signal.Signals, worker: Peer, held: dict[str, Any]
 ) -> tuple[float, dict[str, Any]]:
@@ -426,16 +445,9 @@ async def _redis_outage(
     the job it ``held``, is disconnected (1011) and that the hub answers clients
     ``unavailable`` and reports itself degraded; then restart Redis on the same port
     and directory. Returns (monotonic time of the stop, the error frame)."""
-    assert rp.proc is not None
-    rp.proc.send_signal(sig)
-    await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
-    stopped = time.monotonic()
-    await worker.send({**_report(held), "id": "during-outage"})
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            await worker.recv()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
-    assert closed.value.rcvd.reason == "the queue is unavailable; reconnect"
+    stopped = await _report_into_an_outage(
+        rp, sig, worker, {**_report(held), "id": "during-outage"}
+    )
     async with QueueClient(hub.url, "probe", request_timeout=10) as qc:
         with pytest.raises(RequestError) as err:
             await qc.stats()
@@ -570,14 +582,7 @@ async def test_an_outage_close_counts_no_loss_even_when_redis_could_not_hear_it(
             async with QueueClient(hub.url, "c-probe") as pc:
                 job_id = await pc.submit("outage-probe")
             held = await probe.expect("job_assigned")
-            assert rp.proc is not None
-            rp.proc.send_signal(signal.SIGTERM)
-            await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
-            await probe.send(_report(held))
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await probe.recv()
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+            await _report_into_an_outage(rp, signal.SIGTERM, probe, _report(held))
 
             async def tried() -> bool:  # the hub tried to tell Redis of the close, and could not
                 return "could not requeue probe-m:gpu0's job now" in hub.output()
@@ -638,14 +643,7 @@ async def test_a_worker_back_before_its_old_socket_is_handled_counts_no_loss(
 
             monkeypatch.setattr(hub.routes, "settled", held_back)
             try:
-                assert rp.proc is not None
-                rp.proc.send_signal(signal.SIGTERM)
-                await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
-                await probe.send(_report(held))
-                with pytest.raises(ConnectionClosed) as closed:
-                    while True:
-                        await probe.recv()
-                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+                await _report_into_an_outage(rp, signal.SIGTERM, probe, _report(held))
                 rp.restart()
                 again_peer = await open_worker(hub.url, "m:gpu0", ["t"])
                 job = await engine.get_job(job_id)
