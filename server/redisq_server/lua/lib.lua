@@ -143,12 +143,12 @@ local function hubs_for(c, extra)
 end
 
 -- Append one event to the capped stream (for monitors and catch-up) and deliver it
--- to the hubs in `to` (hubs_for: each once): the calling hub gets it with the reply, any other
--- hub through its inbox stream. fields: a new flat list of name, value; blanks are
--- dropped from it in place (no second list is built: a list that grows is copied
--- at every doubling). `told`: the calling hub tells its own sockets itself (a job's
--- final outcome, from its worker's report: routes.tell_final), so the event is not
--- handed back to it.
+-- to the hubs in `to` (hubs_for: each once): the calling hub gets it with the
+-- reply, any other hub through its inbox stream. fields: a new flat list of name,
+-- value; blanks are dropped from it in place (no second list is built: a list that
+-- grows is copied at every doubling). `told`: the calling hub tells its own sockets
+-- itself (a job's final outcome, from its worker's report: routes.tell_final), so
+-- the event is not handed back to it.
 local function emit(t, name, fields, to, told)
   local n = 0
   for i = 1, #fields, 2 do
