@@ -703,7 +703,7 @@ async def test_a_redis_that_never_answers_fails_each_call_in_time() -> None:
             return loop.time() - started, str(err.value)
 
         for took, message in await asyncio.gather(timed(), timed()):  # one sent, one queued
-            assert took < 0.3 and message.endswith("within 0.2 s (stats)"), (took, message)
+            assert took < 0.35 and message.endswith("within 0.2 s (stats)"), (took, message)
     finally:
         await svc.aclose()
         for w in peers:
@@ -738,6 +738,9 @@ async def test_a_call_that_times_out_leaves_no_late_reply_behind(
         async with _paused(redis_url, 600):
             with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.2 s \(stats\)"):
                 await svc.get_stats()
+        # the calls after it get time to spare on a loaded machine (a new connection
+        # is made): what is checked is the reply they read, not how soon it comes
+        svc.call_timeout_s = 10
         r = await svc.submit_job("late", 0, {})  # not the stats reply that came late
         assert r.status is JobStatus.QUEUED and r.position == 1
         assert (await svc.get_stats())["queued"] == 2
