@@ -46,10 +46,13 @@ QUANTILES: Final = (50, 95, 99)
 #: is assigned, running and retrying jobs together.
 JOB_STATUSES: Final = ("queued", "active", "scheduled", "completed", "failed", "cancelled")
 
-#: Lifecycle steps with a time column in job frames, in order.
-JOB_TIMES: Final = ("created", "queued", "assigned", "started", "finished")
+#: Lifecycle steps with a time column in job frames, in order. ``held``: when a job
+#: was sent ahead to a worker's prefetch window (NaT without one); ``assigned``:
+#: when it became that worker's job (for a held job, when the job before it ended).
+JOB_TIMES: Final = ("created", "queued", "held", "assigned", "started", "finished")
 
 #: Job spans in seconds -> the (start, end) lifecycle steps they measure.
+#: ``wait_s`` is the wait for a GPU, with or without a prefetch window.
 JOB_SPANS: Final = {
     "wait_s": ("queued", "assigned"),
     "run_s": ("started", "finished"),

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,86 @@ async def test_page_uses_the_monitor_token(
         async with dashboard(tmp_path, hub, "?token=m-secret") as d:
             await expect(d.loc("#k-queued")).to_have_text("0")
             assert any("token=m-secret" in u for u in d.requests if u.startswith("ws://"))
+
+
+async def test_gpu_tiles_and_task_stream_follow_a_prefetch_window(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    """One GPU with a prefetch window: the job it holds ahead shows as its next job
+    (not as its job), in a held lane with no run bar; it becomes the GPU's job when
+    the one before it ends, at the time the engine records (its ``assigned``), so
+    each completed job counts once on the tile, runs never overlap on the GPU's row
+    and the wait for a GPU is the engine's queued -> assigned. A cancelled job held
+    ahead leaves the tile without a run. Leaves a screenshot."""
+    async with (
+        own_hub(redis_url, limits) as hub,
+        QueueClient(hub, "py-client") as client,
+        dashboard(tmp_path, hub) as d,
+    ):
+        # the order the one GPU takes them: first, long, held (ahead of long), then the rest
+        first = await client.submit("render", priority=10)
+        long = await client.submit("long", priority=5)
+        held = await client.submit("render", priority=1)
+        rest = [await client.submit("render", priority=0) for _ in range(8)]
+        async with MockWorker(
+            "gpu-box",
+            1,
+            hub=hub,
+            job_types=["render", "long"],
+            run_time={"render": 0.05, "long": 600.0},
+            prefetch=1,
+        ):
+            gpu = d.loc('#workers .gpu[data-worker-id="gpu-box:gpu0"]')
+            await expect(gpu).to_have_attribute("data-job", long)  # first done: long runs
+            await expect(gpu.locator(f'[data-next="{held}"]')).to_contain_text("next:")
+            await expect(d.loc(f'#active-jobs tr[data-job-id="{held}"] td').nth(4)).to_have_text(
+                "held ahead"
+            )
+            await expect(d.loc(f'#task-stream rect.bar.held[data-job-id="{held}"]')).to_have_count(
+                1
+            )
+            await expect(d.loc(f'#task-stream rect.bar.run[data-job-id="{held}"]')).to_have_count(0)
+            # the tables fit their panels at 1280 px: no column cut off at the edge
+            await d.page.set_viewport_size({"width": 1280, "height": 1000})
+            cut = await d.page.evaluate(
+                """() => [...document.querySelectorAll('.scroll')]
+                     .filter((e) => e.scrollWidth > e.clientWidth).map((e) => e.innerText.slice(0, 40))"""
+            )
+            assert cut == []
+            ARTIFACTS.mkdir(exist_ok=True)
+            await d.page.screenshot(path=str(ARTIFACTS / "dashboard-prefetch.png"), full_page=True)
+
+            await client.cancel(held)  # out of the window: the GPU still runs `long`
+            await expect(gpu.locator("[data-next]")).to_have_count(0)
+            await expect(gpu).to_have_attribute("data-job", long)
+            await client.cancel(long)  # acknowledged: the rest run through the window
+            await client.results(rest, timeout=30)
+            await expect(d.loc("#k-completed")).to_have_text(str(1 + len(rest)))
+            await expect(d.loc(f'#recent-jobs tr[data-job-id="{rest[-1]}"]')).to_have_attribute(
+                "data-status", "completed"
+            )
+        await expect(d.loc(f'#task-stream rect.bar.run[data-job-id="{held}"]')).to_have_count(0)
+        page = await d.page.evaluate(
+            """() => {
+              const s = window.redisqDashboard, w = s.workers.get('gpu-box:gpu0');
+              const runs = [];
+              for (const j of s.jobs.values())
+                for (const a of j.attempts) if (a.start !== null) runs.push([a.start, a.end, j.id]);
+              const last = (id) => { const j = s.jobs.get(id); return j.attempts[j.attempts.length - 1]; };
+              return { done: w.done, next: w.next, runs,
+                       starts: Object.fromEntries([...s.jobs.keys()].map((id) => [id, [last(id).start, last(id).wait]])) };
+            }"""
+        )
+        assert page["done"] == 1 + len(rest) and page["next"] is None
+        runs = sorted(page["runs"])
+        assert len(runs) == 2 + len(rest)  # first, long, the rest; never the held one
+        for (_, end, a), (start, _, b) in pairwise(runs):
+            assert end is not None and start >= end, (a, b)  # one job at a time on the GPU
+        for job_id in [first, *rest]:
+            job = await client.status(job_id)
+            start, wait = page["starts"][job_id]
+            assert abs(start - job["assigned"]) < 1e-5, job_id  # the engine's own time
+            assert abs(wait - (job["assigned"] - job["queued"])) < 1e-5, job_id
+        held_rest = [await client.status(j) for j in rest]
+        assert sum(j["held"] is not None for j in held_rest) >= len(rest) - 1
+        d.check_clean()

@@ -40,6 +40,7 @@ JOB_DTYPES = {
     "error": "string",
     "created": TIME,
     "queued": TIME,
+    "held": TIME,
     "assigned": TIME,
     "started": TIME,
     "finished": TIME,

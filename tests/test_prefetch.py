@@ -82,6 +82,36 @@ async def test_the_window_fills_at_the_first_report_and_runs_in_order(
     assert await invariant_violations(svc.redis, svc.keys) == []
 
 
+async def test_a_held_job_s_wait_for_a_gpu_ends_when_it_becomes_the_gpu_s_job(
+    svc: AsyncRedisService,
+) -> None:
+    """A job sent ahead keeps that time as ``held``; its ``assigned`` time moves to
+    the end of the job before it, so queued -> assigned is the wait for the GPU, as
+    without a window. Its ``assigned`` event says ``ahead``; a later attempt sent to
+    an idle worker has no ``held`` time."""
+    a, b, c = await _queue(svc, 3)
+    await svc.register_worker(W, ["t"], session="s", prefetch=1)
+    await svc.complete_job(a, 1, W)  # b runs, c held ahead
+    sent = await svc.get_job(c)
+    assert sent is not None and sent.held is not None and sent.assigned == sent.held
+    events = await svc.read_events("0")
+    told = {(e.fields["job"], e.fields.get("ahead")) for e in events if e.name == "assigned"}
+    assert told == {(a, None), (b, None), (c, "1")}
+
+    await svc.complete_job(b, 1, W)  # c is the GPU's job now
+    ran, held = await svc.get_job(b), await svc.get_job(c)
+    assert ran is not None and held is not None and ran.held is None
+    assert held.held == sent.held and held.assigned == ran.finished
+    assert held.assigned is not None and held.assigned > held.held
+    assert await invariant_violations(svc.redis, svc.keys) == []
+
+    # lost, then sent to an idle GPU: that attempt was never held
+    assert await svc.worker_lost(W, "s")
+    await svc.register_worker("m2:gpu0", ["t"], session="s2")
+    again = await svc.get_job(c)
+    assert again is not None and again.attempt == 2 and again.held is None
+
+
 async def test_a_job_held_ahead_takes_no_report_until_the_one_before_it_ends(
     svc: AsyncRedisService,
 ) -> None:

@@ -194,7 +194,8 @@ class JobModel:
     position: int | None = None
     created: float | None = None
     queued: float | None = None
-    assigned: float | None = None
+    held: float | None = None  # sent ahead to a worker's prefetch window (this attempt)
+    assigned: float | None = None  # became its worker's job (the end of a held job's wait)
     started: float | None = None
     finished: float | None = None
     due: float | None = None  # a delayed job's run time (set while it is scheduled, kept after)
@@ -226,6 +227,7 @@ class JobModel:
             position=position,
             created=created,
             queued=created if queued is None else queued,
+            held=_opt_float(h.get("held")),
             assigned=_opt_float(h.get("assigned")),
             started=_opt_float(h.get("started")),
             finished=_opt_float(h.get("finished")),

@@ -66,8 +66,8 @@ local function setup(args)
 end
 
 local NONE = {} -- unpack(NONE): no more fields
-local AHEAD = {'ahead', '1'} -- a job's field while a worker holds it ahead
 local EMPTY_SLOT = {'next', '', 'next_attempt', '', 'nn', ''} -- a worker holding none
+local HELD = {'held'} -- an earlier attempt's time in a prefetch window, cleared by a new one
 
 local SEQ_SPACE = 68719476736 -- 2^36, models.SEQ_BITS
 local INLINE_MAX = 512 -- params/results up to this size are copied into events
@@ -236,7 +236,10 @@ end
 -- in the same HSET (heard_at and counters; with `ahead`, claim_next's fields for the
 -- job that became current) or nil. `ahead`: the worker is busy and holds the job
 -- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
--- worker's current job ends (claim_next) or the job leaves the slot otherwise.
+-- worker's current job ends (claim_next) or the job leaves the slot otherwise. Its
+-- `held` time is when it was sent ahead; `assigned` moves to when it becomes the
+-- worker's current job (so queued -> assigned is the wait for a GPU either way),
+-- and the `assigned` event carries `ahead`.
 local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
@@ -249,9 +252,16 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   -- numbers are formatted once here, not by every command and event that takes them
   local attempt_s = tostring(attempt)
   -- a first attempt has no earlier attempt's fields to clear
-  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t), 'attempt', attempt_s,
-    unpack(ahead and AHEAD or NONE))
-  if attempt > 1 then redis.call('HDEL', jk, 'started', 'progress', 'message') end
+  if ahead then
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'attempt', attempt_s, 'ahead', '1', 'held', ts(t))
+  else
+    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
+      'attempt', attempt_s)
+  end
+  if attempt > 1 then
+    redis.call('HDEL', jk, 'started', 'progress', 'message', unpack(ahead and NONE or HELD))
+  end
   local wk = K.worker(w)
   wf = wf or redis.call('HMGET', wk, 'types', 'hub', 'session')
   -- n orders this worker's assignments, so a hub never re-pushes an older one that
@@ -279,7 +289,8 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   if returned and push_hub == CALLER then push_hub = false end
   emit(t, 'assigned', {'job', id, 'status', 'assigned', 'jtype', j[1], 'priority', j[2],
     'client', j[3], 'worker', w, 'hub', wf[2], 'session', wf[3], 'attempt', attempt_s, 'n', n_s,
-    'params', #j[4] <= INLINE_MAX and j[4] or false}, hubs_for(j[3], push_hub))
+    'ahead', ahead and '1' or false, 'params', #j[4] <= INLINE_MAX and j[4] or false},
+    hubs_for(j[3], push_hub))
   return {id, attempt, j[1], j[2], j[4], w, wf[2] or '', wf[3] or '', n}
 end
 
@@ -487,6 +498,7 @@ local function claim_next(w, t, types, wf)
     took = {'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t), 'jn', wf[7] or '',
       unpack(heard)}
     redis.call('HDEL', K.job(wf[4]), 'ahead')
+    redis.call('HSET', K.job(wf[4]), 'assigned', ts(t)) -- on its GPU now: the wait ends
   else
     local best, j = take_best(w, types, t)
     if not best then
