@@ -334,4 +334,12 @@ async def test_gpu_tiles_and_task_stream_follow_a_prefetch_window(
             assert abs(wait - (job["assigned"] - job["queued"])) < 1e-5, job_id
         held_rest = [await client.status(j) for j in rest]
         assert sum(j["held"] is not None for j in held_rest) >= len(rest) - 1
+        # a job's lifecycle names the time it was held ahead
+        one = next(j for j in held_rest if j["held"] is not None)
+        await d.loc(f'#recent-jobs tr[data-job-id="{one["job_id"]}"]').click()
+        box = d.loc("#lifecycle")
+        await expect(box).to_have_attribute("data-status", "completed")
+        await expect(box.locator('dd[data-field="held ahead"]')).to_contain_text("Z")
+        wait = f"{one['assigned'] - one['queued']:.3f} s (of which"
+        await expect(box.locator('dd[data-field="wait for a GPU"]')).to_contain_text(wait)
         d.check_clean()
