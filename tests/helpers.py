@@ -80,10 +80,11 @@ for _, w in ipairs(redis.call('ZRANGE', P .. 'workers', 0, -1)) do
     if not h[2] or h[2] == '' then bad[#bad + 1] = w .. ' busy without a job' end
     if held[h[2]] then bad[#bad + 1] = h[2] .. ' held by ' .. held[h[2]] .. ' and ' .. w end
     held[h[2]] = w
-    local j = redis.call('HMGET', P .. 'job:' .. h[2], 'worker', 'status')
+    local j = redis.call('HMGET', P .. 'job:' .. h[2], 'worker', 'status', 'ahead')
     if j[2] ~= 'cancelled' and j[1] ~= w then
       bad[#bad + 1] = w .. ' holds ' .. h[2] .. ' whose worker is ' .. tostring(j[1])
     end
+    if j[3] == '1' then bad[#bad + 1] = w .. ' runs ' .. h[2] .. ', still marked held ahead' end
   elseif h[1] == 'idle' then
     if h[2] and h[2] ~= '' then bad[#bad + 1] = w .. ' idle with job ' .. h[2] end
   end

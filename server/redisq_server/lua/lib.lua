@@ -235,11 +235,11 @@ end
 -- read (a number, updated here); `heard`: more fields for the worker's hash, written
 -- in the same HSET (heard_at and counters; with `ahead`, claim_next's fields for the
 -- job that became current) or nil. `ahead`: the worker is busy and holds the job
--- ahead, in its prefetch slot (`next`); the job's `ahead` field says so until the
--- worker's current job ends (claim_next) or the job leaves the slot otherwise. Its
--- `held` time is when it was sent ahead; `assigned` moves to when it becomes the
--- worker's current job (so queued -> assigned is the wait for a GPU either way),
--- and the `assigned` event carries `ahead`.
+-- ahead, in its prefetch slot (`next`); the job's `ahead` field is '1' until the
+-- worker's current job ends (claim_next: then '0') or the job leaves the slot
+-- otherwise (deleted). Its `held` time is when it was sent ahead; `assigned` moves
+-- to when it becomes the worker's current job (so queued -> assigned is the wait
+-- for a GPU either way), and the `assigned` event carries `ahead`.
 local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   local jk = K.job(id)
   if not blank(j[5]) then unshun(id, j[5]) end
@@ -497,8 +497,8 @@ local function claim_next(w, t, types, wf)
     out[3] = true
     took = {'status', 'busy', 'job', wf[4], 'attempt', wf[5], 'since', ts(t), 'jn', wf[7] or '',
       unpack(heard)}
-    redis.call('HDEL', K.job(wf[4]), 'ahead')
-    redis.call('HSET', K.job(wf[4]), 'assigned', ts(t)) -- on its GPU now: the wait ends
+    -- on its GPU now: its wait ends; `ahead` 0 (not held), set in the same command
+    redis.call('HSET', K.job(wf[4]), 'ahead', '0', 'assigned', ts(t))
   else
     local best, j = take_best(w, types, t)
     if not best then
