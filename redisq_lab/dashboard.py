@@ -356,7 +356,9 @@ def task_stream(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The task stream's bars: per job on a worker, its wait (queued -> assigned) and
     its run (started, or assigned, -> finished, or -> ``now`` while it runs), on the
-    row of its worker. Jobs never assigned a worker have no bar.
+    row of its worker. Jobs never assigned a worker have no bar. A job its GPU holds
+    ahead (prefetch window: ``held``, and ``assigned`` not yet moved past it) is
+    still waiting for that GPU: a wait bar to ``now``, no run bar.
 
     Pass times as Unix seconds by the server clock (``t0``: the x axis' zero, ``now``:
     where a running job's bar ends) and ``colour(priority)``, a bar's colour.
@@ -384,8 +386,14 @@ def task_stream(
     for j in jobs:
         if j.worker_id is None:
             continue
+        # in its GPU's window still: sent ahead, not yet that GPU's job
+        held_now = j.held is not None and j.assigned == j.held and j.started is None
+        if held_now and j.queued is not None and j.status.value in _RUNNING:
+            bar(wait, j, j.queued, max(now, j.queued), "waiting (held ahead on its GPU)")
+            continue
         if j.queued is not None and j.assigned is not None and j.assigned >= j.queued:
-            bar(wait, j, j.queued, j.assigned, "waited")
+            held = "" if j.held is None else f" ({j.assigned - j.held:.3f} s of it held on its GPU)"
+            bar(wait, j, j.queued, j.assigned, "waited" + held)
         start = j.started if j.started is not None else j.assigned
         end = j.finished if j.finished is not None else None
         if end is None and j.status.value in _RUNNING:

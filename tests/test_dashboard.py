@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from redisq_lab import Dashboard, JobMonitor, LocalStack, RedisMonitor, WorkerMonitor
-from redisq_lab.dashboard import MIN_INTERVAL
+from redisq_lab.dashboard import MIN_INTERVAL, task_stream
+from redisq_server import JobModel, JobStatus
 
 from .helpers import wait_for, wait_sync
 
@@ -271,3 +272,38 @@ def test_rejects_a_bad_window_or_interval() -> None:
         Dashboard("redis://127.0.0.1:1/0", window=1)
     with pytest.raises(ValueError, match="interval"):
         Dashboard("redis://127.0.0.1:1/0", interval=float("nan"))
+
+
+def test_the_task_stream_shows_a_job_held_ahead_as_waiting_until_its_gpu_takes_it() -> None:
+    """Prefetch: a job its GPU holds ahead (``held``, ``assigned`` still that time)
+    has a wait bar to now and no run bar beside the job running there; once it
+    became the GPU's job (``assigned`` moved to the end of the one before) it waited
+    from queued to then, and ran from then."""
+    base = {"job_type": "t", "priority": 1, "params": {}, "worker_id": "m:gpu0"}
+    running = JobModel(
+        job_id="a", status=JobStatus.RUNNING, queued=0.0, assigned=1.0, started=1.0, **base
+    )
+    held = JobModel(
+        job_id="b", status=JobStatus.ASSIGNED, queued=0.5, held=2.0, assigned=2.0, **base
+    )
+    (wait, run), rows = task_stream([running, held], t0=0.0, now=5.0, colour=lambda p: "#000")
+    assert run["customdata"] == ["a"] and run["base"] == [1.0] and run["x"] == [4.0]
+    i = wait["customdata"].index("b")
+    assert (wait["base"][i], wait["x"][i]) == (0.5, 4.5)
+    assert "held ahead" in wait["hovertext"][i]
+    assert rows == ["m:gpu0"]
+
+    took = JobModel(
+        job_id="b",
+        status=JobStatus.COMPLETED,
+        queued=0.5,
+        held=2.0,
+        assigned=6.0,
+        started=6.0,
+        finished=7.0,
+        **base,
+    )
+    (wait, run), _ = task_stream([took], t0=0.0, now=8.0, colour=lambda p: "#000")
+    assert (wait["base"], wait["x"]) == ([0.5], [5.5])
+    assert (run["base"], run["x"]) == ([6.0], [1.0])
+    assert "4.000 s of it held" in wait["hovertext"][0]
