@@ -30,12 +30,13 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from redisq_lab.client import QueueClient, RequestError
+from redisq_lab.client import JobFailed, QueueClient, RequestError
 from redisq_lab.mock_worker import MockWorker
 from redisq_lab.redis_process import RedisProcess, free_port
 from redisq_server import AsyncRedisService, EngineLimits, Event, JobStatus
@@ -973,3 +974,102 @@ async def test_redis_without_persistence_loses_state_but_the_hub_recovers(
             await stop_all(workers)
             hub.stop()
             await engine.aclose()
+
+
+def _lose_first_reply_to(svc: AsyncRedisService, status: str) -> dict[str, int]:
+    """Make ``svc`` lose the first reply of an engine call whose own reply starts
+    with ``status`` (``cancelled`` for a cancel, ``assigned`` for a submit handed
+    to an idle GPU) and carries events for the hub: Redis ran the call, then the
+    connection breaks as that reply is read. Patch before the service makes any
+    connection. Returns the count of replies so lost."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    lost = {"replies": 0}
+    word = status.encode()
+    pool = svc.redis.connection_pool
+    base = pool.connection_class
+
+    def wanted(reply: Any) -> bool:
+        if not isinstance(reply, list) or len(reply) < 2 or not isinstance(reply[0], list):
+            return False
+        return reply[0][0] in (word, status)  # {reply, events for this hub}
+
+    class LosesOneReply(base):  # type: ignore[misc, valid-type]
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            reply = await super().read_response(*args, **kwargs)
+            if not lost["replies"] and wanted(reply):
+                lost["replies"] += 1
+                raise RedisConnectionError("connection reset after the call ran")
+            return reply
+
+    pool.connection_class = LosesOneReply
+    return lost
+
+
+async def test_a_cancel_whose_reply_was_lost_still_reaches_followers_and_the_worker(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """Redis cancels a running job, and the hub's connection breaks before the reply:
+    the call is sent again and finds the job already cancelled, with none of the
+    first run's events. Those are read back from the event stream: another socket
+    following the job gets its final frame, and the GPU running it gets cancel_job
+    (it stops and acknowledges), instead of waiting forever and running the job to
+    its end."""
+    svc = AsyncRedisService(redis_url, limits=limits)
+    lost = _lose_first_reply_to(svc, "cancelled")
+    try:
+        async with (
+            Hub(hub_settings(redis_url, limits), service=svc) as hub,
+            MockWorker("m", 1, hub=hub, job_types=["t"], run_time=600.0) as worker,
+            QueueClient(hub, "owner") as owner,
+            QueueClient(hub, "owner") as follower,
+        ):
+            job = await owner.submit("t")
+
+            async def running() -> bool:
+                return (await owner.status(job))["status"] == "running"
+
+            await wait_for(running, what="the job to run")
+            await follower.subscribe(job)
+            final = asyncio.ensure_future(follower.result(job, timeout=10))
+            reply = await owner.cancel(job)
+            assert reply["status"] == "cancelled" and lost["replies"] == 1
+            with pytest.raises(JobFailed, match="cancel"):
+                await final  # the follower heard it: no wait to the 10 s timeout
+
+            async def acknowledged() -> bool:
+                return worker.cancelled == 1
+
+            await wait_for(acknowledged, what="the GPU to stop the job")
+            assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
+async def test_a_submit_whose_reply_was_lost_pushes_its_assignment_at_once(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """Redis assigns a submitted job to an idle GPU, and the reply is lost with the
+    connection: the rerun finds the job stored and answers without the assignment.
+    The hub reads the assignment back from the event stream and pushes it now; the
+    next sweep (every lease/3, 40 s here) would have been the first to."""
+    limits = replace(limits, lease_s=120.0)
+    svc = AsyncRedisService(redis_url, limits=limits)
+    lost = _lose_first_reply_to(svc, "assigned")
+    try:
+        async with (
+            Hub(hub_settings(redis_url, limits), service=svc) as hub,
+            MockWorker("m", 1, hub=hub, job_types=["t"], run_time=0.0),
+            QueueClient(hub, "owner") as owner,
+        ):
+
+            async def idle() -> bool:
+                return (await owner.stats())["workers_idle"] == 1
+
+            await wait_for(idle, what="the GPU to wait for work")
+            job = await owner.submit("t")
+            assert lost["replies"] == 1
+            await owner.result(job, timeout=10)
+            assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()

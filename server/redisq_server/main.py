@@ -128,6 +128,7 @@ class Hub:
         self.routes = Routes(self.svc, self.registry, self.events, settings, self.hub_id)
         self.metrics.time_submits(self.routes)
         self.svc.on_events = self.events.local_events
+        self.svc.on_rerun = self.events.rerun
         self._listed: set[str] = set()  # client ids listed in Redis as on this hub
         self._presence = asyncio.Lock()  # keeps those listings in the order of events
         self.server: Server | None = None

@@ -145,6 +145,15 @@ class _Sent:
     packed: dict[int, bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class _Rerun:
+    """The reply of a call sent again after its first reply was lost with a broken
+    connection and then answered: the first run may have run, and the events it made
+    for this hub's sockets went with the lost reply (:attr:`_Shell.on_rerun`)."""
+
+    reply: Any
+
+
 class _Shell:
     """What both shells share: the operations for one namespace and how to call them."""
 
@@ -156,6 +165,13 @@ class _Shell:
     #: gets the events a call produced for the sockets of hub ``hub_id`` (the engine
     #: writes them to no inbox); called before the call returns
     on_events: Callable[[list[Event]], None] | None = None
+    #: gets each call that was sent again after its reply was lost and was then
+    #: answered without events for hub ``hub_id``: its first run may have run and
+    #: made events for this hub that went with the lost reply (they are in the event
+    #: stream). A rerun that did the work itself brings its events along, so only
+    #: a call whose events do not concern this hub comes here needlessly. Called
+    #: before the call returns; it must not block.
+    on_rerun: Callable[[Op[Any]], None] | None = None
 
     def _setup(
         self, client: Any, limits: EngineLimits | None, namespace: str | None, shard: int = 0
@@ -176,8 +192,14 @@ class _Shell:
         ]
 
     def _reply(self, op: Op[T], wrapped: Any) -> T:
-        """Hand the events for this hub to ``on_events``; parse the reply proper."""
+        """Hand the events for this hub to ``on_events`` (and a rerun to
+        ``on_rerun``); parse the reply proper."""
+        rerun = isinstance(wrapped, _Rerun)
+        if rerun:
+            wrapped = wrapped.reply
         reply, local = wrapped[0], wrapped[1] if len(wrapped) > 1 else None
+        if rerun and not local and self.on_rerun is not None:
+            self.on_rerun(op)
         if local and self.on_events is not None:
             self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
         return op.parse(reply)
@@ -481,7 +503,8 @@ class AsyncRedisService(_Shell):
         (a report on a job it already ended is refused as stale or in a bad state).
         Such a refusal is not the call's answer, so it becomes a connection error:
         the caller takes its outage path (the hub rechecks the job and closes the
-        worker's socket), as if the rerun had not been made."""
+        worker's socket), as if the rerun had not been made. A rerun that is
+        answered comes back as a :class:`_Rerun` (see ``on_rerun``)."""
         pool = self.redis.connection_pool
         replies, packed = (sent.replies, sent.packed) if sent else self._pack_all(ops)
         todo = list(packed)
@@ -533,6 +556,8 @@ class AsyncRedisService(_Shell):
                     f"the connection was lost before this call's reply and its rerun was "
                     f"refused ({reply}): the first run may have done it"
                 )
+            elif not isinstance(reply, Exception):
+                replies[i] = _Rerun(reply)
         return replies
 
     async def _bounded(self, call: Awaitable[Any], what: str, wait_s: float = 0.0) -> Any:
@@ -730,6 +755,35 @@ class AsyncRedisService(_Shell):
         r: Any = self.redis
         xrange = r.xrange(self.keys.events, *_after(since), limit)
         return [event_from_entry(e) for e in await self._bounded(xrange, "xrange")]
+
+    async def recent_events_of(
+        self, job_id: str, names: Iterable[str], within_ms: int = 5000, pages: int = 10
+    ) -> list[Event]:
+        """Job ``job_id``'s events named in ``names`` among the newest of the stream,
+        oldest first: read back from the newest entry, a page of 1,000 at a time, to
+        ``within_ms`` before it (by the entries' own ids: no clock of this machine)
+        or ``pages`` pages. For the events a call's first run made just now, whose
+        copies for this hub went with a lost reply (``on_rerun``)."""
+        wanted = set(names)
+        r: Any = self.redis
+        found: list[Event] = []
+        end, stop_ms = "+", None
+        for _ in range(pages):
+            entries = await self._bounded(
+                r.xrevrange(self.keys.events, end, "-", 1000), "xrevrange"
+            )
+            for entry in entries:
+                ev = event_from_entry(entry)
+                ms = int(ev.id.partition("-")[0])
+                stop_ms = ms - within_ms if stop_ms is None else stop_ms
+                if ms < stop_ms:
+                    return found[::-1]
+                if ev.name in wanted and ev.fields.get("job") == job_id:
+                    found.append(ev)
+            if len(entries) < 1000:
+                break
+            end = "(" + event_from_entry(entries[-1]).id
+        return found[::-1]
 
     async def last_event_id(self) -> str:
         """The id of the newest event (``0-0`` when there is none)."""

@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import protocol
 from .connections import Registry
 from .models import TERMINAL_STATUSES, JobModel
-from .operations import Assignment, Event
+from .operations import Assignment, Event, Op
 from .protocol import EventName
 from .redis_service import AsyncRedisService
 
@@ -101,6 +101,17 @@ async def forever(
             await asyncio.sleep(pause)
 
 
+#: Per engine function, the events of its first run that this hub's sockets must
+#: not miss when that run's reply was lost and its rerun answered without them
+#: (:meth:`EventRouter.rerun`): a cancel's (the followers' final frame, the cancel_job
+#: for the worker running the job) and the assignment a submit made to an idle
+#: worker (pushed now, not at the next lease renewal).
+REPLAYED: Final[dict[str, frozenset[str]]] = {
+    "cancel": frozenset({EventName.CANCELLED}),
+    "submit": frozenset({EventName.ASSIGNED}),
+}
+
+
 class EventRouter:
     """Delivers this hub's share of the event stream to its sockets.
 
@@ -125,6 +136,7 @@ class EventRouter:
         self._unsure_added = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._replays: set[asyncio.Task[None]] = set()  # rerun: reading lost events again
 
     # ------------------------------------------------------------- loops
 
@@ -141,9 +153,9 @@ class EventRouter:
     async def stop(self) -> None:
         """Stop the loops (events not yet routed are dropped: their sockets are gone)."""
         self._stopping = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._replays]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._replays, return_exceptions=True)
 
     async def _loop(self, name: str, step: Callable[[], Awaitable[Any]]) -> None:
         await forever(name, step, 0, lambda: self._stopping)
@@ -233,6 +245,31 @@ class EventRouter:
             ):
                 self._unsure.pop(job, None)
         await asyncio.sleep(RECHECK_EVERY_S)
+
+    def rerun(self, op: Op[Any]) -> None:
+        """The service's ``on_rerun``: ``op``'s first run may have run, and the events
+        it made for this hub were then lost with its reply. Those in
+        :data:`REPLAYED` are read back from the event stream and routed as if they
+        had come with the reply (routing them when they were not lost does nothing
+        twice: an assignment is pushed once, a final frame ends the subscription);
+        if Redis cannot be read, a cancelled job is rechecked instead (its followers
+        here still hear how it ended)."""
+        names = REPLAYED.get(op.script)
+        if names is None or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._replay(op.args[0], names))
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+
+    async def _replay(self, job: str, names: frozenset[str]) -> None:
+        try:
+            events = await self.svc.recent_events_of(job, names)
+        except RedisError as exc:
+            log.warning("could not read back the events of %s lost with a reply: %s", job, exc)
+            self.recheck(job)
+            return
+        if events:
+            self.local_events(events)
 
     def tell_finished(self, job: JobModel) -> None:
         """Give this hub's followers of finished ``job`` its final frame and end their

@@ -143,7 +143,7 @@ class AsyncShardedService(AsyncRedisService):
     def _at(self, i: int) -> AsyncRedisService:
         """Shard ``i``'s service, with this service's hub id and event sink."""
         svc = self.shards[i]
-        svc.hub_id, svc.on_events = self.hub_id, self.on_events
+        svc.hub_id, svc.on_events, svc.on_rerun = self.hub_id, self.on_events, self.on_rerun
         return svc
 
     def _job(self, job_id: str) -> AsyncRedisService:
@@ -435,6 +435,11 @@ class AsyncShardedService(AsyncRedisService):
     async def hub_stop(self) -> None:
         self._inbox.cancel()
         await asyncio.gather(*(s.hub_stop() for s in self._all()))
+
+    async def recent_events_of(
+        self, job_id: str, names: Iterable[str], within_ms: int = 5000, pages: int = 10
+    ) -> list[Event]:
+        return await self._job(job_id).recent_events_of(job_id, names, within_ms, pages)
 
     async def read_inbox(
         self, last_id: str, count: int = 1000, block_ms: int = 1000
