@@ -279,10 +279,12 @@ async def latency(
     loop: str = "asyncio",
     processes: int = 1,
     prefetch: int = 0,
+    wide_gpus: int = 0,
 ) -> dict[str, Any]:
     """Idle one-at-a-time latency, the saturated rate, then Poisson load at
     ``loads`` fractions of it (each ``load_seconds`` long, at most ``load_max_jobs``),
-    then the saturated rate again (``max_rate_again_per_s``).
+    then the saturated rate again (``max_rate_again_per_s``) and, with ``wide_gpus``,
+    once more through that many GPU sockets (``max_rate_wide_per_s``).
     The loaded runs' GPU sockets register with prefetch window ``prefetch``; with 1,
     "start" is when a job reaches its GPU, which runs it at once when it is free."""
     async with hub_at(place, redis_url, namespace, loop=loop, processes=processes) as hub:
@@ -304,6 +306,12 @@ async def latency(
             hub, gpus, saturate_jobs, window=window, client="sat-again", prefetch=prefetch
         )
         again["window"] = window
+        wide = None
+        if wide_gpus:
+            wide = await _load_run(
+                hub, wide_gpus, saturate_jobs, window=window, client="sat-wide", prefetch=prefetch
+            )
+            wide.update(window=window, gpus=wide_gpus)
     return {
         "samples": samples,
         "hub": place,
@@ -315,6 +323,11 @@ async def latency(
         "loaded": loaded,
         "saturated_again": again,
         "max_rate_again_per_s": again["completed_per_s"],
+        **(
+            {"saturated_wide": wide, "max_rate_wide_per_s": wide["completed_per_s"]}
+            if wide is not None
+            else {}
+        ),
     }
 
 

@@ -34,6 +34,10 @@ def test_runner_quick(tmp_path: Path) -> None:
     assert o["latency"]["max_rate_per_s"] > 0 and o["latency"]["loaded"]
     assert o["latency"]["max_rate_again_per_s"] > 0
     assert "again after the Poisson runs" in proc.stdout
+    # once more through more GPU sockets, the hub's share of the time said
+    wide = o["latency"]["saturated_wide"]
+    assert wide["gpus"] == 8 and o["latency"]["max_rate_wide_per_s"] > 0
+    assert wide["cpu_busy"]["hub"] > 0 and "jobs/s with 8 GPU sockets, hub " in proc.stdout
     assert o["enqueue"]["one_at_a_time_per_s"] > 0 and o["enqueue"]["batched_per_s"] > 0
     assert o["memory"]["redis"]["bytes_per_job"] > 0
     hub = o["memory"]["hub"]
