@@ -84,9 +84,10 @@ class Sizes:
     samples: int = 500  # our one-at-a-time latency samples
     saturate_jobs: int = 4000
     window: int = 64  # jobs in flight when saturating
-    # the saturated rate once more with this many GPU sockets: with 4, each socket's
-    # round trip limits the rate and the hub idles a third of the time; with 16 the
-    # hub is the limit ("one hub saturated by one client")
+    # the saturated rate once more with this many GPU sockets: with 4 (8 places with
+    # a window, for 64 jobs in flight) each socket's round trip bounds the rate; with
+    # 16 no job waits for a GPU, and the bound is what the hub, client, worker and
+    # Redis get of the machine's cores ("one hub saturated by one client")
     wide_gpus: int = 16
     loads: tuple[float, ...] = (0.5, 0.9)
     load_seconds: float = 5.0
@@ -740,7 +741,7 @@ def _speed_targets(result: dict[str, Any], best: tuple[str, float] | None) -> li
         shown = (
             f"{rate:,.0f} jobs/s ({lat['gpus']} GPU sockets{_hub_busy(lat.get('saturated', {}))})"
         )
-        if "max_rate_wide_per_s" in lat:  # the hub, not the sockets' round trips, the limit
+        if "max_rate_wide_per_s" in lat:  # no job waits for a GPU socket there
             rate = lat["max_rate_wide_per_s"]
             wide = lat["saturated_wide"]
             shown = f"{rate:,.0f} jobs/s ({wide['gpus']} GPU sockets{_hub_busy(wide)}); " + shown
