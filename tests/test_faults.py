@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -976,34 +976,34 @@ async def test_redis_without_persistence_loses_state_but_the_hub_recovers(
             await engine.aclose()
 
 
-def _lose_first_reply_to(svc: AsyncRedisService, status: str) -> dict[str, int]:
-    """Make ``svc`` lose the first reply of an engine call whose own reply starts
-    with ``status`` (``cancelled`` for a cancel, ``assigned`` for a submit handed
-    to an idle GPU) and carries events for the hub: Redis ran the call, then the
+def _lose_first_reply_to(svc: AsyncRedisService, wanted: Callable[[Any], bool]) -> dict[str, int]:
+    """Make ``svc`` lose the first reply of an engine call that carries events for
+    the hub and whose own reply passes ``wanted``: Redis ran the call, then the
     connection breaks as that reply is read. Patch before the service makes any
     connection. Returns the count of replies so lost."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     lost = {"replies": 0}
-    word = status.encode()
     pool = svc.redis.connection_pool
     base = pool.connection_class
-
-    def wanted(reply: Any) -> bool:
-        if not isinstance(reply, list) or len(reply) < 2 or not isinstance(reply[0], list):
-            return False
-        return reply[0][0] in (word, status)  # {reply, events for this hub}
 
     class LosesOneReply(base):  # type: ignore[misc, valid-type]
         async def read_response(self, *args: Any, **kwargs: Any) -> Any:
             reply = await super().read_response(*args, **kwargs)
-            if not lost["replies"] and wanted(reply):
+            # a function's reply with events for this hub: {reply, events}
+            events = isinstance(reply, list) and len(reply) == 2
+            if not lost["replies"] and events and wanted(reply[0]):
                 lost["replies"] += 1
                 raise RedisConnectionError("connection reset after the call ran")
             return reply
 
     pool.connection_class = LosesOneReply
     return lost
+
+
+def _starts_with(status: str) -> Callable[[Any], bool]:
+    """A reply that is a list starting with ``status`` (a cancel's, a submit's)."""
+    return lambda r: isinstance(r, list) and bool(r) and r[0] in (status, status.encode())
 
 
 async def test_a_cancel_whose_reply_was_lost_still_reaches_followers_and_the_worker(
@@ -1016,7 +1016,7 @@ async def test_a_cancel_whose_reply_was_lost_still_reaches_followers_and_the_wor
     (it stops and acknowledges), instead of waiting forever and running the job to
     its end."""
     svc = AsyncRedisService(redis_url, limits=limits)
-    lost = _lose_first_reply_to(svc, "cancelled")
+    lost = _lose_first_reply_to(svc, _starts_with("cancelled"))
     try:
         async with (
             Hub(hub_settings(redis_url, limits), service=svc) as hub,
@@ -1055,7 +1055,7 @@ async def test_a_submit_whose_reply_was_lost_pushes_its_assignment_at_once(
     next sweep (every lease/3, 40 s here) would have been the first to."""
     limits = replace(limits, lease_s=120.0)
     svc = AsyncRedisService(redis_url, limits=limits)
-    lost = _lose_first_reply_to(svc, "assigned")
+    lost = _lose_first_reply_to(svc, _starts_with("assigned"))
     try:
         async with (
             Hub(hub_settings(redis_url, limits), service=svc) as hub,
@@ -1070,6 +1070,41 @@ async def test_a_submit_whose_reply_was_lost_pushes_its_assignment_at_once(
             job = await owner.submit("t")
             assert lost["replies"] == 1
             await owner.result(job, timeout=10)
+            assert await invariant_violations(svc.redis, svc.keys) == []
+    finally:
+        await svc.aclose()
+
+
+async def test_a_worker_loss_whose_reply_was_lost_still_tells_the_job_s_followers(
+    redis_url: str, limits: EngineLimits
+) -> None:
+    """A GPU's socket closes and Redis takes the worker out of service, failing its
+    job for good (``max_lost`` 0: one loss is too many); the reply is lost with the
+    connection, and the rerun finds the worker already gone, with none of those
+    events. They are read back from the stream: the job's follower here gets its
+    final frame instead of waiting forever."""
+    limits = replace(limits, max_lost=0)
+    svc = AsyncRedisService(redis_url, limits=limits)
+    lost = _lose_first_reply_to(svc, lambda r: r == 1)  # lost.lua: 1, the worker dropped
+    try:
+        async with (
+            Hub(hub_settings(redis_url, limits), service=svc) as hub,
+            QueueClient(hub, "owner") as owner,
+        ):
+            worker = MockWorker("m", 1, hub=hub, job_types=["t"], run_time=600.0)
+            await worker.start()
+            try:
+                job = await owner.submit("t")
+
+                async def running() -> bool:
+                    return (await owner.status(job))["status"] == "running"
+
+                await wait_for(running, what="the job to run")
+            finally:
+                await worker.stop()  # its socket closes mid-job
+            with pytest.raises(JobFailed, match="lost"):
+                await owner.result(job, timeout=10)
+            assert lost["replies"] == 1
             assert await invariant_violations(svc.redis, svc.keys) == []
     finally:
         await svc.aclose()

@@ -756,14 +756,16 @@ class AsyncRedisService(_Shell):
         xrange = r.xrange(self.keys.events, *_after(since), limit)
         return [event_from_entry(e) for e in await self._bounded(xrange, "xrange")]
 
-    async def recent_events_of(
-        self, job_id: str, names: Iterable[str], within_ms: int = 5000, pages: int = 10
+    async def recent_events(
+        self, about: tuple[str, str], names: Iterable[str], within_ms: int = 2000, pages: int = 10
     ) -> list[Event]:
-        """Job ``job_id``'s events named in ``names`` among the newest of the stream,
-        oldest first: read back from the newest entry, a page of 1,000 at a time, to
-        ``within_ms`` before it (by the entries' own ids: no clock of this machine)
-        or ``pages`` pages. For the events a call's first run made just now, whose
-        copies for this hub went with a lost reply (``on_rerun``)."""
+        """The events named in ``names`` whose field ``about[0]`` (``job`` or
+        ``worker``) is ``about[1]``, among the newest of the stream, oldest first:
+        read back from the newest entry, a page of 1,000 at a time, to ``within_ms``
+        before it (by the entries' own ids: no clock of this machine) or ``pages``
+        pages. For the events a call's first run made just now, whose copies for this
+        hub went with a lost reply (``on_rerun``)."""
+        field, value = about
         wanted = set(names)
         r: Any = self.redis
         found: list[Event] = []
@@ -778,7 +780,7 @@ class AsyncRedisService(_Shell):
                 stop_ms = ms - within_ms if stop_ms is None else stop_ms
                 if ms < stop_ms:
                     return found[::-1]
-                if ev.name in wanted and ev.fields.get("job") == job_id:
+                if ev.name in wanted and ev.fields.get(field) == value:
                     found.append(ev)
             if len(entries) < 1000:
                 break

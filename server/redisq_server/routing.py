@@ -103,13 +103,22 @@ async def forever(
 
 #: Per engine function, the events of its first run that this hub's sockets must
 #: not miss when that run's reply was lost and its rerun answered without them
-#: (:meth:`EventRouter.rerun`): a cancel's (the followers' final frame, the cancel_job
-#: for the worker running the job) and the assignment a submit made to an idle
-#: worker (pushed now, not at the next lease renewal).
-REPLAYED: Final[dict[str, frozenset[str]]] = {
-    "cancel": frozenset({EventName.CANCELLED}),
-    "submit": frozenset({EventName.ASSIGNED}),
+#: (:meth:`EventRouter.rerun`), and the field of the call's first argument: a
+#: cancel's (the followers' final frame, the cancel_job for the worker running the
+#: job), the assignment a submit made to an idle worker (pushed now, not at the next
+#: lease renewal), and a lost worker's jobs requeued or failed for good (then the
+#: assignment of each requeued one, if an idle worker took it at once).
+REPLAYED: Final[dict[str, tuple[str, frozenset[str]]]] = {
+    "cancel": ("job", frozenset({EventName.CANCELLED})),
+    "submit": ("job", frozenset({EventName.ASSIGNED})),
+    "lost": ("worker", frozenset({EventName.REQUEUED, EventName.FAILED})),
 }
+
+
+def _stream_order(event_id: str) -> tuple[int, int]:
+    """An event id (``<ms>-<seq>``) as a key that sorts as the stream does."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class EventRouter:
@@ -254,22 +263,28 @@ class EventRouter:
         twice: an assignment is pushed once, a final frame ends the subscription);
         if Redis cannot be read, a cancelled job is rechecked instead (its followers
         here still hear how it ended)."""
-        names = REPLAYED.get(op.script)
-        if names is None or self._stopping:
+        replayed = REPLAYED.get(op.script)
+        if replayed is None or self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._replay(op.args[0], names))
+        field, names = replayed
+        about = (field, op.args[0])
+        task = asyncio.get_running_loop().create_task(self._replay(about, names))
         self._replays.add(task)
         task.add_done_callback(self._replays.discard)
 
-    async def _replay(self, job: str, names: frozenset[str]) -> None:
+    async def _replay(self, about: tuple[str, str], names: frozenset[str]) -> None:
         try:
-            events = await self.svc.recent_events_of(job, names)
+            events = await self.svc.recent_events(about, names)
+            # a lost worker's requeued jobs: each one's assignment, if it had one at once
+            for job in [e.fields["job"] for e in events if e.name == EventName.REQUEUED]:
+                events += await self.svc.recent_events(("job", job), {EventName.ASSIGNED})
         except RedisError as exc:
-            log.warning("could not read back the events of %s lost with a reply: %s", job, exc)
-            self.recheck(job)
+            log.warning("could not read back the events lost with a reply (%s): %s", about, exc)
+            if about[0] == "job":
+                self.recheck(about[1])
             return
         if events:
-            self.local_events(events)
+            self.local_events(sorted(events, key=lambda e: _stream_order(e.id)))
 
     def tell_finished(self, job: JobModel) -> None:
         """Give this hub's followers of finished ``job`` its final frame and end their
