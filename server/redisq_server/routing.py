@@ -261,8 +261,9 @@ class EventRouter:
         :data:`REPLAYED` are read back from the event stream and routed as if they
         had come with the reply (routing them when they were not lost does nothing
         twice: an assignment is pushed once, a final frame ends the subscription);
-        if Redis cannot be read, a cancelled job is rechecked instead (its followers
-        here still hear how it ended)."""
+        if Redis cannot be read, or a cancel's event is not among the newest
+        entries, the job is rechecked instead (its followers here still hear how it
+        ended)."""
         replayed = REPLAYED.get(op.script)
         if replayed is None or self._stopping:
             return
@@ -285,6 +286,8 @@ class EventRouter:
             return
         if events:
             self.local_events(sorted(events, key=lambda e: _stream_order(e.id)))
+        elif EventName.CANCELLED in names:  # not among the newest entries: read the job
+            self.recheck(about[1])
 
     def tell_finished(self, job: JobModel) -> None:
         """Give this hub's followers of finished ``job`` its final frame and end their
