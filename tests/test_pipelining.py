@@ -162,6 +162,37 @@ async def test_a_report_whose_reply_was_lost_is_not_refused_by_its_own_rerun(
     assert (await svc.get_stats())["totals"]["completed"] == 1
 
 
+async def test_a_call_whose_reply_is_lost_and_whose_next_try_cannot_connect_is_answered(
+    svc: AsyncRedisService,
+) -> None:
+    """Redis runs a submit and the connection breaks before its reply is read; the
+    next try cannot connect; the third is answered with the stored job. The call
+    gets that answer (listed unsure twice, it is still one rerun) and the hub is
+    told once that its first run's events may have gone with the lost reply."""
+    await svc.submit_job("twice", 0, {}, client_id="c", job_id="t0")  # a connection held
+    (conn,) = svc._pipe_conns
+    read, connect = conn.read_response, conn.connect
+
+    async def read_then_break(*args: Any, **kwargs: Any) -> Any:
+        conn.read_response = read  # type: ignore[method-assign]  # once
+        await read(*args, **kwargs)  # Redis ran the call; its reply is lost
+        raise redis.exceptions.ConnectionError("connection reset")
+
+    async def refuse_once() -> None:
+        conn.connect = connect  # type: ignore[method-assign]
+        raise redis.exceptions.ConnectionError("connection refused")
+
+    conn.read_response = read_then_break  # type: ignore[method-assign]
+    conn.connect = refuse_once  # type: ignore[method-assign]
+    reran: list[str] = []
+    svc.on_rerun = lambda op, _svc: reran.append(op.script)
+    lost = svc.replies_lost
+    r = await svc.submit_job("twice", 0, {}, client_id="c", job_id="t1")
+    assert r.status is JobStatus.QUEUED and r.position == 1
+    assert reran == ["submit"] and svc.replies_lost == lost + 2
+    assert (await svc.get_stats())["totals"]["submitted"] == 2
+
+
 async def test_calls_are_packed_as_redis_py_packs_them(svc: AsyncRedisService) -> None:
     conn = svc.redis.connection_pool.make_connection()
     ops = [

@@ -166,12 +166,13 @@ class _Shell:
     #: writes them to no inbox); called before the call returns
     on_events: Callable[[list[Event]], None] | None = None
     #: gets each call that was sent again after its reply was lost and was then
-    #: answered without events for hub ``hub_id``: its first run may have run and
-    #: made events for this hub that went with the lost reply (they are in the event
-    #: stream). A rerun that did the work itself brings its events along, so only
-    #: a call whose events do not concern this hub comes here needlessly. Called
+    #: answered without events for hub ``hub_id``, with the service that ran it (a
+    #: shard's, in a sharded namespace): its first run may have run and made events
+    #: for this hub that went with the lost reply (they are in that service's event
+    #: stream). A rerun that did the work itself brings its events along, so only a
+    #: call whose events do not concern this hub comes here needlessly. Called
     #: before the call returns; it must not block.
-    on_rerun: Callable[[Op[Any]], None] | None = None
+    on_rerun: Callable[[Op[Any], AsyncRedisService], None] | None = None
 
     def _setup(
         self, client: Any, limits: EngineLimits | None, namespace: str | None, shard: int = 0
@@ -198,8 +199,13 @@ class _Shell:
         if rerun:
             wrapped = wrapped.reply
         reply, local = wrapped[0], wrapped[1] if len(wrapped) > 1 else None
-        if rerun and not local and self.on_rerun is not None:
-            self.on_rerun(op)
+        if (
+            rerun
+            and not local
+            and self.on_rerun is not None
+            and isinstance(self, AsyncRedisService)
+        ):
+            self.on_rerun(op, self)
         if local and self.on_events is not None:
             self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
         return op.parse(reply)
@@ -547,7 +553,7 @@ class AsyncRedisService(_Shell):
             if not again:
                 break
             todo = again
-        for i in unsure:
+        for i in dict.fromkeys(unsure):  # a call lost on two attempts is listed twice
             reply = replies[i]
             if isinstance(reply, ResponseError) and not (
                 isinstance(reply, BusyLoadingError) or _missing(reply)

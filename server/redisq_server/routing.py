@@ -255,9 +255,10 @@ class EventRouter:
                 self._unsure.pop(job, None)
         await asyncio.sleep(RECHECK_EVERY_S)
 
-    def rerun(self, op: Op[Any]) -> None:
-        """The service's ``on_rerun``: ``op``'s first run may have run, and the events
-        it made for this hub were then lost with its reply. Those in
+    def rerun(self, op: Op[Any], svc: AsyncRedisService) -> None:
+        """The service's ``on_rerun``: ``op``'s first run (on ``svc``, a shard's
+        service in a sharded namespace) may have run, and the events it made for
+        this hub were then lost with its reply. Those in
         :data:`REPLAYED` are read back from the event stream and routed as if they
         had come with the reply (routing them when they were not lost does nothing
         twice: an assignment is pushed once, a final frame ends the subscription);
@@ -269,23 +270,34 @@ class EventRouter:
             return
         field, names = replayed
         about = (field, op.args[0])
-        task = asyncio.get_running_loop().create_task(self._replay(about, names))
+        task = asyncio.get_running_loop().create_task(self._replay(svc, about, names))
         self._replays.add(task)
         task.add_done_callback(self._replays.discard)
 
-    async def _replay(self, about: tuple[str, str], names: frozenset[str]) -> None:
+    async def _replay(
+        self, svc: AsyncRedisService, about: tuple[str, str], names: frozenset[str]
+    ) -> None:
         try:
-            events = await self.svc.recent_events(about, names)
-            # a lost worker's requeued jobs: each one's assignment, if it had one at once
-            for job in [e.fields["job"] for e in events if e.name == EventName.REQUEUED]:
-                events += await self.svc.recent_events(("job", job), {EventName.ASSIGNED})
+            events = await svc.recent_events(about, names)
+            # a lost worker's requeued jobs: each one's assignment since, if any (the
+            # jobs are on the worker's shard)
+            for ev in [e for e in events if e.name == EventName.REQUEUED]:
+                since = _stream_order(ev.id)
+                events += [
+                    e
+                    for e in await svc.recent_events(
+                        ("job", ev.fields["job"]), {EventName.ASSIGNED}
+                    )
+                    if _stream_order(e.id) > since
+                ]
         except RedisError as exc:
             log.warning("could not read back the events lost with a reply (%s): %s", about, exc)
             if about[0] == "job":
                 self.recheck(about[1])
             return
         if events:
-            self.local_events(sorted(events, key=lambda e: _stream_order(e.id)))
+            unique = {e.id: e for e in events}.values()  # a job requeued twice: once each
+            self.local_events(sorted(unique, key=lambda e: _stream_order(e.id)))
         elif EventName.CANCELLED in names:  # not among the newest entries: read the job
             self.recheck(about[1])
 

@@ -436,14 +436,6 @@ class AsyncShardedService(AsyncRedisService):
         self._inbox.cancel()
         await asyncio.gather(*(s.hub_stop() for s in self._all()))
 
-    async def recent_events(
-        self, about: tuple[str, str], names: Iterable[str], within_ms: int = 2000, pages: int = 10
-    ) -> list[Event]:
-        """From the shard of the job, or the shard the worker is on (its jobs' too)."""
-        field, value = about
-        svc = self._job(value) if field == "job" else self._home(value)
-        return await svc.recent_events(about, names, within_ms, pages)
-
     async def read_inbox(
         self, last_id: str, count: int = 1000, block_ms: int = 1000
     ) -> list[Event]:
