@@ -343,3 +343,60 @@ async def test_gpu_tiles_and_task_stream_follow_a_prefetch_window(
         wait = f"{one['assigned'] - one['queued']:.3f} s (of which"
         await expect(box.locator('dd[data-field="wait for a GPU"]')).to_contain_text(wait)
         d.check_clean()
+
+
+async def test_a_page_opened_mid_job_follows_a_prefetch_window_it_saw_only_in_part(
+    redis_url: str, limits: EngineLimits, tmp_path: Path
+) -> None:
+    """The page can open after a GPU's job began (its assignment older than what it
+    reads back): it sees that job's end but cannot place it, while the GPU holds
+    the next job ahead. The held job still becomes the GPU's job: at the latest
+    when the engine sends the next one ahead, at its first progress report, or when
+    it ends itself. So every job that ran is counted once and none stays "held
+    ahead" for ever. Events are fed to the page as the hub would send them; three
+    GPUs, one way each."""
+
+    def ev(e: str, t: float, job: str, gpu: int, **more: str) -> dict[str, str]:
+        return {
+            "e": e,
+            "t": f"{t:.6f}",
+            "job": job,
+            "worker": f"box:gpu{gpu}",
+            "attempt": "1",
+            **more,
+        }
+
+    ahead = {"ahead": "1", "jtype": "t", "priority": "1"}
+    events = [
+        # gpu0: A began before the page; H is held, then N is sent ahead when A ends
+        ev("assigned", 100.0, "H", 0, **ahead),
+        ev("completed", 101.0, "A", 0),
+        ev("assigned", 101.0, "N", 0, **ahead),  # so H is the GPU's job by now
+        ev("completed", 102.0, "H", 0),  # N's turn
+        ev("completed", 103.0, "N", 0),
+        # gpu1: B ends with nothing left to send ahead; X's progress says it runs
+        ev("assigned", 200.0, "X", 1, **ahead),
+        ev("completed", 201.0, "B", 1),
+        ev("progress", 201.5, "X", 1, progress="0"),
+        ev("completed", 202.0, "X", 1),
+        # gpu2: as gpu1, but Z reports nothing before its end
+        ev("assigned", 300.0, "Z", 2, **ahead),
+        ev("completed", 301.0, "C", 2),
+        ev("completed", 302.0, "Z", 2),
+    ]
+    async with own_hub(redis_url, limits) as hub, dashboard(tmp_path, hub) as d:
+        page = await d.page.evaluate(
+            """(events) => {
+              window.redisqApply(events);
+              const s = window.redisqDashboard;
+              const start = (id) => { const a = s.jobs.get(id).attempts; return a[a.length - 1].start; };
+              const gpus = [0, 1, 2].map((i) => s.workers.get('box:gpu' + i));
+              return { done: gpus.map((g) => g.done), busy: gpus.map((g) => g.job || g.next),
+                       starts: Object.fromEntries(['H', 'N', 'X', 'Z'].map((id) => [id, start(id)])) };
+            }""",
+            events,
+        )
+        assert page["starts"] == {"H": 101.0, "N": 102.0, "X": 201.5, "Z": 302.0}, page
+        assert page["done"] == [2, 1, 1] and page["busy"] == [None, None, None], page
+        await expect(d.loc("#active-jobs tbody")).to_contain_text("none")
+        d.check_clean()
