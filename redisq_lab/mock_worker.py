@@ -32,7 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from redisq_server import protocol
-from redisq_server.protocol import MessageType
+from redisq_server.protocol import CloseCode, MessageType
 
 from ._source import hub_url_of
 
@@ -167,6 +167,9 @@ class MockWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._sockets: dict[str, ClientConnection] = {}
         self._registered: dict[str, asyncio.Event] = {}
+        self._sessions: dict[str, str | None] = {}  # each GPU socket's, from its hub
+        # a GPU whose socket its hub closed for an outage (1011): that socket's session
+        self._closed_for_outage: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing: asyncio.Future[None] | None = None
@@ -326,7 +329,12 @@ class MockWorker:
         """Speak the protocol on one GPU socket. True when a burst has finished."""
         caps = {**self.capabilities, "gpu_index": worker_id.rsplit("gpu", 1)[-1]}
         register = protocol.register_worker(
-            self.job_types, caps, prefetch=self.prefetch, id="register"
+            self.job_types,
+            caps,
+            prefetch=self.prefetch,
+            # the previous socket closed for an outage: its job's loss is not counted
+            closed_session=self._closed_for_outage.get(worker_id),
+            id="register",
         )
         await ws.send(protocol.encode(register))
         gpu = _Gpu()
@@ -343,6 +351,8 @@ class MockWorker:
                 elif kind == MessageType.CANCEL_JOB:
                     await self._cancel(ws, worker_id, gpu, m["job_id"], m["attempt"])
                 elif kind == MessageType.WORKER_REGISTERED:
+                    self._sessions[worker_id] = m.get("session")
+                    self._closed_for_outage.pop(worker_id, None)  # told: kept until then
                     self._registered[worker_id].set()
                     if self.burst and not m.get("has_next"):
                         return True
@@ -355,6 +365,9 @@ class MockWorker:
                 elif kind == MessageType.ERROR:
                     self.errors.append(m)
         finally:
+            session = self._sessions.pop(worker_id, None)
+            if ws.close_code == CloseCode.UNAVAILABLE and session:  # 1011: an outage
+                self._closed_for_outage[worker_id] = session
             runner.cancel()
             if gpu.task is not None and not gpu.task.done():
                 gpu.task.cancel()

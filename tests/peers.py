@@ -16,6 +16,7 @@ class Peer:
         self.ws = ws
         self.seen: list[dict[str, Any]] = []
         self.backlog: list[dict[str, Any]] = []  # received, not yet matched by expect()
+        self.registered: dict[str, Any] = {}  # a worker socket's worker_registered
         self._n = 0
 
     @classmethod
@@ -60,15 +61,24 @@ class Peer:
 
 
 async def open_worker(
-    url: str, worker_id: str, job_types: list[str], prefetch: int = 0, **kwargs: Any
+    url: str,
+    worker_id: str,
+    job_types: list[str],
+    prefetch: int = 0,
+    closed_session: str | None = None,
+    **kwargs: Any,
 ) -> Peer:
-    """A registered worker socket (with prefetch window ``prefetch``)."""
+    """A registered worker socket (with prefetch window ``prefetch``; naming the
+    session of its previous socket closed for an outage, if given)."""
     peer = await Peer.open(f"{url}/ws/worker/{worker_id}", **kwargs)
     register: dict[str, Any] = {"type": "register_worker", "job_types": job_types}
     if prefetch:
         register["prefetch"] = prefetch
+    if closed_session is not None:
+        register["closed_session"] = closed_session
     reply = await peer.request(register)
     assert reply["type"] == "worker_registered", reply
+    peer.registered = reply
     return peer
 
 

@@ -41,6 +41,7 @@ from redisq_lab.mock_worker import MockWorker
 from redisq_lab.redis_process import RedisProcess, free_port
 from redisq_server import AsyncRedisService, EngineLimits, Event, JobStatus
 from redisq_server.main import Hub
+from redisq_server.protocol import MessageType
 
 from .helpers import hub_settings, invariant_violations, wait_for, wait_sync
 from .peers import Peer, open_worker
@@ -613,6 +614,100 @@ async def test_an_outage_close_counts_no_loss_even_when_redis_could_not_hear_it(
             assert hub.alive and "Traceback" not in hub.output()
         finally:
             hub.stop()
+            await engine.aclose()
+
+
+@pytest.mark.parametrize("names_it", [True, False])
+async def test_a_worker_back_on_another_hub_after_an_outage_close_counts_no_loss(
+    namespace: str, names_it: bool
+) -> None:
+    """``max_lost=0``. A GPU on hub A reports while Redis is down and is closed
+    (1011); hub A then stops before Redis is back, so its memory of the close goes
+    with it. The worker registers on hub B naming the closed socket's session: the
+    job runs again (attempt 2) with no loss counted. Without the session (the
+    second case) B's registration counts the loss and the job fails as a poison
+    job: what a worker that does not say so gets."""
+    limits = EngineLimits(namespace=namespace, max_lost=0, lease_s=30)
+    with RedisProcess(appendonly=True) as rp:
+        engine = AsyncRedisService(rp.url, limits=limits)
+        try:
+            async with Hub(hub_settings(rp.url, limits)) as b:
+                a = Hub(hub_settings(rp.url, limits))
+                await a.start()
+                try:
+                    probe = await open_worker(a.url, "m:gpu0", ["t"])
+                    async with QueueClient(a.url, "c") as qc:
+                        job_id = await qc.submit("t")
+                    held = await probe.expect("job_assigned")
+                    await _report_into_an_outage(rp, signal.SIGTERM, probe, _report(held))
+                finally:
+                    await a.stop()  # Redis is down: hub A cannot tell it of the close
+                rp.restart()
+                closed = probe.registered["session"] if names_it else None
+                back = await open_worker(b.url, "m:gpu0", ["t"], closed_session=closed)
+                job = await engine.get_job(job_id)
+                assert job is not None
+                if names_it:
+                    pushed = await back.expect("job_assigned")
+                    assert (pushed["job_id"], pushed["attempt"]) == (job_id, 2)
+                    assert job.lost == 0 and job.status is JobStatus.ASSIGNED
+                    ack = await back.request({**_report(pushed), "result": "ran"})
+                    assert ack["outcome"] == "completed"
+                else:
+                    assert job.lost == 1 and job.status is JobStatus.FAILED
+                await back.close()
+                assert await invariant_violations(engine.redis, engine.keys) == []
+        finally:
+            await engine.aclose()
+
+
+async def test_a_mock_gpu_closed_for_an_outage_names_that_socket_when_it_registers_again(
+    namespace: str,
+) -> None:
+    """The lab's MockWorker: a GPU whose report meets a Redis outage is closed (1011)
+    and, once Redis is back, registers again naming the closed socket's session
+    (``closed_session``), as docs/protocol.md asks of a worker; its job runs again
+    and completes. Its first registration names none."""
+    limits = EngineLimits(namespace=namespace, max_lost=0, lease_s=30)
+    with RedisProcess(appendonly=True) as rp:
+        engine = AsyncRedisService(rp.url, limits=limits)
+        try:
+            async with Hub(hub_settings(rp.url, limits)) as hub:
+                named: list[str | None] = []
+                register = hub.routes.handlers[MessageType.REGISTER_WORKER]
+
+                async def noting(conn: Any, msg: Any) -> None:
+                    named.append(msg.fields["closed_session"])
+                    await register(conn, msg)
+
+                hub.routes.handlers[MessageType.REGISTER_WORKER] = noting
+                async with (
+                    MockWorker("m", 1, hub=hub, job_types=["t"], run_time=1.0),
+                    QueueClient(hub, "c", request_timeout=10) as qc,
+                ):
+                    job_id = await qc.submit("t")
+
+                    async def running() -> bool:
+                        return (await qc.status(job_id))["status"] == "running"
+
+                    await wait_for(running, what="the job to run")
+                    first = hub.registry.workers["m:gpu0"].session
+                    assert rp.proc is not None
+                    rp.proc.send_signal(signal.SIGTERM)
+                    await asyncio.get_running_loop().run_in_executor(None, rp.proc.wait, 10)
+
+                    async def closed() -> bool:  # its report met the outage: 1011
+                        return "m:gpu0" not in hub.registry.workers
+
+                    await wait_for(closed, 30, "the GPU closed for the outage")
+                    rp.restart()
+                    await qc.result(job_id, timeout=30)  # ran again, not failed
+            # tries during the outage name it too, until one is answered
+            assert named[0] is None and named[1:] and set(named[1:]) == {first}, named
+            job = await engine.get_job(job_id)
+            assert job is not None and job.lost == 0 and job.attempt == 2
+            assert await invariant_violations(engine.redis, engine.keys) == []
+        finally:
             await engine.aclose()
 
 

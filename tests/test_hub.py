@@ -13,7 +13,7 @@ import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from redisq_server import EngineLimits
+from redisq_server import EngineLimits, protocol
 from redisq_server.main import Hub
 
 from .helpers import hub_settings, namespace_keys, wait_for
@@ -526,3 +526,25 @@ async def test_client_event_pages(hub: Hub) -> None:
     assert err["code"] == "invalid_field"
     await c.close()
     await other.close()
+
+
+@pytest.mark.parametrize("closed", ["", "5e55", "5E555E555E555E55", 7, "../5e555e555e55"])
+async def test_a_hub_refuses_a_malformed_closed_session_and_keeps_the_socket(
+    hub: Hub, closed: object
+) -> None:
+    """``closed_session`` must be the 16 hex digits a ``worker_registered`` gave:
+    anything else is refused (``invalid_field``) before any call, and the socket may
+    register again. A well-formed session that is not the worker's changes nothing."""
+    async with connect(f"{hub.url}/ws/worker/bad:gpu0") as ws:
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        frame = protocol.register_worker(["t"], id="r")
+        frame["closed_session"] = closed
+        await ws.send(protocol.encode(frame))
+        m = json.loads(await ws.recv())
+        assert m["type"] == "error" and m["code"] == "invalid_field", m
+        assert "closed_session" in m["message"]
+        again = protocol.register_worker(["t"], closed_session="0123456789abcdef", id="r2")
+        await ws.send(protocol.encode(again))
+        m = json.loads(await ws.recv())
+        assert m["type"] == "worker_registered" and len(m["session"]) == 16
+        assert m["session"] != "0123456789abcdef"

@@ -325,6 +325,16 @@ def validate_prefetch(value: Any, name: str = "prefetch") -> int:
     return int(value)
 
 
+_SESSION = re.compile(r"[0-9a-f]{16}")
+
+
+def validate_session(value: Any, name: str = "closed_session") -> str:
+    """A worker socket's session, as ``worker_registered`` gave it: 16 hex digits."""
+    if not isinstance(value, str) or not _SESSION.fullmatch(value):
+        raise _invalid(name, "expected the 16 hex digits worker_registered gave as session")
+    return value
+
+
 def validate_progress(value: Any, name: str = "progress") -> float:
     """A finite number from 0 to 100 (percent done)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -490,6 +500,7 @@ SCHEMAS: Final[dict[MessageType, tuple[_Field, ...]]] = {
         _Field("job_types", _job_types),
         _Field("capabilities", _object, {}),
         _Field("prefetch", validate_prefetch, 0),
+        _Field("closed_session", validate_session, None),
     ),
     MessageType.WORKER_HEARTBEAT: (),
     MessageType.UPDATE_JOB_PROGRESS: (
@@ -754,17 +765,22 @@ def register_worker(
     capabilities: Mapping[str, Any] | None = None,
     *,
     prefetch: int = 0,
+    closed_session: str | None = None,
     id: Any = None,
 ) -> dict[str, Any]:
     """A worker socket's first request. Answered by ``worker_registered``; jobs follow.
     ``prefetch=1``: while it runs a job, the socket may be sent one more to hold ahead
-    (it must run its jobs in the order they were sent)."""
+    (it must run its jobs in the order they were sent). ``closed_session``: the
+    session of this worker's previous socket when its hub closed it with 1011 (the
+    queue unavailable): the job it held is requeued without counting a loss."""
     fields: dict[str, Any] = {
         "job_types": list(job_types),
         "capabilities": dict(capabilities or {}),
     }
     if prefetch:
         fields["prefetch"] = prefetch
+    if closed_session is not None:
+        fields["closed_session"] = closed_session
     return _request(MessageType.REGISTER_WORKER, id, fields)
 
 
@@ -880,9 +896,10 @@ def stats(ref: Any, snapshot: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def worker_registered(
-    ref: Any, worker_id: str, job_types: list[str], lease_s: float, has_next: bool
+    ref: Any, worker_id: str, job_types: list[str], lease_s: float, has_next: bool, session: str
 ) -> dict[str, Any]:
-    """The reply to ``register_worker``; ``has_next``: a ``job_assigned`` follows."""
+    """The reply to ``register_worker``; ``has_next``: a ``job_assigned`` follows;
+    ``session``: this socket's (for ``closed_session`` after a 1011 close)."""
     return {
         "type": MessageType.WORKER_REGISTERED.value,
         "ref": ref,
@@ -890,6 +907,7 @@ def worker_registered(
         "job_types": job_types,
         "lease_s": lease_s,
         "has_next": has_next,
+        "session": session,
     }
 
 

@@ -409,6 +409,10 @@ class Routes:
             # an earlier socket of this worker gone without Redis hearing of it: its
             # job is requeued first, uncounted (the registration would count it)
             await self.tell_losses(conn.id)
+            closed = msg.fields["closed_session"]
+            if closed is not None:  # the same, for a socket its hub (maybe another)
+                # closed for an outage, as the worker says (docs/protocol.md)
+                await self.svc.worker_lost(conn.id, closed, count=False)
             assignment = await self.svc.register_worker(
                 conn.id,
                 conn.job_types,
@@ -424,7 +428,9 @@ class Routes:
             self.events.push(assignment)  # held in conn.early until the reply below is sent
         lease_s = self.svc.limits.lease_s
         conn.send(
-            protocol.worker_registered(msg.id, conn.id, conn.job_types, lease_s, bool(conn.early))
+            protocol.worker_registered(
+                msg.id, conn.id, conn.job_types, lease_s, bool(conn.early), conn.session
+            )
         )
         conn.registered = True
         for frame in conn.early:

@@ -368,6 +368,8 @@ class AsyncShardedService(AsyncRedisService):
         return Renewal(stale, missed)
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
+        if worker_id not in self._where:  # registered through another hub: on any shard
+            return any(await _each(s.worker_lost(worker_id, session, count) for s in self._all()))
         svc = self._home(worker_id)
         mine = self._reg.get(worker_id, ("", "", "", session))[3] == session
         if mine:
