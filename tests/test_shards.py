@@ -350,6 +350,42 @@ async def test_one_gpu_serves_every_shard(
         await engine.aclose()
 
 
+async def test_a_session_another_hub_placed_is_found_on_its_shard_or_the_call_fails(
+    cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker closed by hub A for an outage registers on hub B naming that socket's
+    session: B does not know which shard A put it on, so it asks every shard. If the
+    shard that holds it cannot be asked, the call fails (the registration is closed
+    and tried again), rather than answering "not found" and leaving the job to be
+    counted as lost by the reaper."""
+    a = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
+    b = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
+    try:
+        worker = next(f"m{i}:gpu0" for i in itertools.count() if worker_shard(f"m{i}:gpu0", 2))
+        job_id = next(f"j{i}" for i in itertools.count() if job_shard(f"j{i}", 2) == 0)
+        await a.submit_job("t", 0, {}, job_id=job_id)
+        got = await a.register_worker(worker, ["t"], session="5e555e555e555e55")
+        assert got is not None and got.job_id == job_id  # on shard 0; its hash shard is 1
+        real = b.shards[0].worker_lost
+        calls: list[str] = []
+
+        async def fails_once(worker_id: str, session: str, count: bool = True) -> bool:
+            calls.append(worker_id)
+            if len(calls) == 1:
+                raise redis.exceptions.ConnectionError("Redis is away")
+            return await real(worker_id, session, count)
+
+        monkeypatch.setattr(b.shards[0], "worker_lost", fails_once)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await b.worker_lost(worker, "5e555e555e555e55", count=False)
+        assert await b.worker_lost(worker, "5e555e555e555e55", count=False) is True
+        job = await b.get_job(job_id)
+        assert job is not None and job.status is JobStatus.QUEUED and job.lost == 0
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_a_lost_worker_s_shard_is_kept_until_that_shard_hears_of_the_loss(
     cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

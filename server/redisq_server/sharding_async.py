@@ -368,18 +368,23 @@ class AsyncShardedService(AsyncRedisService):
         return Renewal(stale, missed)
 
     async def worker_lost(self, worker_id: str, session: str, count: bool = True) -> bool:
-        if worker_id not in self._where:  # registered through another hub: on any shard
-            return any(await _each(s.worker_lost(worker_id, session, count) for s in self._all()))
-        svc = self._home(worker_id)
-        mine = self._reg.get(worker_id, ("", "", "", session))[3] == session
-        if mine:
+        if self._reg.get(worker_id, ("", "", "", ""))[3] == session:  # the one registered here
             self._reg.pop(worker_id, None)
             self._prefetch.pop(worker_id, None)
             self._idle.discard(worker_id)
-        lost = await svc.worker_lost(worker_id, session, count)
+            lost = await self._home(worker_id).worker_lost(worker_id, session, count)
+        else:
+            # a session this hub no longer holds (one whose loss Redis could not hear
+            # before, one replaced here) or never held (another hub's, named by the
+            # worker after a close): it may be on any shard, and an error from any
+            # shard is raised, since that shard may be the one that holds it
+            shards = self._all()
+            lost = any(
+                await asyncio.gather(*(s.worker_lost(worker_id, session, count) for s in shards))
+            )
         # its shard is kept until that shard has heard of the loss: a call that fails
-        # (Redis away) is made again there, not on the worker's hash shard
-        if mine and worker_id not in self._reg:
+        # (Redis away) raises before this, and is made again
+        if worker_id not in self._reg:
             self._where.pop(worker_id, None)
         return lost
 
