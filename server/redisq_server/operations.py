@@ -448,3 +448,9 @@ def _parse_stats(r: Any) -> dict[str, Any]:
 def event_from_entry(entry: Sequence[Any]) -> Event:
     """A stream entry ``(id, fields)`` as an :class:`Event`."""
     return Event(entry[0], dict(entry[1]))
+
+
+def event_id_key(event_id: str) -> tuple[int, int]:
+    """A stream id as a sort key: (milliseconds, sequence)."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)

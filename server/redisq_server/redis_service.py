@@ -42,6 +42,7 @@ from .operations import (
     SubmitResult,
     engine_error,
     event_from_entry,
+    event_id_key,
 )
 from .protocol import ErrorCode, ProtocolError, validate_limit, validate_worker_id
 from .redis_client import CALL_TIMEOUT_S, connect_async, connect_sync, resolve_url
@@ -149,7 +150,7 @@ class _Sent:
 class _Rerun:
     """The reply of a call sent again after its first reply was lost with a broken
     connection and then answered: the first run may have run, and the events it made
-    for this hub's sockets went with the lost reply (:attr:`_Shell.on_rerun`)."""
+    for this hub's sockets went with the lost reply (``AsyncRedisService.on_rerun``)."""
 
     reply: Any
 
@@ -165,14 +166,6 @@ class _Shell:
     #: gets the events a call produced for the sockets of hub ``hub_id`` (the engine
     #: writes them to no inbox); called before the call returns
     on_events: Callable[[list[Event]], None] | None = None
-    #: gets each call that was sent again after its reply was lost and was then
-    #: answered without events for hub ``hub_id``, with the service that ran it (a
-    #: shard's, in a sharded namespace): its first run may have run and made events
-    #: for this hub that went with the lost reply (they are in that service's event
-    #: stream). A rerun that did the work itself brings its events along, so only a
-    #: call whose events do not concern this hub comes here needlessly. Called
-    #: before the call returns; it must not block.
-    on_rerun: Callable[[Op[Any], AsyncRedisService], None] | None = None
 
     def _setup(
         self, client: Any, limits: EngineLimits | None, namespace: str | None, shard: int = 0
@@ -193,19 +186,8 @@ class _Shell:
         ]
 
     def _reply(self, op: Op[T], wrapped: Any) -> T:
-        """Hand the events for this hub to ``on_events`` (and a rerun to
-        ``on_rerun``); parse the reply proper."""
-        rerun = isinstance(wrapped, _Rerun)
-        if rerun:
-            wrapped = wrapped.reply
+        """Hand the events for this hub to ``on_events``; parse the reply proper."""
         reply, local = wrapped[0], wrapped[1] if len(wrapped) > 1 else None
-        if (
-            rerun
-            and not local
-            and self.on_rerun is not None
-            and isinstance(self, AsyncRedisService)
-        ):
-            self.on_rerun(op, self)
         if local and self.on_events is not None:
             self.on_events([Event(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in local])
         return op.parse(reply)
@@ -237,6 +219,15 @@ class AsyncRedisService(_Shell):
     is still its own script (atomic), with its own reply or error. ``pipeline_depth``
     0 sends every call on its own (always so for a Redis Cluster client).
     """
+
+    #: gets each call that was sent again after its reply was lost and was then
+    #: answered without events for hub ``hub_id``, with the service that ran it (a
+    #: shard's, in a sharded namespace): its first run may have run and made events
+    #: for this hub that went with the lost reply (they are in that service's event
+    #: stream). A rerun that did the work itself brings its events along, so only a
+    #: call whose events do not concern this hub comes here needlessly. Called
+    #: before the call returns; it must not block.
+    on_rerun: Callable[[Op[Any], AsyncRedisService], None] | None = None
 
     def __init__(
         self,
@@ -282,6 +273,15 @@ class AsyncRedisService(_Shell):
         #: connections lost with calls unanswered (which may have run; the hub's sweep
         #: pushes any assignment whose reply was lost, see ``renew``)
         self.replies_lost = 0
+
+    def _reply(self, op: Op[T], wrapped: Any) -> T:
+        """As the shell's, for a :class:`_Rerun` too: one whose reply carries no
+        events for this hub is handed to ``on_rerun`` first."""
+        if isinstance(wrapped, _Rerun):
+            wrapped = wrapped.reply
+            if self.on_rerun is not None and not (len(wrapped) > 1 and wrapped[1]):
+                self.on_rerun(op, self)
+        return super()._reply(op, wrapped)
 
     def waiting(self) -> list[str]:
         """The function names of the calls waiting for a place in the next pipeline,
@@ -782,7 +782,7 @@ class AsyncRedisService(_Shell):
             )
             for entry in entries:
                 ev = event_from_entry(entry)
-                ms = int(ev.id.partition("-")[0])
+                ms = event_id_key(ev.id)[0]
                 stop_ms = ms - within_ms if stop_ms is None else stop_ms
                 if ms < stop_ms:
                     return found[::-1]
@@ -790,7 +790,7 @@ class AsyncRedisService(_Shell):
                     found.append(ev)
             if len(entries) < 1000:
                 break
-            end = "(" + event_from_entry(entries[-1]).id
+            end = "(" + ev.id  # the oldest read: the next page starts below it
         return found[::-1]
 
     async def last_event_id(self) -> str:

@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import protocol
 from .connections import Registry
 from .models import TERMINAL_STATUSES, JobModel
-from .operations import Assignment, Event, Op
+from .operations import Assignment, Event, Op, event_id_key
 from .protocol import EventName
 from .redis_service import AsyncRedisService
 
@@ -113,12 +113,6 @@ REPLAYED: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "submit": ("job", frozenset({EventName.ASSIGNED})),
     "lost": ("worker", frozenset({EventName.REQUEUED, EventName.FAILED})),
 }
-
-
-def _stream_order(event_id: str) -> tuple[int, int]:
-    """An event id (``<ms>-<seq>``) as a key that sorts as the stream does."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class EventRouter:
@@ -282,13 +276,13 @@ class EventRouter:
             # a lost worker's requeued jobs: each one's assignment since, if any (the
             # jobs are on the worker's shard)
             for ev in [e for e in events if e.name == EventName.REQUEUED]:
-                since = _stream_order(ev.id)
+                since = event_id_key(ev.id)
                 events += [
                     e
                     for e in await svc.recent_events(
                         ("job", ev.fields["job"]), {EventName.ASSIGNED}
                     )
-                    if _stream_order(e.id) > since
+                    if event_id_key(e.id) > since
                 ]
         except RedisError as exc:
             log.warning("could not read back the events lost with a reply (%s): %s", about, exc)
@@ -297,7 +291,7 @@ class EventRouter:
             return
         if events:
             unique = {e.id: e for e in events}.values()  # a job requeued twice: once each
-            self.local_events(sorted(unique, key=lambda e: _stream_order(e.id)))
+            self.local_events(sorted(unique, key=lambda e: event_id_key(e.id)))
         elif EventName.CANCELLED in names:  # not among the newest entries: read the job
             self.recheck(about[1])
 

@@ -29,7 +29,14 @@ from typing import Any
 
 from .config import EngineLimits, split_shards
 from .models import JobModel, WorkerModel
-from .operations import CancelResult, Event, FinishResult, SubmitResult, new_job_id
+from .operations import (
+    CancelResult,
+    Event,
+    FinishResult,
+    SubmitResult,
+    event_id_key,
+    new_job_id,
+)
 from .redis_client import connect_sync, resolve_url
 from .redis_service import EVENTS_LIMIT, RedisService, resolve_limits
 
@@ -94,12 +101,6 @@ def merge_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for jt in out["job_types"].values():
         jt["by_priority"] = dict(sorted(jt["by_priority"].items(), reverse=True))
     return out
-
-
-def event_id_key(event_id: str) -> tuple[int, int]:
-    """A stream id as a sort key: (milliseconds, sequence)."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def merge_events(per_shard: Iterable[list[Event]], limit: int) -> list[Event]:

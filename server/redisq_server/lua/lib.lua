@@ -252,13 +252,8 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
   -- numbers are formatted once here, not by every command and event that takes them
   local attempt_s = tostring(attempt)
   -- a first attempt has no earlier attempt's fields to clear
-  if ahead then
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'attempt', attempt_s, 'ahead', '1', 'held', ts(t))
-  else
-    redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t),
-      'attempt', attempt_s)
-  end
+  redis.call('HSET', jk, 'status', 'assigned', 'worker', w, 'assigned', ts(t), 'attempt', attempt_s,
+    unpack(ahead and {'ahead', '1', 'held', ts(t)} or NONE))
   if attempt > 1 then
     redis.call('HDEL', jk, 'started', 'progress', 'message', unpack(ahead and NONE or HELD))
   end
