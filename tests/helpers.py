@@ -123,3 +123,13 @@ def namespace_keys(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     ):
         out[k] = client.dump(k)
     return out
+
+
+async def wait_running(client: Any, job_id: str, timeout: float = 10.0) -> None:
+    """Wait until ``client`` (a QueueClient that may read the job) sees job
+    ``job_id`` running (its worker's first progress report)."""
+
+    async def running() -> bool:
+        return bool((await client.status(job_id))["status"] == "running")
+
+    await wait_for(running, timeout, "the job to run")

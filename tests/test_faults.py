@@ -43,7 +43,7 @@ from redisq_server import AsyncRedisService, EngineLimits, Event, JobStatus
 from redisq_server.main import Hub
 from redisq_server.protocol import MessageType
 
-from .helpers import hub_settings, invariant_violations, wait_for, wait_sync
+from .helpers import hub_settings, invariant_violations, wait_for, wait_running, wait_sync
 from .peers import Peer, open_worker
 from .test_hub_process import HubProcess
 
@@ -686,11 +686,7 @@ async def test_a_mock_gpu_closed_for_an_outage_names_that_socket_when_it_registe
                     QueueClient(hub, "c", request_timeout=10) as qc,
                 ):
                     job_id = await qc.submit("t")
-
-                    async def running() -> bool:
-                        return (await qc.status(job_id))["status"] == "running"
-
-                    await wait_for(running, what="the job to run")
+                    await wait_running(qc, job_id)
                     first = hub.registry.workers["m:gpu0"].session
                     assert rp.proc is not None
                     rp.proc.send_signal(signal.SIGTERM)
@@ -1128,11 +1124,7 @@ async def test_a_cancel_whose_reply_was_lost_still_reaches_followers_and_the_wor
             QueueClient(hub, "owner") as follower,
         ):
             job = await owner.submit("t")
-
-            async def running() -> bool:
-                return (await owner.status(job))["status"] == "running"
-
-            await wait_for(running, what="the job to run")
+            await wait_running(owner, job)
             await follower.subscribe(job)
             final = asyncio.ensure_future(follower.result(job, timeout=10))
             reply = await owner.cancel(job)
@@ -1199,11 +1191,7 @@ async def test_a_worker_loss_whose_reply_was_lost_still_tells_the_job_s_follower
             await worker.start()
             try:
                 job = await owner.submit("t")
-
-                async def running() -> bool:
-                    return (await owner.status(job))["status"] == "running"
-
-                await wait_for(running, what="the job to run")
+                await wait_running(owner, job)
             finally:
                 await worker.stop()  # its socket closes mid-job
             with pytest.raises(JobFailed, match="lost"):

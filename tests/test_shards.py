@@ -23,7 +23,7 @@ from redisq_lab.cli import main as cli_main
 from redisq_lab.client import QueueClient
 from redisq_lab.mock_worker import MockWorker
 from redisq_lab.monitors import JobMonitor, RedisMonitor, WorkerMonitor
-from redisq_server import EngineLimits, JobStatus, Keys, RedisService, Settings
+from redisq_server import AsyncRedisService, EngineLimits, JobStatus, Keys, RedisService, Settings
 from redisq_server.config import RedisURLError, check_redis_url, split_shards
 from redisq_server.keys import shard_tag
 from redisq_server.main import Hub
@@ -350,6 +350,34 @@ async def test_one_gpu_serves_every_shard(
         await engine.aclose()
 
 
+async def _placed_off_its_hash_shard(engine: AsyncShardedService, session: str) -> tuple[str, str]:
+    """A worker registered through ``engine`` with ``session``, placed on shard 0
+    (the one with the fewest of the hub's GPUs) though its hash shard is 1, holding
+    a job of shard 0: its id and the job's."""
+    worker = next(f"m{i}:gpu0" for i in itertools.count() if worker_shard(f"m{i}:gpu0", 2))
+    job_id = next(f"j{i}" for i in itertools.count() if job_shard(f"j{i}", 2) == 0)
+    await engine.submit_job("t", 0, {}, job_id=job_id)
+    got = await engine.register_worker(worker, ["t"], session=session)
+    assert got is not None and got.job_id == job_id  # on shard 0; its hash shard is 1
+    return worker, job_id
+
+
+def _loss_fails_once(monkeypatch: pytest.MonkeyPatch, shard: AsyncRedisService) -> list[str]:
+    """Make ``shard``'s first ``worker_lost`` fail as if Redis were away; returns the
+    worker ids of its calls so far."""
+    real = shard.worker_lost
+    calls: list[str] = []
+
+    async def fails_once(worker_id: str, session: str, count: bool = True) -> bool:
+        calls.append(worker_id)
+        if len(calls) == 1:
+            raise redis.exceptions.ConnectionError("Redis is away")
+        return await real(worker_id, session, count)
+
+    monkeypatch.setattr(shard, "worker_lost", fails_once)
+    return calls
+
+
 async def test_a_session_another_hub_placed_is_found_on_its_shard_or_the_call_fails(
     cluster: RedisClusterProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,21 +389,8 @@ async def test_a_session_another_hub_placed_is_found_on_its_shard_or_the_call_fa
     a = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
     b = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
     try:
-        worker = next(f"m{i}:gpu0" for i in itertools.count() if worker_shard(f"m{i}:gpu0", 2))
-        job_id = next(f"j{i}" for i in itertools.count() if job_shard(f"j{i}", 2) == 0)
-        await a.submit_job("t", 0, {}, job_id=job_id)
-        got = await a.register_worker(worker, ["t"], session="5e555e555e555e55")
-        assert got is not None and got.job_id == job_id  # on shard 0; its hash shard is 1
-        real = b.shards[0].worker_lost
-        calls: list[str] = []
-
-        async def fails_once(worker_id: str, session: str, count: bool = True) -> bool:
-            calls.append(worker_id)
-            if len(calls) == 1:
-                raise redis.exceptions.ConnectionError("Redis is away")
-            return await real(worker_id, session, count)
-
-        monkeypatch.setattr(b.shards[0], "worker_lost", fails_once)
+        worker, job_id = await _placed_off_its_hash_shard(a, "5e555e555e555e55")
+        _loss_fails_once(monkeypatch, b.shards[0])
         with pytest.raises(redis.exceptions.ConnectionError):
             await b.worker_lost(worker, "5e555e555e555e55", count=False)
         assert await b.worker_lost(worker, "5e555e555e555e55", count=False) is True
@@ -396,21 +411,8 @@ async def test_a_lost_worker_s_shard_is_kept_until_that_shard_hears_of_the_loss(
     worker until the reaper counted the loss."""
     engine = AsyncShardedService(cluster.url + "?shards=2", namespace=namespace)
     try:
-        worker = next(f"m{i}:gpu0" for i in itertools.count() if worker_shard(f"m{i}:gpu0", 2))
-        job_id = next(f"j{i}" for i in itertools.count() if job_shard(f"j{i}", 2) == 0)
-        await engine.submit_job("t", 0, {}, job_id=job_id)
-        got = await engine.register_worker(worker, ["t"], session="s1")
-        assert got is not None and got.job_id == job_id  # on shard 0, its hash shard is 1
-        real = engine.shards[0].worker_lost
-        calls: list[str] = []
-
-        async def fails_once(worker_id: str, session: str, count: bool = True) -> bool:
-            calls.append(worker_id)
-            if len(calls) == 1:
-                raise redis.exceptions.ConnectionError("Redis is away")
-            return await real(worker_id, session, count)
-
-        monkeypatch.setattr(engine.shards[0], "worker_lost", fails_once)
+        worker, job_id = await _placed_off_its_hash_shard(engine, "s1")
+        calls = _loss_fails_once(monkeypatch, engine.shards[0])
         with pytest.raises(redis.exceptions.ConnectionError):
             await engine.worker_lost(worker, "s1", count=False)
         assert await engine.worker_lost(worker, "s1", count=False) is True
