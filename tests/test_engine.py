@@ -251,6 +251,27 @@ async def test_a_queued_job_stores_only_what_it_cannot_derive(
     assert [j.job_id for j in sync_svc.get_jobs([r.job_id, "gone"])] == [r.job_id]
 
 
+async def test_a_worker_s_hash_is_a_hash_table_and_a_job_s_stays_a_list(
+    svc: AsyncRedisService,
+) -> None:
+    """A worker's hash is read and written field by field on every report: it is
+    made a hash table when the worker registers (also when its record is new again,
+    after it expired), with no field left over. A job's hash stays a listpack."""
+    w = svc.keys.worker("m1:gpu0")
+    assert await svc.register_worker("m1:gpu0", ["t"], session="one") is None
+    assert await svc.redis.object("encoding", w) == "hashtable"
+    assert "-" not in await svc.redis.hgetall(w)
+    assert await svc.worker_lost("m1:gpu0", "one")
+    await svc.redis.delete(w)  # as when an offline worker's record expires
+    assert await svc.register_worker("m1:gpu0", ["t"], session="two") is None
+    assert await svc.redis.object("encoding", w) == "hashtable"
+    r = await svc.submit_job("t", 0, {"x": 1})
+    assert r.assignment is not None
+    assert await svc.redis.object("encoding", svc.keys.job(r.job_id)) == "listpack"
+    await svc.complete_job(r.job_id, 1, "m1:gpu0")
+    assert await svc.redis.object("encoding", w) == "hashtable"
+
+
 async def test_reregistering_requeues_the_old_sessions_job(svc: AsyncRedisService) -> None:
     r = await svc.submit_job("t")
     a = await svc.register_worker("m1:gpu0", ["t"], session="one")

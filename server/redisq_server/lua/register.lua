@@ -22,6 +22,7 @@ redis.call('HSET', wk, 'id', w, 'machine', A(2), 'types', A(3), 'caps', A(4), 'h
   'session', A(6), 'status', 'idle', 'job', '', 'attempt', '', 'seen', ts(t), 'since', ts(t),
   'heard', ts(t), 'prefetch', A(7))
 redis.call('PERSIST', wk)
+as_table(wk) -- read and written on every report
 redis.call('ZADD', K.workers(), ts(t + LEASE), w)
 for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
 emit(t, 'worker_up', {'worker', w, 'hub', A(5)})
