@@ -13,8 +13,9 @@ are built by this checkout. Measured per segment, from Redis' own counters
 (``INFO commandstats`` and ``INFO cpu``):
 
 * ``submit``: ``jobs`` submits with no worker registered (each one is queued);
-* ``complete+claim``: 4 workers with a prefetch window of one complete the queued
-  jobs, each completion taking the next job ahead (what a drain does);
+* ``complete+claim``: 4 workers with a prefetch window of one per library, each
+  registered by that library, complete the queued jobs, each completion taking the
+  next job ahead (what a drain does);
 
 and for each: microseconds inside ``FCALL`` per call, the commands a call runs
 and Redis' process CPU (user + sys) per call. The medians over the segments are
@@ -142,18 +143,25 @@ async def compare(
             segments["submit"][side].append(_segment(before, await _counters(svc)))
             submitted += n
             turn += 1
-        first = [
-            await svc.register_worker(f"fn:gpu{i}", [JOB_TYPE], session=f"s{i}", prefetch=1)
-            for i in range(WORKERS)
-        ]
-        held = [[a] for a in first if a is not None]  # each worker's jobs to report, in order
+        # each library registers workers of its own: a change to what registration
+        # writes (the worker's hash) is then measured too
+        held: dict[str, list[list[Any]]] = {}
+        for side in ("base", "this"):
+            svc.switch(side == "base")
+            first = [
+                await svc.register_worker(
+                    f"fn-{side}:gpu{i}", [JOB_TYPE], session=f"s{i}", prefetch=1
+                )
+                for i in range(WORKERS)
+            ]
+            held[side] = [[a] for a in first if a is not None]  # each worker's jobs, in order
         completed = 0
-        while any(held):
+        while any(held["base"] + held["this"]):
             side = _side(turn)
             svc.switch(side == "base")
             budget = [segment]
             before = await _counters(svc)
-            await asyncio.gather(*(_report(svc, q, budget) for q in held))
+            await asyncio.gather(*(_report(svc, q, budget) for q in held[side]))
             seg = _segment(before, await _counters(svc))
             completed += segment - budget[0]
             if seg is not None and segment - budget[0] >= segment // 2:  # not the tail

@@ -47,3 +47,19 @@ def test_the_runner_runs_the_part_only_with_a_base(tmp_path: Path) -> None:
     ran = suite.main([*common, "--base", str(root)])["ours"]["functions"]
     assert set(ran) == {"submit", "complete+claim"}
     assert ran["submit"]["this"]["commands"] == pytest.approx(ran["submit"]["base"]["commands"])
+
+
+async def test_each_library_s_completions_run_on_workers_it_registered(redis_url: str) -> None:
+    """A base whose registration turns the prefetch window off: its completions take
+    no job ahead (fewer commands), while this library's workers, registered by this
+    library, do. Measured on workers registered by one library, both sides would
+    run the same commands."""
+    this = library_source()
+    window = "'heard', ts(t), 'prefetch', A(7))"
+    assert this.count(window) == 1
+    base = this.replace(library_name(), "redisq_fnbase").replace(
+        window, "'heard', ts(t), 'prefetch', '0')"
+    )
+    res = await functions.compare(redis_url, base, jobs=1200, segment=50)
+    complete = res["complete+claim"]
+    assert complete["base"]["commands"] + 0.5 < complete["this"]["commands"]
