@@ -317,6 +317,32 @@ async def _redis_time(svc: AsyncRedisService) -> float:
     return float(s) + us / 1e6
 
 
+@pytest.mark.parametrize("lease_s", [30.0, 10.0, 0.3])
+async def test_a_lease_of_ten_seconds_or_more_ends_on_a_whole_second(
+    redis_url: str, limits: EngineLimits, lease_s: float
+) -> None:
+    """A job's lease and its worker's liveness end lease_s after the worker was
+    heard from, rounded up to a whole second for a lease of 10 s or more (an
+    integer, which Redis keeps and compares cheapest); a shorter one is exact."""
+    svc = AsyncRedisService(redis_url, limits=replace(limits, lease_s=lease_s))
+    try:
+        before = await _redis_time(svc)
+        await svc.register_worker("m1:gpu0", ["t"], session="s")
+        r = await svc.submit_job("t")
+        assert r.assignment is not None
+        await svc.update_progress(r.job_id, 1, "m1:gpu0", 10)
+        after = await _redis_time(svc)
+        for key, member in ((svc.keys.leases, r.job_id), (svc.keys.workers, "m1:gpu0")):
+            due = await svc.redis.zscore(key, member)
+            assert due is not None and before + lease_s <= due <= after + lease_s + 1
+            if lease_s >= 10:
+                assert due == int(due) and due - 1 < after + lease_s
+            else:
+                assert due != int(due) and due <= after + lease_s
+    finally:
+        await svc.aclose()
+
+
 async def test_concurrent_reapers_requeue_once(redis_url: str, limits: EngineLimits) -> None:
     lim = replace(limits, lease_s=0.2)
     services = [AsyncRedisService(redis_url, limits=lim) for _ in range(8)]

@@ -83,12 +83,31 @@ end
 
 -- Redis' clock, in Unix seconds. Its text (what ts gives for it) is made from TIME's
 -- own digits: a '%.6f' format costs more than the rest of the call's arithmetic.
+-- The seconds' number is kept for as long as its digits stay the same.
 local ZEROS = {'00000', '0000', '000', '00', '0', ''}
+local last_sec, last_sec_n = nil, nil
 local function now()
   local t = redis.call('TIME')
-  local n = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if t[1] ~= last_sec then last_sec, last_sec_n = t[1], tonumber(t[1]) end
+  local n = last_sec_n + tonumber(t[2]) / 1000000
   last_t, last_ts = n, t[1] .. '.' .. ZEROS[#t[2]] .. t[2]
   return n
+end
+
+-- The deadline of a lease or a worker's liveness that starts at time t: t + LEASE,
+-- as text. A lease of WHOLE_S or more ends on the next whole second (at most a
+-- second, a tenth of it, late; the reaper runs once a second): a small sorted set
+-- keeps a whole number as an integer, which Redis compares and writes without
+-- parsing or formatting a decimal, and the text is made once a second. That is
+-- about 4 % of Redis' instructions per job (docs/benchmarks.md, section 20).
+-- Shorter leases (tests, demos) keep their microseconds.
+local WHOLE_S = 10
+local last_due, last_due_s = nil, nil
+local function deadline(t)
+  if LEASE < WHOLE_S then return ts(t + LEASE) end
+  local due = math.ceil(t + LEASE)
+  if due ~= last_due then last_due, last_due_s = due, string.format('%d', due) end
+  return last_due_s
 end
 
 -- Hash `key` as a hash table from now on. Redis keeps a small hash as one list
@@ -292,7 +311,7 @@ local function assign(id, w, t, returned, j, from_idle, wf, heard, ahead)
       'jn', n_s, 'n', n_s, unpack(heard or NONE))
   end
   if from_idle then unidle(w, split(wf[1])) end
-  redis.call('ZADD', K.leases(), string.format('%.6f', t + LEASE), id)
+  redis.call('ZADD', K.leases(), deadline(t), id)
   -- small params ride along, so the worker's hub can push without reading the job
   local push_hub = wf[2]
   if returned and push_hub == CALLER then push_hub = false end

@@ -10,8 +10,8 @@ local t = now()
 local jk = K.job(id)
 if j[1] == 'assigned' then redis.call('HSET', jk, 'status', 'running', 'started', ts(t)) end
 redis.call('HSET', jk, 'progress', A(4), 'message', A(5))
-redis.call('ZADD', K.leases(), 'XX', ts(t + LEASE), id)
-redis.call('ZADD', K.workers(), 'XX', ts(t + LEASE), w)
+redis.call('ZADD', K.leases(), 'XX', deadline(t), id)
+redis.call('ZADD', K.workers(), 'XX', deadline(t), w)
 redis.call('HSET', K.worker(w), 'seen', ts(t), 'heard', ts(t))
 emit(t, 'progress', {'job', id, 'status', 'running', 'client', j[5], 'worker', w,
   'attempt', attempt, 'progress', A(4), 'message', A(5)}, hubs_for(j[5]))

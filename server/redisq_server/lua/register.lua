@@ -23,7 +23,7 @@ redis.call('HSET', wk, 'id', w, 'machine', A(2), 'types', A(3), 'caps', A(4), 'h
   'heard', ts(t), 'prefetch', A(7))
 redis.call('PERSIST', wk)
 as_table(wk) -- read and written on every report
-redis.call('ZADD', K.workers(), ts(t + LEASE), w)
+redis.call('ZADD', K.workers(), deadline(t), w)
 for _, jt in ipairs(split(A(3))) do redis.call('SADD', K.types(), jt) end
 emit(t, 'worker_up', {'worker', w, 'hub', A(5)})
 return claim_next(w, t)

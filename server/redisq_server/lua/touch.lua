@@ -8,7 +8,7 @@
 -- so a worker never holds a job it was never told of. A worker whose current job
 -- was cancelled before it was told of it is freed, and claims its next job.
 local t = now()
-local deadline = ts(t + LEASE)
+local due = deadline(t)
 local stale, missed = {}, {}
 local i = 1
 while A(i) do
@@ -19,7 +19,7 @@ while A(i) do
   if h[1] ~= session or h[2] == 'offline' or not h[2] then
     stale[#stale + 1] = w
   else
-    redis.call('ZADD', K.workers(), deadline, w)
+    redis.call('ZADD', K.workers(), due, w)
     redis.call('HSET', wk, 'seen', ts(t))
     local current = tonumber(h[7] or h[5])
     if pushed ~= '' and not blank(h[3]) and current and current > tonumber(pushed)
@@ -37,7 +37,7 @@ while A(i) do
     for _, held in ipairs({{h[3], h[4], h[7] or h[5]}, {h[8], h[9], h[10]}}) do
       local id, attempt, num = held[1], held[2], tonumber(held[3])
       if not blank(id) then
-        redis.call('ZADD', K.leases(), 'XX', deadline, id)
+        redis.call('ZADD', K.leases(), 'XX', due, id)
         if pushed ~= '' and num and num > tonumber(pushed) then
           local j = redis.call('HMGET', K.job(id), 'type', 'priority', 'params', 'status',
             'attempt', 'worker')
