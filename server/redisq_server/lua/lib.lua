@@ -112,8 +112,10 @@ end
 
 -- Hash `key` as a hash table from now on. Redis keeps a small hash as one list
 -- (a listpack) that every field read or write scans from its start; it turns the
--- hash into a table, for good, once a value is longer than its
--- hash-max-listpack-value (64 bytes unless configured), which this field's is. A
+-- hash into a table once a value is longer than its hash-max-listpack-value (64
+-- bytes unless configured), which this field's is, and keeps it so until it loads
+-- the hash again from a snapshot (a restart, a replica's full sync): the worker's
+-- next registration makes it a table again. A
 -- worker's hash has about 25 fields, and each report reads and writes half of them:
 -- as a table, 4.5 % fewer Redis instructions per job (docs/benchmarks.md, section
 -- 20), for about 1 KB more per worker. Never for jobs, of which there are many.
@@ -469,8 +471,8 @@ end
 -- The best queued job over `types` (priority, then the global submission order)
 -- for a worker that claims (claim_next), out of its queue: id and its fields {type,
 -- priority, client, params, avoid, attempt, head}, or nil. No job avoids that worker
--- (shun): it claims because it registered or reported, so it has been heard from
--- since any loss on its machine.
+-- (shun): it claims because it registered, reported, or was renewed by its hub
+-- (touch), each of which has it heard from since any loss on its machine.
 local function take_best(types, t)
   local best, best_type = nil, nil
   local popped = #types == 1
