@@ -114,11 +114,11 @@ end
 -- (a listpack) that every field read or write scans from its start; it turns the
 -- hash into a table once a value is longer than its hash-max-listpack-value (64
 -- bytes unless configured), which this field's is, and keeps it so until it loads
--- the hash again from a snapshot (a restart, a replica's full sync): the worker's
--- next registration makes it a table again. A
--- worker's hash has about 25 fields, and each report reads and writes half of them:
--- as a table, 4.5 % fewer Redis instructions per job (docs/benchmarks.md, section
--- 20), for about 1 KB more per worker. Never for jobs, of which there are many.
+-- the hash again from a snapshot (a restart, a replica's full sync; the worker's
+-- next registration makes it a table again). A worker's hash has about 25 fields,
+-- and each report reads and writes half of them: as a table, 4.5 % fewer Redis
+-- instructions per job (docs/benchmarks.md, section 20), for about 1 KB more per
+-- worker. Never for jobs, of which there are many.
 local TABLE_FILL = nil -- 1 KB, made at the first call (no `string` while loading)
 local function as_table(key)
   TABLE_FILL = TABLE_FILL or string.rep('-', 1024)
