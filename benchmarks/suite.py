@@ -43,6 +43,7 @@ from benchmarks import (
     engine,
     footprint,
     functions,
+    hub_instructions,
     instructions,
     ours,
     peers,
@@ -67,6 +68,7 @@ PARTS = (
     "prefetch",
     "functions",
     "instructions",
+    "hub-instructions",
     "peers",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,6 +124,9 @@ class Sizes:
     function_segment: int = 200  # its calls per segment
     instruction_jobs: int = 800  # the instructions part: N (and 2N) job lifecycles
     instruction_repeats: int = 1  # its counts per checkout (twice with --base, alternating)
+    hub_one_jobs: int = 300  # the hub-instructions part: jobs per part, one at a time
+    hub_drain_jobs: int = 1000  # and drained
+    hub_parts: int = 3  # its parts per run (one run per checkout; two with --base)
 
 
 QUICK = Sizes(
@@ -156,6 +161,9 @@ QUICK = Sizes(
     function_jobs=1200,
     function_segment=50,
     instruction_jobs=100,
+    hub_one_jobs=50,
+    hub_drain_jobs=200,
+    hub_parts=2,
 )
 
 
@@ -483,6 +491,21 @@ async def _ours(
             instructions.measure, sz.instruction_jobs, args.base, repeats
         )
 
+    async def hub_instruction_counts() -> Any:
+        _log(
+            f"hub-instructions: the hub under callgrind, {sz.hub_parts} parts of "
+            f"{sz.hub_one_jobs:,} jobs one at a time and of {sz.hub_drain_jobs:,} drained"
+            + (f", against {args.base}" if args.base else "")
+        )
+        return await asyncio.to_thread(
+            hub_instructions.measure,
+            sz.hub_one_jobs,
+            sz.hub_drain_jobs,
+            sz.hub_parts,
+            args.base,
+            2 if args.base else 1,
+        )
+
     steps: dict[str, Callable[[], Awaitable[Any]]] = {
         "drain": drain,
         "profile": profile,
@@ -496,6 +519,7 @@ async def _ours(
         "prefetch": prefetch_gap,
         "functions": functions_ab,
         "instructions": instruction_counts,
+        "hub-instructions": hub_instruction_counts,
     }
     wanted = [p for p in steps if p in parts or (p == "profile" and args.profile)]
     for name in wanted:
@@ -941,6 +965,8 @@ def format_tables(result: dict[str, Any]) -> str:
         lines += ["", *functions.lines(o["functions"])]
     if "instructions" in o:
         lines += ["", *instructions.lines(o["instructions"])]
+    if "hub-instructions" in o:
+        lines += ["", *hub_instructions.lines(o["hub-instructions"])]
     if "drain" in o:
         d = o["drain"]
         cpu = ", ".join(f"{k} {v:.3f}" for k, v in d["cpu_ms_per_job"].items())
@@ -1294,8 +1320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         metavar="CHECKOUT",
         help="the functions part: compare this checkout's function library with "
-        "CHECKOUT's, interleaved on one Redis; the instructions part: count CHECKOUT's "
-        "Redis instructions per job too",
+        "CHECKOUT's, interleaved on one Redis; the instructions and hub-instructions "
+        "parts: count CHECKOUT's Redis and hub instructions per job too",
     )
     p.add_argument(
         "--profile",
