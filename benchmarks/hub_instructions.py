@@ -99,10 +99,15 @@ class _Hub:
         while not self.url:
             line = await asyncio.to_thread(self.proc.stdout.readline)
             if not line:
-                raise RuntimeError(f"the hub under callgrind exited (see {self.log.name})")
+                raise RuntimeError("the hub under callgrind exited:\n" + self.log_tail())
             if "listening on ws://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
         return self.url
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last ``lines`` of the hub's stderr (valgrind's and the hub's)."""
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text().splitlines()[-lines:])
 
     async def _control(self, flag: str) -> None:
         await asyncio.to_thread(
