@@ -81,8 +81,9 @@ WORKLOAD_RUNNING_JS = """() => {
   const cell = document.querySelectorAll('.jp-Notebook .jp-CodeCell')[WORKLOAD];
   return ((cell.querySelector('.jp-InputPrompt') || {}).textContent || '').includes('*');
 }""".replace("WORKLOAD", str(WORKLOAD_CELL))
-# The stack's card (first code cell's output): a live widget, its "Completed" row,
-# its link to the hub's page, and whether its worker breakdown is open.
+# The stack's card (first code cell's output): a live widget, its "Completed" row
+# and all its rows (each refresh changes "Since start"), its link to the hub's page,
+# and whether its worker breakdown is open.
 CARD_JS = """() => {
   const cell = document.querySelectorAll('.jp-Notebook .jp-CodeCell')[STACK];
   const rows = [...cell.querySelectorAll('.widget-html-content tr')].map((r) => r.innerText);
@@ -91,6 +92,7 @@ CARD_JS = """() => {
   return {
     widget: !!cell.querySelector('.jupyter-widgets'),
     completed: rows.find((r) => r.startsWith('Completed')) || null,
+    rows: rows.join(' | '),
     link: link && link.getAttribute('href'),
     open: !!cell.querySelector('.jupyter-widget-Collapse-open'),
     fold: fold ? fold.innerText : '',
@@ -225,13 +227,29 @@ async def test_run_all_shows_notebook_01s_dashboard_live(tmp_path: Path) -> None
             page, wire = await open_watched(context, lab, NOTEBOOK)
             await page.evaluate(MARKS_JS)
             await page.evaluate(RUN_ALL_JS)
-            # the dashboard is drawn, with data, while the burst still runs
-            try:
-                await page.wait_for_function(
-                    "() => 'data' in window.__marks || window.__runAll.done", timeout=60_000
-                )
-            except playwright_api.TimeoutError:
-                raise AssertionError(f"no dashboard after 60 s:\n{await outputs(page)}") from None
+            # the card's breakdown is opened as soon as the card shows (the stack's cell
+            # runs first, long before the burst ends): it must stay open through every
+            # refresh that follows
+            card = page.locator(".jp-Notebook .jp-CodeCell").nth(STACK_CELL)
+            header = card.locator(".jupyter-widget-Collapse-header").first
+            await header.wait_for(timeout=60_000)
+            await header.click()
+            await card.locator(".jupyter-widget-Collapse-open").wait_for()
+            seen_open = {(await page.evaluate(CARD_JS))["rows"]}  # the card's rows, while open
+            counts = set()  # the completed counts the card showed
+            # the dashboard is drawn, with data, while the burst still runs; the card is
+            # read meanwhile (on a loaded machine the burst may be near its end by then)
+            drawn_js = f"() => ['data' in window.__marks || window.__runAll.done, ({CARD_JS})()]"
+            for _ in range(240):  # 60 s
+                drawn, card_now = await page.evaluate(drawn_js)
+                counts.add(card_now["completed"])
+                if card_now["open"]:
+                    seen_open.add(card_now["rows"])
+                if drawn:
+                    break
+                await page.wait_for_timeout(250)
+            else:
+                raise AssertionError(f"no dashboard after 60 s:\n{await outputs(page)}")
             marks = await page.evaluate("() => window.__marks")
             workload_done = marks.get(f"done{WORKLOAD_CELL}", float("inf"))
             if not ("data" in marks and marks["data"] < workload_done):
@@ -241,44 +259,42 @@ async def test_run_all_shows_notebook_01s_dashboard_live(tmp_path: Path) -> None
                     f"no data drawn while the workload ran: {marks} {figures} {lines}"
                 )
             # while it runs: the figure fits, the newest sample is in view, and the
-            # card counts the completed jobs; its breakdown, once opened, stays open
+            # card counts the completed jobs, its breakdown still open
             live_checks = 0
             plot = page.locator(".js-plotly-plot").first
-            card = page.locator(".jp-Notebook .jp-CodeCell").nth(STACK_CELL)
             running = f"() => ({WORKLOAD_RUNNING_JS})() && [({FIGURES_JS})(), ({CARD_JS})()]"
-            counts, counts_open = set(), set()
             while live := await page.evaluate(running):
                 figures, card_now = live
-                if not live_checks:  # the first look: open the breakdown, then screenshots
-                    await card.locator(".jupyter-widget-Collapse-header").first.click()
-                    await card.locator(".jupyter-widget-Collapse-open").wait_for()
-                    opened = (await page.evaluate(CARD_JS))["completed"]  # the burst still runs
-                    counts.add(opened)
-                    counts_open.add(opened)
+                if not live_checks:  # the first look: screenshots
                     await plot.scroll_into_view_if_needed()
                     ARTIFACTS.mkdir(exist_ok=True)
                     await page.screenshot(path=str(ARTIFACTS / "notebook01_live.png"))
                     await card.scroll_into_view_if_needed()
                     await card.screenshot(path=str(ARTIFACTS / "notebook01_card.png"))
-                elif card_now["open"]:
-                    counts_open.add(card_now["completed"])
+                if card_now["open"]:
+                    seen_open.add(card_now["rows"])
                 live_checks += check_figures(figures, "live")
                 assert card_now["widget"] and card_now["link"], card_now
                 counts.add(card_now["completed"])
                 await page.wait_for_timeout(250)
             assert live_checks > 0, "the workload ended before a figure could be checked"
             assert len(counts) >= 2, f"the card did not move: {counts}"
-            if len(counts_open) < 2:
-                # the burst ended soon after the breakdown opened (a loaded machine is slow
-                # to take the screenshots): the card still shows the final count, by a
-                # refresh or when the stack closes, and the breakdown must be open then
-                seen = json.dumps(sorted(counts_open))
-                new_count = f"() => !{seen}.includes(({CARD_JS})().completed)"
-                await page.wait_for_function(new_count, timeout=60_000)
+            if len(seen_open) < 2:
+                # no refresh seen while the page was looked at (a loaded machine is slow
+                # to draw the dashboard): the card's next refresh still comes (its "Since
+                # start" moves, and its state reads closed when the stack closes), and
+                # the breakdown must be open then
+                seen = json.dumps(sorted(seen_open))
+                refreshed = f"() => !{seen}.includes(({CARD_JS})().rows)"
+                try:
+                    await page.wait_for_function(refreshed, timeout=60_000)
+                except playwright_api.TimeoutError:
+                    now = await page.evaluate(CARD_JS)
+                    raise AssertionError(f"the card did not refresh: {seen_open} {now}") from None
                 last = await page.evaluate(CARD_JS)
                 if last["open"]:
-                    counts_open.add(last["completed"])
-            assert len(counts_open) >= 2, f"the breakdown closed on a refresh: {counts_open}"
+                    seen_open.add(last["rows"])
+            assert len(seen_open) >= 2, f"the breakdown closed on a refresh: {seen_open}"
             assert card_now["link"].endswith("/dashboard") and "By machine" in card_now["fold"]
             await page.wait_for_function("() => window.__runAll.done", timeout=120_000)
             result = await page.evaluate("() => window.__runAll")
