@@ -548,3 +548,16 @@ async def test_a_hub_refuses_a_malformed_closed_session_and_keeps_the_socket(
         m = json.loads(await ws.recv())
         assert m["type"] == "worker_registered" and len(m["session"]) == 16
         assert m["session"] != "0123456789abcdef"
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 200_000])
+def test_a_text_frame_the_hub_builds_is_the_one_websockets_builds(size: int) -> None:
+    """The hub's own text frames (no extension, unfragmented, a server's: unmasked)
+    are byte for byte what websockets' ``send_text`` queues, in each of the three
+    length encodings and at their edges."""
+    from websockets.frames import Frame, Opcode
+
+    from redisq_server.connections import _text_frame
+
+    data = ("é" * size).encode()[:size]
+    assert _text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])

@@ -84,3 +84,29 @@ async def test_large_integers_in_params_reach_the_worker_exactly(svc: AsyncRedis
 def test_utf8_bytes_read_as_text() -> None:
     raw = '{"name": "ü", "n": 123456789012345678901}'
     assert _same(protocol.loads(raw.encode()), json.loads(raw))
+
+
+_STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@given(JSON_VALUES | st.dictionaries(st.integers() | st.booleans() | st.none(), st.integers()))
+def test_dumps_writes_what_the_strict_json_encoder_writes(value: Any) -> None:
+    """``protocol.dumps`` (the C encoder made once) gives the text the standard
+    encoder with the same settings gives, non-string keys included."""
+    assert protocol.dumps(value, "v") == _STRICT.encode(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [math.nan, {"a": [math.inf]}, {1.5j: 1}, {"a": {1, 2}}, object(), b"bytes"],
+)
+def test_dumps_refuses_what_json_refuses(value: Any) -> None:
+    with pytest.raises(protocol.ProtocolError, match="v: not JSON-serialisable"):
+        protocol.dumps(value, "v")
+
+
+def test_dumps_refuses_a_value_that_holds_itself() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(protocol.ProtocolError, match="v: nested too deeply"):
+        protocol.dumps(loop, "v")

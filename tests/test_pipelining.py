@@ -298,3 +298,45 @@ async def test_a_malformed_header_is_refused_and_changes_nothing(svc: AsyncRedis
     with pytest.raises(redis.ResponseError, match="malformed call header"):
         await svc.redis.fcall(function_name("submit"), 1, svc.keys.events, "no|fields", "x")
     assert await svc.redis.dbsize() == before
+
+
+async def test_replies_read_from_hiredis_are_those_read_response_gives(redis_url: str) -> None:
+    """The engine takes each reply straight from hiredis' reader (with the `fast`
+    extra): the same values and the same raised errors as redis-py's
+    ``read_response``, for a reply split over many socket reads too, and a
+    connection Redis drops raises redis-py's ConnectionError."""
+    pytest.importorskip("hiredis")
+    from redisq_server.redis_service import _incomplete_marker, _next_reply
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.set("big-reply", b"x" * 3_000_000)  # many reads of the socket
+        pool = client.connection_pool
+        direct, plain = await pool.get_connection(), await pool.get_connection()
+        assert _incomplete_marker(direct._parser) is not None  # the direct path is taken
+        calls = [("PING",), ("GET", "big-reply"), ("NO-SUCH-COMMAND",), ("HGETALL", "none")]
+        got: dict[str, list[Any]] = {"direct": [], "plain": []}
+        for name, conn in (("direct", direct), ("plain", plain)):
+            for call in calls:
+                await conn.send_command(*call)
+                try:
+                    if name == "direct":
+                        got[name].append(await _next_reply(conn))
+                    else:
+                        got[name].append(await conn.read_response(disconnect_on_error=False))
+                except redis.ResponseError as exc:
+                    got[name].append(("error", type(exc), str(exc)))
+        assert got["direct"] == got["plain"]
+        assert got["direct"][0] == b"PONG" and len(got["direct"][1]) == 3_000_000
+        assert got["direct"][2][0] == "error"
+        await direct.send_command("CLIENT", "ID")
+        victim = await _next_reply(direct)
+        await client.client_kill_filter(_id=victim)
+        await direct.send_command("PING")
+        with pytest.raises(redis.ConnectionError):
+            await _next_reply(direct)
+        await direct.disconnect()
+        await pool.release(direct)
+        await pool.release(plain)
+    finally:
+        await client.aclose()
