@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,71 +148,79 @@ def instructions_in(dump: Path) -> int:
 
 
 class _Gpu:
-    """One GPU socket completing its pushed jobs in order, while the completions sent
-    by all of them stay within ``shared["quota"]`` (the others wait in order); counts
-    the acks. It reads on while its jobs wait: a frame never waits behind one."""
+    """One GPU socket completing its pushed jobs in order, as far as ``quota`` allows
+    (the others wait here, in order); counts its acks into ``quota``. It reads on
+    while its jobs wait: a frame never waits behind one."""
 
-    def __init__(self, ws: ClientConnection, shared: dict[str, Any]) -> None:
+    def __init__(self, ws: ClientConnection, quota: _Quota) -> None:
         self.ws = ws
-        self.shared = shared
+        self.quota = quota
         self.waiting: list[dict[str, Any]] = []
-        shared["gpus"].append(self)
+        quota.gpus.append(self)
         self.task = asyncio.create_task(self._serve())
 
     async def send_allowed(self) -> None:
         """Complete the jobs waiting here, in order, while the quota allows."""
-        s = self.shared
-        while self.waiting and s["sent"] < s["quota"]:
-            s["sent"] += 1
+        q = self.quota
+        while self.waiting and q.sent < q.allowed:
+            q.sent += 1
             await self.ws.send(complete_frame(self.waiting.pop(0), ack=True))
 
     async def _serve(self) -> None:
-        s = self.shared
+        q = self.quota
         async for raw in self.ws:
             m = json.loads(raw)
             if m["type"] == MessageType.JOB_ASSIGNED:
                 self.waiting.append(m)
                 await self.send_allowed()
             elif m["type"] == MessageType.ACK:
-                s["acked"] += 1
-                if s["acked"] >= s["quota"]:
-                    s["caught_up"].set()
+                q.acked += 1
+                if q.acked >= q.allowed:
+                    q.caught_up.set()
             elif m["type"] == MessageType.ERROR:
                 raise RuntimeError(f"hub error: {m}")
 
 
-def _shared() -> dict[str, Any]:
-    return {"sent": 0, "acked": 0, "quota": 0, "gpus": [], "caught_up": asyncio.Event()}
+@dataclass
+class _Quota:
+    """How many completions the GPU sockets may send, and have sent and had acked:
+    what makes a part end with the hub idle, every job of it answered."""
 
+    allowed: int = 0
+    sent: int = 0
+    acked: int = 0
+    gpus: list[_Gpu] = field(default_factory=list)
+    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
 
-async def _grant(shared: dict[str, Any], jobs: int) -> None:
-    """Let ``jobs`` more completions go (those waiting leave now)."""
-    shared["quota"] += jobs
-    shared["caught_up"].clear()
-    for gpu in shared["gpus"]:
-        await gpu.send_allowed()
+    async def grant(self, jobs: int) -> None:
+        """Let ``jobs`` more completions go (those waiting leave now)."""
+        self.allowed += jobs
+        self.caught_up.clear()
+        for gpu in self.gpus:
+            await gpu.send_allowed()
 
-
-async def _caught_up(shared: dict[str, Any], gpus: list[_Gpu]) -> None:
-    """Return once every completion granted is acked (raise if a GPU socket stops)."""
-    if shared["acked"] >= shared["quota"]:
-        return
-    waiter = asyncio.create_task(shared["caught_up"].wait())
-    done, _ = await asyncio.wait(
-        [waiter, *(g.task for g in gpus)], timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-    )
-    if waiter not in done:
-        waiter.cancel()
-        failed = [g.task for g in gpus if g.task.done()]
-        raise RuntimeError(
-            f"a GPU socket stopped: {failed[0].exception() if failed else 'timeout'}"
+    async def all_acked(self) -> None:
+        """Return once every completion allowed is acked (raise if a socket stops)."""
+        if self.acked >= self.allowed:
+            return
+        waiter = asyncio.create_task(self.caught_up.wait())
+        done, _ = await asyncio.wait(
+            [waiter, *(g.task for g in self.gpus)],
+            timeout=TIMEOUT_S,
+            return_when=asyncio.FIRST_COMPLETED,
         )
+        if waiter not in done:
+            waiter.cancel()
+            failed = [g.task for g in self.gpus if g.task.done()]
+            raise RuntimeError(
+                f"a GPU socket stopped: {failed[0].exception() if failed else 'timeout'}"
+            )
 
 
 async def _one_at_a_time(hub: _Hub, jobs: int, parts: int) -> list[int]:
     client = await open_client(hub.url, "hubcg")
-    shared = _shared()
-    gpus = [_Gpu(await open_worker(hub.url, "hubcg:gpu0"), shared)]
+    quota = _Quota()
+    gpus = [_Gpu(await open_worker(hub.url, "hubcg:gpu0"), quota)]
     counts = []
     try:
         n = 0
@@ -221,7 +230,7 @@ async def _one_at_a_time(hub: _Hub, jobs: int, parts: int) -> list[int]:
             for _ in range(k):
                 n += 1
                 job_id = f"one-{n}"
-                await _grant(shared, 1)
+                await quota.grant(1)
                 await client.send(submit_frame(n, job_id))
                 while True:
                     m = json.loads(await asyncio.wait_for(client.recv(), TIMEOUT_S))
@@ -229,7 +238,7 @@ async def _one_at_a_time(hub: _Hub, jobs: int, parts: int) -> list[int]:
                         break
                     if m["type"] == MessageType.ERROR:
                         raise RuntimeError(f"hub error: {m}")
-                await _caught_up(shared, gpus)
+                await quota.all_acked()
 
         await run(WARMUP)
         await hub.zero()
@@ -259,15 +268,15 @@ async def _drain(hub: _Hub, jobs: int, parts: int) -> list[int]:
                 raise RuntimeError(f"hub error: {m}")
     finally:
         await client.close()
-    shared = _shared()
+    quota = _Quota()
     sockets = [await open_worker(hub.url, f"hubcg:gpu{i}", prefetch=1) for i in range(DRAIN_GPUS)]
-    gpus = [_Gpu(ws, shared) for ws in sockets]
+    gpus = [_Gpu(ws, quota) for ws in sockets]
     counts = []
     try:
         await hub.zero()
         for _ in range(parts):
-            await _grant(shared, jobs)
-            await _caught_up(shared, gpus)
+            await quota.grant(jobs)
+            await quota.all_acked()
             counts.append(instructions_in(await hub.dump()))
     finally:
         for g in gpus:
