@@ -49,6 +49,7 @@ from benchmarks.common import (
     open_worker,
     submit_frame,
 )
+from benchmarks.instructions import instructions_in, side_rows
 from redisq_lab.redis_process import RedisProcess
 from redisq_server.protocol import MessageType
 
@@ -137,14 +138,6 @@ class _Hub:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-
-
-def instructions_in(dump: Path) -> int:
-    """The instruction count of one callgrind dump (its ``summary:`` line)."""
-    for line in dump.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no count in {dump}")
 
 
 class _Gpu:
@@ -347,12 +340,5 @@ def lines(result: dict[str, Any]) -> list[str]:
     per_side = result["per_job"]
     for kind, title in (("one_at_a_time", "one at a time"), ("drain", "a drain")):
         rows.append(f"  {title}")
-        means = {}
-        for side, kinds in per_side.items():
-            counts = kinds[kind]
-            means[side] = sum(counts) / len(counts)
-            shown = ", ".join(f"{c:,.0f}" for c in counts)
-            rows.append(f"    {side:5s} {means[side]:9,.0f}  ({shown})")
-        if "base" in means:
-            rows.append(f"    this / base: {means['this'] / means['base']:.3f}")
+        rows += side_rows({side: kinds[kind] for side, kinds in per_side.items()})
     return rows

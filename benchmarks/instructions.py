@@ -114,10 +114,15 @@ def _count(server: Path, jobs: int, redis_server: str, prefetch: int) -> int:
             )
         finally:
             rp.stop()  # SIGTERM: the server exits and callgrind writes its counts
-        for line in out.read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no total")
+        return instructions_in(out)
+
+
+def instructions_in(dump: Path) -> int:
+    """The instruction count of one callgrind output file (its ``summary:`` line)."""
+    for line in dump.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"callgrind wrote no total in {dump}")
 
 
 def per_job(server: Path, jobs: int, redis_server: str, prefetch: int = 0) -> float:
@@ -161,13 +166,20 @@ def lines(result: dict[str, Any]) -> list[str]:
     ]
     for window, per_side in result["per_job"].items():
         rows.append(f"  prefetch window {window}" + (" (a job held ahead)" if int(window) else ""))
-        means = {}
-        for side, counts in per_side.items():
-            means[side] = sum(counts) / len(counts)
-            shown = ", ".join(f"{c:,.0f}" for c in counts)
-            rows.append(f"    {side:5s} {means[side]:9,.0f}  ({shown})")
-        if "base" in means:
-            rows.append(f"    this / base: {means['this'] / means['base']:.3f}")
+        rows += side_rows(per_side)
+    return rows
+
+
+def side_rows(per_side: dict[str, list[float]]) -> list[str]:
+    """A table's rows for one measure: each checkout's mean and counts and, with a
+    base, this checkout's mean over the base's."""
+    rows, means = [], {}
+    for side, counts in per_side.items():
+        means[side] = sum(counts) / len(counts)
+        shown = ", ".join(f"{c:,.0f}" for c in counts)
+        rows.append(f"    {side:5s} {means[side]:9,.0f}  ({shown})")
+    if "base" in means:
+        rows.append(f"    this / base: {means['this'] / means['base']:.3f}")
     return rows
 
 
